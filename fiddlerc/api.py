@@ -1,0 +1,75 @@
+"""compile() and load(): the Python API, and what the CLI calls."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+from pathlib import Path
+
+from fiddlerc.capture import capture
+from fiddlerc.codegen import generate_module
+from fiddlerc.errors import OptionError
+from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, Artifact, load, make_manifest
+from fiddlerc.model_io import build_meta_model, checkpoint_dtype, load_config, open_model_folder, resolve_sources
+from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_size
+from fiddlerc.pipeline import initial_plan, run_passes
+from fiddlerc.plan import plan_to_json
+from fiddlerc.report import report_text
+
+__all__ = ["compile", "load"]
+
+log = logging.getLogger(__name__)
+REPORT_FILE = "report.txt"
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def compile(  # noqa: A001 - the verb users expect
+    model_dir: str | Path,
+    out_dir: str | Path,
+    gpu_memory: str | int,
+    *,
+    fast_experts: int | None = None,
+    context: int = 4096,
+    batch: int = 1,
+    dtype: str | None = None,
+) -> Artifact:
+    """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, manifest.json, report.txt)."""
+    options = CompileOptions(
+        gpu_budget_bytes=parse_size(gpu_memory),
+        fast_experts=fast_experts,
+        context_tokens=context,
+        batch_size=batch,
+        dtype=dtype,
+    )
+    folder = open_model_folder(model_dir)
+    config = load_config(folder)
+    compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
+    dtype_name(compute_dtype)  # refuses a checkpoint dtype fiddlerc does not compute in
+    model = build_meta_model(config, compute_dtype)
+    resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
+    gm = capture(model)
+    plan = run_passes(gm, initial_plan(model, folder.config_json, compute_dtype, options), options)
+    module_text = generate_module(gm, plan)
+    plan_text = plan_to_json(plan)
+
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"output {out} exists and is not a folder: choose another -o")
+    if out.resolve() == folder.path:
+        raise OptionError("the output folder must not be the model folder: choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = make_manifest(plan_text, module_text, folder)
+    _write_atomic(out / PLAN_FILE, plan_text)
+    _write_atomic(out / MODULE_FILE, module_text)
+    _write_atomic(out / REPORT_FILE, report_text(plan))
+    _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")  # last: marks completion
+    log.info("compiled %s -> %s", folder.path, out)
+    return Artifact(out, plan, manifest, folder, module_text)

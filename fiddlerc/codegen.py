@@ -1,0 +1,170 @@
+"""Graph + plan -> module.py: a readable, deterministic, straight-line forward.
+
+Each MoE layer's dispatch/expert/combine nodes fold back into one call of the MoE block, whose
+experts child the loader replaces by a placed-experts module; the comment above the call says
+which experts run where, and the per-layer table `PLACEMENT` lists every expert's device.
+
+Only validated numbers, identifiers and fixed choices from the plan reach the text, and strings
+only through `repr`: a plan cannot inject code (the verifier also rejects control characters).
+"""
+
+from __future__ import annotations
+
+import builtins
+import importlib
+import math
+import re
+import types
+
+import torch
+import torch.fx
+
+from fiddlerc import __version__
+from fiddlerc.capture import META_KEY, moe_sites
+from fiddlerc.errors import PlanError, UnsupportedModelError
+from fiddlerc.options import format_size
+from fiddlerc.plan import CPU, Plan, verify_plan
+
+_HEADER_GLOBALS = {  # what fx-generated code may reference, and how module.py imports it
+    "torch": "import torch",
+    "device": "from torch import device",
+    "inf": "from math import inf",
+    "nan": "from math import nan",
+    "NoneType": "NoneType = type(None)",
+    "fx_pytree": "import torch.fx._pytree as fx_pytree",
+    "pytree": "import torch.utils._pytree as pytree",
+}
+_FIXED_GLOBALS = {"inf": math.inf, "nan": math.nan, "NoneType": type(None), "torch": torch, "device": torch.device}
+
+
+def _import_line(name: str, value: object) -> str:
+    """An import that binds `name` to `value`, checked to resolve to the very same object."""
+    if name in _HEADER_GLOBALS:
+        return _HEADER_GLOBALS[name]
+    mod, qual = getattr(value, "__module__", None), getattr(value, "__qualname__", None)
+    if not (
+        isinstance(mod, str) and isinstance(qual, str) and re.fullmatch(r"[A-Za-z_][\w.]*", mod) and qual.isidentifier()
+    ):
+        raise UnsupportedModelError(f"generated code would need global {name!r} ({value!r}), which cannot be imported")
+    if getattr(importlib.import_module(mod), qual, None) is not value:
+        raise UnsupportedModelError(f"generated code needs {mod}.{qual}, which does not import as the same object")
+    return f"from {mod} import {qual} as {name}" if qual != name else f"from {mod} import {qual}"
+
+
+def _fold_moe_calls(gm: torch.fx.GraphModule) -> torch.fx.Graph:
+    """A copy of the graph where each dispatch/experts/combine trio is one call of its MoE block."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for site in moe_sites(graph):
+        call = site.combine  # keeps its name, moe_<layer>, and its place in the graph
+        call.op, call.target = "call_module", f"m.{site.block_path}"
+        call.args, call.kwargs = site.dispatch.args, site.dispatch.kwargs
+        call.meta.pop(META_KEY, None)
+        for node in site.experts:
+            graph.erase_node(node)
+        graph.erase_node(site.dispatch)
+    graph.lint()
+    return graph
+
+
+def _placement_table(plan: Plan, devices: tuple[str, ...]) -> list[str]:
+    lines = ["PLACEMENT = {"]
+    for ml in plan.moe_layers:
+        idx = [devices.index(d) for d in plan.placement(ml.layer)]
+        counts = ", ".join(f"{sum(1 for d in plan.placement(ml.layer) if d == dev)} on {dev}" for dev in devices)
+        body = ", ".join(str(i) for i in idx) + ("," if len(idx) == 1 else "")
+        row = f"    {ml.layer}: ({body}),  # {counts}"
+        if len(row) <= 110:
+            lines.append(row)
+            continue
+        lines.append(f"    # layer {ml.layer}: {counts}")
+        lines.append(f"    {ml.layer}: (")
+        for i in range(0, len(idx), 32):
+            lines.append("        " + ", ".join(str(x) for x in idx[i : i + 32]) + ",")
+        lines.append("    ),")
+    lines.append("}")
+    return lines
+
+
+def _moe_comment(plan: Plan, layer: int) -> str:
+    parts = []
+    placement = plan.placement(layer)
+    for dev in sorted(set(placement), key=lambda d: (d == CPU, d)):
+        ids = [i for i, d in enumerate(placement) if d == dev]
+        shown = ", ".join(str(i) for i in ids[:16]) + (", ..." if len(ids) > 16 else "")
+        where = "CPU worker" if dev == CPU else dev
+        parts.append(f"{len(ids)} on {where} [{shown}]")
+    return f"# layer {layer} MoE: experts {'; '.join(parts)}"
+
+
+def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
+    """The text of module.py. A pure function of the captured graph and the plan."""
+    verify_plan(plan, complete=True)
+    for site in moe_sites(gm.graph):
+        for node in site.experts:
+            fact = node.meta[META_KEY]
+            if fact.get("device") != plan.placement(site.layer)[fact["expert"]]:
+                raise PlanError(f"graph and plan disagree on {node.name}: annotate the graph from the plan first")
+    graph = _fold_moe_calls(gm)
+    code = graph.python_code(root_module="self")
+    imports = []
+    for name in sorted(code.globals):
+        value = code.globals[name]
+        if name == "__builtins__" or getattr(builtins, name, None) is value:
+            continue
+        if name in _FIXED_GLOBALS and _FIXED_GLOBALS[name] is not value and name not in ("fx_pytree", "pytree"):
+            raise UnsupportedModelError(f"generated code uses an unexpected global {name}={value!r}")
+        imports.append(_import_line(name, value))
+    imports = sorted(set(imports), key=lambda s: (not s.startswith("import"), s))
+
+    body = []
+    for line in code.src.splitlines():
+        if not line.strip() or line.startswith("torch.fx._symbolic_trace.wrap("):
+            continue
+        m = re.match(r"    moe_(\d+) = ", line)
+        if m:
+            body.append("        " + _moe_comment(plan, int(m.group(1))))
+        body.append("    " + line)
+
+    devices = plan.devices() or (CPU,)
+    m, t = plan.model, plan.target
+    lines = [
+        f"# Generated by fiddlerc {__version__} from plan.json. Do not edit: fiddlerc.load() regenerates",
+        "# this file from the plan and refuses to run it if the two differ. Recompile to change it.",
+        f"# Model: {m.architecture} ({m.model_type}), {m.dtype}, {m.num_layers} layers, {len(plan.moe_layers)} MoE layers.",
+        f"# Target: {t.device} with {format_size(t.budget_bytes)}; KV reserve for {t.context_tokens} tokens x {t.batch_size}.",
+        *imports,
+        "",
+        f"FIDDLERC_VERSION = {__version__!r}",
+        f"DEVICES = {devices!r}",
+        "# PLACEMENT[layer][expert] is an index into DEVICES. Experts on 'cpu' run on the CPU worker,",
+        "# the others on the fast device; only activations move between them.",
+        *_placement_table(plan, devices),
+        "",
+        "",
+        "class CompiledForward(torch.nn.Module):",
+        '    """Forward of the whole model: (input_ids, cache, attention_mask, position_ids) -> logits.',
+        "",
+        "    `self.m` is the Hugging Face model with bound weights; each MoE block's experts child is a",
+        "    placed-experts module (fiddlerc.runtime.experts) built from PLACEMENT.",
+        '    """',
+        "",
+        "    def __init__(self, model, config):",
+        "        super().__init__()",
+        "        self.m = model",
+        "        self._cfg = config",
+        "",
+        *body,
+        "",
+    ]
+    text = "\n".join(lines)
+    compile(text, "module.py", "exec")  # fail here, not at load, if anything is off
+    return text
+
+
+def load_module(text: str, filename: str) -> types.ModuleType:
+    """Execute verified module.py text as a fresh module (never imported by name from disk)."""
+    module = types.ModuleType("fiddlerc_compiled")
+    module.__file__ = filename
+    exec(compile(text, filename, "exec"), module.__dict__)
+    return module

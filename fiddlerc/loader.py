@@ -1,0 +1,347 @@
+"""load(OUT): verify the manifest, regenerate and compare module.py, bind weights, run.
+
+Nothing from a compiled folder is executed unless it equals what this fiddlerc generates from the
+plan; weights are memory-mapped from the model folder and bound where the plan puts them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fiddlerc import __version__
+from fiddlerc.capture import cache_keyword, capture
+from fiddlerc.codegen import generate_module, load_module
+from fiddlerc.errors import ArtifactError, OptionError
+from fiddlerc.model_io import (
+    DirectSource,
+    ModelFolder,
+    WeightReader,
+    build_meta_model,
+    load_config,
+    open_model_folder,
+    resolve_sources,
+)
+from fiddlerc.options import parse_dtype
+from fiddlerc.pipeline import annotate_from_plan, config_sha256
+from fiddlerc.plan import CPU, Plan, plan_from_json
+from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts
+from fiddlerc.runtime.generate import generate as _generate
+from fiddlerc.runtime.worker import CpuWorker
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE, MODULE_FILE, MANIFEST_FILE = "plan.json", "module.py", "manifest.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    import transformers
+
+    return {"fiddlerc": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+
+def make_manifest(plan_text: str, module_text: str, folder: ModelFolder) -> dict:
+    return {
+        "versions": software_versions(),
+        "model_dir": str(folder.path),
+        "files": {PLAN_FILE: sha256_bytes(plan_text.encode()), MODULE_FILE: sha256_bytes(module_text.encode())},
+        "weights": folder.fingerprint(),
+    }
+
+
+def regenerate_module(folder: ModelFolder, plan: Plan) -> tuple[str, nn.Module]:
+    """module.py text for a plan, from a fresh capture of the model (and that meta model)."""
+    config = load_config(folder)
+    if config_sha256(folder.config_json) != plan.model.config_sha256:
+        raise ArtifactError(f"{folder.path}/config.json changed since this model was compiled: recompile")
+    model = build_meta_model(config, parse_dtype(plan.model.dtype))
+    gm = capture(model)
+    annotate_from_plan(gm, plan)
+    return generate_module(gm, plan), model
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified compiled folder."""
+
+    path: Path
+    plan: Plan
+    manifest: dict
+    folder: ModelFolder
+    module_text: str
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: {what}; recompile with `fiddlerc compile`") from None
+
+
+def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Artifact, nn.Module]:
+    """Check a compiled folder against its manifest, its model's weights and a fresh codegen."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is not a compiled folder (run `fiddlerc compile MODEL_DIR -o {out}` first)")
+    try:
+        manifest = json.loads(_read(out / MANIFEST_FILE, "the compiled folder is incomplete"))
+        files, versions = manifest["files"], manifest["versions"]
+        recorded_dir, weights = manifest["model_dir"], manifest["weights"]
+        if not (
+            isinstance(files, dict)
+            and isinstance(versions, dict)
+            and isinstance(recorded_dir, str)
+            and isinstance(weights, dict)
+        ):
+            raise TypeError
+    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+        raise ArtifactError(f"{out / MANIFEST_FILE} is corrupt: recompile") from None
+
+    now = software_versions()
+    for name in ("fiddlerc", "transformers"):
+        if versions.get(name) != now[name]:
+            raise ArtifactError(
+                f"{out} was compiled with {name} {versions.get(name)}, this is {now[name]}: recompile it with this version"
+            )
+    plan_bytes = _read(out / PLAN_FILE, "the compiled folder is incomplete")
+    if sha256_bytes(plan_bytes) != files.get(PLAN_FILE):
+        raise ArtifactError(f"{out / PLAN_FILE} was changed after compiling (hash mismatch): recompile")
+    plan = plan_from_json(plan_bytes)
+
+    folder = open_model_folder(model_dir if model_dir is not None else recorded_dir)
+    if folder.fingerprint() != weights:
+        raise ArtifactError(
+            f"the weights in {folder.path} are not the ones {out} was compiled for (safetensors headers differ): recompile"
+        )
+    module_text, meta_model = regenerate_module(folder, plan)
+    on_disk = _read(out / MODULE_FILE, "the compiled folder is incomplete")
+    if on_disk != module_text.encode() or sha256_bytes(on_disk) != files.get(MODULE_FILE):
+        raise ArtifactError(
+            f"{out / MODULE_FILE} differs from what this fiddlerc generates from plan.json (edited?); "
+            "it was not run: recompile"
+        )
+    return Artifact(out, plan, manifest, folder, module_text), meta_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Binding weights
+
+
+def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    path, _, leaf = name.rpartition(".")
+    owner = model.get_submodule(path)
+    if leaf in owner._parameters:
+        owner._parameters[leaf] = nn.Parameter(value, requires_grad=False)
+    else:
+        owner._buffers[leaf] = value
+
+
+def bind_weights(
+    model: nn.Module, folder: ModelFolder, plan: Plan, fast: torch.device, worker: CpuWorker
+) -> list[PlacedExperts]:
+    """Put every weight where the plan says, memory-mapped from safetensors (copied only to change device or dtype)."""
+    dtype = parse_dtype(plan.model.dtype)
+    sources = resolve_sources(model, folder)
+    reader = WeightReader(folder)
+    converted: dict[tuple[str, torch.device], torch.Tensor] = {}  # tied weights share one tensor
+
+    def tensor(key: str, device: torch.device, want: torch.dtype) -> torch.Tensor:
+        if (key, device) not in converted:
+            converted[(key, device)] = reader.get(key).to(device=device, dtype=want)
+        return converted[(key, device)]
+
+    expert_modules = {ml.experts_module for ml in plan.moe_layers}
+    buffers = dict(model.named_buffers())
+    for name, src in sources.items():
+        if name.rpartition(".")[0] in expert_modules:
+            continue
+        assert isinstance(src, DirectSource)
+        want = buffers[name].dtype if name in buffers else dtype
+        _set_tensor(model, name, tensor(src.key, fast, want))
+    for name, buf in model.named_buffers():  # computed buffers (rotary tables) follow the dense weights
+        if name not in sources:
+            _set_tensor(model, name, buf.to(fast))
+
+    placed = []
+    for ml in plan.moe_layers:
+        old = model.get_submodule(ml.experts_module)
+        inter = old.down_proj.shape[-1]
+        gate_up, down = sources[f"{ml.experts_module}.gate_up_proj"], sources[f"{ml.experts_module}.down_proj"]
+        weights = []
+        for e, dev in enumerate(plan.placement(ml.layer)):
+            where = torch.device(CPU) if dev == CPU else fast
+            if isinstance(gate_up, DirectSource):  # fused on disk: views of expert e's slice
+                gu = reader.get(gate_up.key)[e]
+                g, u = gu[:inter], gu[inter:]
+            else:
+                g, u = reader.get(gate_up.keys[e][0]), reader.get(gate_up.keys[e][1])
+            d = reader.get(down.key)[e] if isinstance(down, DirectSource) else reader.get(down.keys[e][0])
+            weights.append(ExpertWeights(*(t.to(device=where, dtype=dtype) for t in (g, u, d))))
+        on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
+        module = PlacedExperts(weights, on_cpu, old.act_fn, fast, worker, ml.layer)
+        parent_path, _, child = ml.experts_module.rpartition(".")
+        setattr(model.get_submodule(parent_path), child, module)
+        placed.append(module)
+    reader.close()
+    leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
+    if leftover:
+        raise ArtifactError(
+            f"weights {leftover[:3]} were not bound: the model folder does not match the plan; recompile"
+        )
+    return placed
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """The fast device at load time: the GPU if there is one, else the CPU (with a warning)."""
+    if device is None:
+        if torch.cuda.is_available():
+            return torch.device("cuda:0")
+        log.warning("no CUDA device: experts placed on the GPU tier run on the CPU in the main thread")
+        return torch.device(CPU)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise OptionError(f"unknown device {device!r}: use cpu or cuda:N") from None
+    if dev.type == "cuda":
+        index = dev.index or 0
+        if not torch.cuda.is_available() or index >= torch.cuda.device_count():
+            raise OptionError(f"device {device} is not available on this machine: use --device cpu")
+        return torch.device("cuda", index)
+    if dev.type != CPU:
+        raise OptionError(f"unsupported device {device!r}: use cpu or cuda:N")
+    return dev
+
+
+class CompiledModel:
+    """A loaded, placed model: call it for logits, `generate` for tokens."""
+
+    def __init__(
+        self, artifact: Artifact, meta_model: nn.Module, device: torch.device, num_threads: int | None = None
+    ) -> None:
+        self.artifact = artifact
+        self.plan = artifact.plan
+        self.device = device
+        self.config = meta_model.config
+        self._worker = CpuWorker(num_threads)
+        self._lock = threading.Lock()
+        try:
+            self._placed = bind_weights(meta_model, artifact.folder, self.plan, device, self._worker)
+        except BaseException:
+            self._worker.close()
+            raise
+        self.hf_model = meta_model
+        module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
+        self._forward = module.CompiledForward(meta_model, meta_model.config)
+        self._cache_kw = cache_keyword(meta_model)
+        gen = getattr(meta_model, "generation_config", None)
+        self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
+        pad = getattr(gen, "pad_token_id", None) or getattr(self.config, "pad_token_id", None)
+        self.pad_token_id = pad if isinstance(pad, int) else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def new_cache(self):
+        from transformers import DynamicCache
+
+        return DynamicCache(config=self.config)
+
+    def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
+        return self._forward(input_ids, cache, attention_mask, position_ids)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of a full forward pass from an empty cache (as Hugging Face's model(...) computes)."""
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=self.device)[None, :]
+        with self._lock:
+            return self._run(input_ids, self.new_cache(), attention_mask, position_ids.to(self.device))
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        ignore_eos: bool = False,
+        seed: int | None = None,
+        on_token=None,
+    ) -> torch.Tensor:
+        """Prompt + new tokens [B, T + n]: greedy unless do_sample; stops at EOS unless ignore_eos."""
+        eos = () if ignore_eos else (_as_ids(eos_token_id) if eos_token_id is not None else self.eos_token_ids)
+        with self._lock:
+            out = _generate(
+                self._run,
+                self.new_cache,
+                input_ids.to(self.device),
+                attention_mask,
+                max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_ids=eos,
+                pad_token_id=self.pad_token_id,
+                seed=seed,
+                on_token=on_token,
+            )
+        return out
+
+    def routing_stats(self) -> dict:
+        """Routed (token, expert) pairs per MoE layer and tier since load, and the fast-tier hit rate."""
+        layers = {}
+        for p in self._placed:
+            total = p.tokens_fast + p.tokens_cpu
+            layers[p.layer] = {
+                "fast": p.tokens_fast,
+                "cpu": p.tokens_cpu,
+                "hit_rate": p.tokens_fast / total if total else 0.0,
+            }
+        fast = sum(v["fast"] for v in layers.values())
+        cpu = sum(v["cpu"] for v in layers.values())
+        return {"layers": layers, "fast": fast, "cpu": cpu, "hit_rate": fast / (fast + cpu) if fast + cpu else 0.0}
+
+    def close(self) -> None:
+        self._worker.close()
+
+    def __enter__(self) -> CompiledModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def load(
+    out_dir: str | Path, device: str | None = None, model_dir: str | Path | None = None, num_threads: int | None = None
+) -> CompiledModel:
+    """Verify a compiled folder and load it onto this machine's devices."""
+    fast = resolve_device(device)
+    artifact, meta_model = verify_artifact(out_dir, model_dir)
+    return CompiledModel(artifact, meta_model, fast, num_threads)

@@ -1,0 +1,308 @@
+"""The Plan: every compile decision as plain, frozen data that round-trips through JSON.
+
+The plan is the one source of truth: passes fill it in, `verify_plan` checks it after every pass
+and whenever it is read from disk, codegen turns it into module.py. It imports nothing of ours
+but the error type, so any tool can read a plan.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+
+from fiddlerc.errors import PlanError
+
+FORMAT_VERSION = 1
+
+CPU = "cpu"
+_DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]{1,3})$")
+_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
+_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    architecture: str  # e.g. MixtralForCausalLM
+    model_type: str  # e.g. mixtral
+    dtype: str  # compute dtype of the compiled model
+    num_layers: int
+    config_sha256: str  # of the config the plan was made for
+
+
+@dataclass(frozen=True)
+class Target:
+    """The machine the plan is for; load() maps it onto the devices that exist."""
+
+    device: str  # the GPU tier, e.g. cuda:0
+    budget_bytes: int
+    context_tokens: int
+    batch_size: int
+    fast_experts: int | None  # user override: best N experts on the GPU
+
+
+@dataclass(frozen=True)
+class MoeLayer:
+    """One MoE block, as find_experts saw it."""
+
+    layer: int
+    block: str  # module path of the MoE block
+    experts_module: str  # module path of its routed experts
+    num_experts: int
+    top_k: int
+    bytes_per_expert: int
+    shared_expert_bytes: int  # dense weights of shared experts in this block (placed with the dense weights)
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes on the target GPU: dense weights and the KV reserve first, then experts."""
+
+    budget_bytes: int
+    dense_bytes: int  # embeddings, attention, norms, routers, shared experts, lm_head
+    kv_reserve_bytes: int
+    expert_bytes: dict[str, int] = field(default_factory=dict)  # device -> bytes of experts placed there
+
+    @property
+    def free_bytes(self) -> int:
+        """What the GPU budget has left after dense weights, KV reserve and GPU experts."""
+        gpu_experts = sum(b for d, b in self.expert_bytes.items() if d != CPU)
+        return self.budget_bytes - self.dense_bytes - self.kv_reserve_bytes - gpu_experts
+
+
+@dataclass(frozen=True)
+class ExpertPlacement:
+    layer: int
+    expert: int
+    device: str  # "cpu" or the target device
+    bytes: int
+    expected_use: float  # expected fraction of the layer's routed tokens (top_k / num_experts if uniform)
+    reason: str
+
+
+@dataclass(frozen=True)
+class Plan:
+    model: ModelInfo
+    target: Target
+    format_version: int = FORMAT_VERSION
+    fiddlerc_version: str = ""
+    moe_layers: tuple[MoeLayer, ...] = ()
+    memory: Memory | None = None
+    experts: tuple[ExpertPlacement, ...] = ()
+
+    def with_(self, **changes) -> Plan:
+        return replace(self, **changes)
+
+    def devices(self) -> tuple[str, ...]:
+        """Devices that hold experts, cpu last."""
+        used = {e.device for e in self.experts}
+        return tuple(sorted(used - {CPU})) + ((CPU,) if CPU in used else ())
+
+    def placement(self, layer: int) -> tuple[str, ...]:
+        """Device of each expert of one layer, by expert index."""
+        mine = sorted((e for e in self.experts if e.layer == layer), key=lambda e: e.expert)
+        return tuple(e.device for e in mine)
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    d = asdict(plan)
+    out = {"format_version": d.pop("format_version"), "fiddlerc_version": d.pop("fiddlerc_version")}
+    out.update(d)
+    if plan.memory is not None:
+        out["memory"]["free_bytes"] = plan.memory.free_bytes  # derived; written for readers, checked on read
+    return out
+
+
+def plan_to_json(plan: Plan) -> str:
+    """Deterministic text: fixed key order, no floats in exponent form surprises, trailing newline."""
+    return json.dumps(plan_to_dict(plan), indent=1, sort_keys=False, ensure_ascii=True, allow_nan=False) + "\n"
+
+
+def _build(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise PlanError(f"plan.json: {where} must be an object, got {type(data).__name__}")
+    names = {f.name for f in fields(cls)}
+    extra = set(data) - names - ({"free_bytes"} if cls is Memory else set())
+    if extra:
+        raise PlanError(
+            f"plan.json: unknown key(s) {sorted(extra)} in {where}: the file was edited or is from another fiddlerc"
+        )
+    required = [
+        f.name for f in fields(cls) if f.name not in data and f.default is MISSING and f.default_factory is MISSING
+    ]
+    if required:
+        raise PlanError(f"plan.json: {where} lacks {required}: the file is truncated or was edited")
+    kwargs = {k: v for k, v in data.items() if k in names}
+    return cls(**kwargs)
+
+
+def plan_from_dict(data: object) -> Plan:
+    if not isinstance(data, dict):
+        raise PlanError("plan.json must hold a JSON object: the file is corrupt; recompile")
+    version = data.get("format_version")
+    if version != FORMAT_VERSION:
+        raise PlanError(
+            f"plan.json has format_version {version!r}, this fiddlerc reads {FORMAT_VERSION}: "
+            "recompile the model with this fiddlerc"
+        )
+    d = dict(data)
+    try:
+        d["model"] = _build(ModelInfo, d.get("model"), "model")
+        d["target"] = _build(Target, d.get("target"), "target")
+        layers = d.get("moe_layers", [])
+        experts = d.get("experts", [])
+        if not isinstance(layers, list) or not isinstance(experts, list):
+            raise PlanError("plan.json: moe_layers and experts must be lists")
+        d["moe_layers"] = tuple(_build(MoeLayer, x, f"moe_layers[{i}]") for i, x in enumerate(layers))
+        d["experts"] = tuple(_build(ExpertPlacement, x, f"experts[{i}]") for i, x in enumerate(experts))
+        mem = d.get("memory")
+        if mem is not None:
+            free = mem.get("free_bytes") if isinstance(mem, dict) else None
+            d["memory"] = _build(Memory, mem, "memory")
+            if free is not None and free != d["memory"].free_bytes:
+                raise PlanError("plan.json: memory.free_bytes does not add up: the file was edited; recompile")
+        plan = _build(Plan, d, "the plan")
+    except TypeError as e:
+        raise PlanError(f"plan.json is malformed ({e}): recompile") from None
+    verify_plan(plan)
+    return plan
+
+
+def plan_from_json(text: str | bytes) -> Plan:
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise PlanError(
+            f"plan.json is not valid JSON ({type(e).__name__}): the file is truncated or corrupt; recompile"
+        ) from None
+    return plan_from_dict(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Verification: types, ranges, and that the parts agree.
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise PlanError(f"invalid plan: {msg}")
+
+
+def _is_int(x: object, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _is_text(x: object) -> bool:
+    return isinstance(x, str) and not any(ord(c) < 32 or ord(c) == 127 for c in x)
+
+
+def verify_plan(plan: Plan, *, complete: bool = False) -> None:
+    """Raise PlanError unless every field is well-typed and the parts agree.
+
+    `complete` also requires what the last pass produces (memory and a placement per expert).
+    """
+    m, t = plan.model, plan.target
+    _check(plan.format_version == FORMAT_VERSION, f"format_version must be {FORMAT_VERSION}")
+    _check(_is_text(plan.fiddlerc_version), "fiddlerc_version must be text")
+    _check(
+        isinstance(m.architecture, str) and bool(_NAME_RE.match(m.architecture)),
+        "model.architecture must be an identifier",
+    )
+    _check(
+        isinstance(m.model_type, str) and bool(_NAME_RE.match(m.model_type)), "model.model_type must be an identifier"
+    )
+    _check(m.dtype in _DTYPES, f"model.dtype must be one of {_DTYPES}")
+    _check(_is_int(m.num_layers, 1), "model.num_layers must be a positive integer")
+    _check(
+        isinstance(m.config_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", m.config_sha256)),
+        "model.config_sha256 must be a sha256",
+    )
+    _check(
+        isinstance(t.device, str) and bool(_DEVICE_RE.match(t.device)) and t.device != CPU,
+        "target.device must be cuda:N",
+    )
+    _check(_is_int(t.budget_bytes), "target.budget_bytes must be a non-negative integer")
+    _check(
+        _is_int(t.context_tokens, 1) and _is_int(t.batch_size, 1),
+        "target.context_tokens and batch_size must be positive",
+    )
+    _check(
+        t.fast_experts is None or _is_int(t.fast_experts), "target.fast_experts must be null or a non-negative integer"
+    )
+
+    layers: dict[int, MoeLayer] = {}
+    for ml in plan.moe_layers:
+        _check(_is_int(ml.layer) and ml.layer < m.num_layers, f"moe layer {ml.layer!r} out of range")
+        _check(ml.layer not in layers, f"moe layer {ml.layer} listed twice")
+        for name in ("block", "experts_module"):
+            v = getattr(ml, name)
+            _check(
+                isinstance(v, str) and bool(_PATH_RE.match(v)), f"moe layer {ml.layer}: {name} must be a module path"
+            )
+        _check(
+            ml.experts_module.startswith(ml.block + "."), f"moe layer {ml.layer}: experts_module must be inside block"
+        )
+        _check(
+            _is_int(ml.num_experts, 1) and _is_int(ml.top_k, 1) and ml.top_k <= ml.num_experts,
+            f"moe layer {ml.layer}: bad expert counts",
+        )
+        _check(
+            _is_int(ml.bytes_per_expert, 1) and _is_int(ml.shared_expert_bytes),
+            f"moe layer {ml.layer}: bad byte counts",
+        )
+        layers[ml.layer] = ml
+
+    seen: set[tuple[int, int]] = set()
+    for e in plan.experts:
+        where = f"expert ({e.layer!r}, {e.expert!r})"
+        _check(_is_int(e.layer) and e.layer in layers, f"{where}: layer has no MoE block")
+        _check(_is_int(e.expert) and e.expert < layers[e.layer].num_experts, f"{where}: expert index out of range")
+        _check((e.layer, e.expert) not in seen, f"{where} placed twice")
+        seen.add((e.layer, e.expert))
+        _check(e.device in (CPU, t.device), f"{where}: device must be 'cpu' or {t.device!r}")
+        _check(
+            _is_int(e.bytes) and e.bytes == layers[e.layer].bytes_per_expert,
+            f"{where}: bytes must equal the layer's bytes_per_expert",
+        )
+        _check(
+            isinstance(e.expected_use, (int, float))
+            and not isinstance(e.expected_use, bool)
+            and math.isfinite(e.expected_use)
+            and 0 <= e.expected_use <= 1,
+            f"{where}: expected_use must be a fraction in [0, 1]",
+        )
+        _check(_is_text(e.reason) and len(e.reason) <= 500, f"{where}: reason must be text without control characters")
+
+    if plan.memory is not None:
+        mem = plan.memory
+        _check(
+            all(_is_int(x) for x in (mem.budget_bytes, mem.dense_bytes, mem.kv_reserve_bytes)),
+            "memory byte counts must be non-negative integers",
+        )
+        _check(mem.budget_bytes == t.budget_bytes, "memory.budget_bytes must equal target.budget_bytes")
+        _check(isinstance(mem.expert_bytes, dict), "memory.expert_bytes must be an object")
+        for dev, b in mem.expert_bytes.items():
+            _check(
+                isinstance(dev, str) and dev in (CPU, t.device) and _is_int(b),
+                f"memory.expert_bytes[{dev!r}] is invalid",
+            )
+        if plan.experts:
+            sums: dict[str, int] = {}
+            for e in plan.experts:
+                sums[e.device] = sums.get(e.device, 0) + e.bytes
+            _check(
+                sums == {d: b for d, b in mem.expert_bytes.items() if b},
+                "memory.expert_bytes does not match the experts' placement",
+            )
+            _check(mem.free_bytes >= 0, "experts on the GPU exceed the budget")
+
+    if complete:
+        _check(plan.memory is not None, "memory accounting is missing")
+        _check(bool(plan.moe_layers), "the plan has no MoE layers")
+        want = {(ml.layer, i) for ml in plan.moe_layers for i in range(ml.num_experts)}
+        _check(seen == want, f"{len(want - seen)} expert(s) have no placement")

@@ -1,0 +1,1 @@
+"""What the generated module and the loaded model call at run time."""

@@ -1,0 +1,121 @@
+"""Placed experts: a drop-in for a transformers experts module whose experts live on two tiers.
+
+Called exactly like the module it replaces, `experts(hidden [T, H], top_k_index [T, k],
+top_k_weights [T, k]) -> [T, H]`, inside Hugging Face's own MoE block (router, shared experts
+and gating stay Hugging Face's code). Per call:
+
+1. the routing indices cross to the host once;
+2. the tokens of cpu-tier experts are gathered and copied to the host, and the CPU worker starts
+   on them (weights never move: only activations);
+3. meanwhile the fast device runs its resident experts;
+4. the CPU results come back and everything is summed in expert order, as Hugging Face does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from fiddlerc.runtime.worker import CpuWorker
+
+
+@dataclass
+class ExpertWeights:
+    """One expert in the default transformers layout, split for clarity: act(x @ gate.T) * (x @ up.T) @ down.T."""
+
+    gate: torch.Tensor  # [I, H]
+    up: torch.Tensor  # [I, H]
+    down: torch.Tensor  # [H, I]
+
+
+def run_expert(x: torch.Tensor, w: ExpertWeights, act) -> torch.Tensor:
+    """One expert on the tokens routed to it: x [n, H] -> [n, H]."""
+    return F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+
+
+class PlacedExperts(nn.Module):
+    def __init__(
+        self,
+        weights: list[ExpertWeights],
+        on_cpu: tuple[bool, ...],
+        act,
+        fast_device: torch.device,
+        worker: CpuWorker,
+        layer: int,
+    ) -> None:
+        super().__init__()
+        self.num_experts = len(weights)
+        self.weights = weights
+        self.on_cpu = on_cpu
+        self.act_fn = act
+        self.fast_device = fast_device
+        self.worker = worker
+        self.layer = layer
+        self.tokens_fast = 0  # routed (token, expert) pairs served by each tier, for routing_stats()
+        self.tokens_cpu = 0
+
+    def extra_repr(self) -> str:
+        n_cpu = sum(self.on_cpu)
+        return f"layer={self.layer}, experts={self.num_experts}, fast={self.num_experts - n_cpu} on {self.fast_device}, cpu={n_cpu}"
+
+    def _run_cpu(self, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
+        """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host)."""
+        return [run_expert(x, self.weights[e], self.act_fn) * w for e, x, w in jobs]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        num_tokens, k = top_k_index.shape
+        # [T*k] flat routing on the host: the one synchronisation of this layer.
+        flat = top_k_index.reshape(-1).to("cpu")
+        order = torch.argsort(flat, stable=True)
+        counts = torch.bincount(flat, minlength=self.num_experts).tolist()
+        hit = [e for e in range(self.num_experts) if counts[e]]
+        starts = {}
+        pos = 0
+        for e in range(self.num_experts):
+            starts[e] = pos
+            pos += counts[e]
+
+        def rows(e: int) -> tuple[torch.Tensor, torch.Tensor]:
+            sel = order[starts[e] : starts[e] + counts[e]]
+            return sel // k, sel % k  # token index, top-k slot
+
+        cpu_hit = [e for e in hit if self.on_cpu[e]]
+        fast_hit = [e for e in hit if not self.on_cpu[e]]
+        self.tokens_cpu += sum(counts[e] for e in cpu_hit)
+        self.tokens_fast += sum(counts[e] for e in fast_hit)
+
+        future = None
+        if cpu_hit:
+            jobs = []
+            for e in cpu_hit:
+                tok, slot = rows(e)
+                tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
+                x = hidden_states[tok_d].to("cpu", non_blocking=True)
+                w = top_k_weights[tok_d, slot_d, None].to("cpu", non_blocking=True)
+                jobs.append((e, x, w))
+            if hidden_states.device.type == "cuda":
+                torch.cuda.current_stream(hidden_states.device).synchronize()  # host copies complete
+            future = self.worker.submit(self._run_cpu, jobs)
+
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for e in fast_hit:  # overlaps with the worker
+            tok, slot = rows(e)
+            tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
+            y = run_expert(hidden_states[tok_d], self.weights[e], self.act_fn) * top_k_weights[tok_d, slot_d, None]
+            outputs[e] = (tok_d, y)
+
+        if future is not None:
+            for e, y in zip(cpu_hit, future.result()):
+                tok, _ = rows(e)
+                outputs[e] = (tok.to(hidden_states.device), y.to(hidden_states.device, non_blocking=True))
+
+        final = torch.zeros_like(hidden_states)
+        for e in hit:  # expert order, as Hugging Face accumulates
+            tok, y = outputs[e]
+            final.index_add_(0, tok, y.to(final.dtype))
+        return final

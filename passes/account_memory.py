@@ -1,0 +1,48 @@
+"""account_memory: bytes of the dense weights and of the KV-cache reserve on the target GPU.
+
+Reads: the graph's modules (every parameter outside the routed experts), `plan.moe_layers`,
+the config (attention shapes), `options` (context length and batch for the KV reserve).
+Writes: `plan.memory` (budget, dense bytes, KV reserve). Raises BudgetError when the budget
+cannot hold the dense weights plus the KV reserve, saying how much is needed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx
+
+from fiddlerc.capture import source_model
+from fiddlerc.errors import BudgetError
+from fiddlerc.options import CompileOptions, format_size, parse_dtype
+from fiddlerc.plan import Memory, Plan
+
+from .find_experts import param_bytes
+
+
+def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
+    """KV-cache bytes one token adds across all layers, as transformers' cache stores them."""
+    heads = config.num_attention_heads
+    if getattr(config, "qk_nope_head_dim", None) and getattr(config, "v_head_dim", None):
+        # Multi-head latent attention (DeepSeek): transformers caches decompressed keys and values.
+        per_layer = heads * (config.qk_nope_head_dim + config.qk_rope_head_dim + config.v_head_dim)
+    else:
+        kv_heads = getattr(config, "num_key_value_heads", None) or heads
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+        per_layer = 2 * kv_heads * head_dim
+    return per_layer * config.num_hidden_layers * dtype.itemsize
+
+
+def account_memory(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
+    dtype = parse_dtype(plan.model.dtype)
+    model = source_model(gm)
+    expert_params = {id(p) for ml in plan.moe_layers for p in model.get_submodule(ml.experts_module).parameters()}
+    dense = param_bytes((p for p in model.parameters() if id(p) not in expert_params), dtype)
+    kv = kv_bytes_per_token(model.config, dtype) * options.context_tokens * options.batch_size
+    budget = options.gpu_budget_bytes
+    if dense + kv > budget:
+        raise BudgetError(
+            f"--gpu-memory {format_size(budget)} is smaller than the dense weights ({format_size(dense)}) plus the "
+            f"KV-cache reserve ({format_size(kv)} for {options.context_tokens} tokens x {options.batch_size} "
+            f"sequence(s)): give at least {format_size(dense + kv)} ({dense + kv} bytes), or lower --context/--batch"
+        )
+    return plan.with_(memory=Memory(budget_bytes=budget, dense_bytes=dense, kv_reserve_bytes=kv))
