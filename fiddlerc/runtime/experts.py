@@ -110,7 +110,7 @@ class PlacedExperts(nn.Module):
             outputs[e] = (tok_d, y)
 
         if future is not None:
-            for e, y in zip(cpu_hit, future.result()):
+            for e, y in zip(cpu_hit, future.result(), strict=True):
                 tok, _ = rows(e)
                 outputs[e] = (tok.to(hidden_states.device), y.to(hidden_states.device, non_blocking=True))
 

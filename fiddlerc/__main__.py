@@ -1,0 +1,5 @@
+import sys
+
+from fiddlerc.cli import main
+
+sys.exit(main())

@@ -1,0 +1,177 @@
+"""The `fiddlerc` command: compile, report, run, demo. A thin layer over the API."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fiddlerc import __version__
+
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _cmd_compile(args: argparse.Namespace) -> int:
+    from fiddlerc.api import compile
+
+    t0 = time.perf_counter()
+    art = compile(
+        args.model_dir,
+        args.out,
+        args.gpu_memory,
+        fast_experts=args.fast_experts,
+        context=args.context,
+        batch=args.batch,
+        dtype=args.dtype,
+    )
+    n_fast = sum(1 for e in art.plan.experts if e.device != "cpu")
+    print(
+        f"compiled {art.folder.path} -> {art.path} in {time.perf_counter() - t0:.2f} s: "
+        f"{n_fast} of {len(art.plan.experts)} experts on {art.plan.target.device}"
+    )
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from fiddlerc.loader import verify_artifact
+    from fiddlerc.report import report_json, report_text
+
+    art, _ = verify_artifact(args.out, args.model)
+    print(report_json(art.plan) if args.format == "json" else report_text(art.plan), end="")
+    return 0
+
+
+def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> tuple[str, int, float]:
+    import torch
+
+    ids = torch.tensor([tokenizer.encode(prompt)])
+    shown = ""
+    new: list[int] = []
+
+    def on_token(tok) -> None:
+        nonlocal shown
+        new.append(int(tok[0]))
+        text = tokenizer.decode(new, skip_special_tokens=True)
+        print(text[len(shown) :], end="", flush=True)
+        shown = text
+
+    t0 = time.perf_counter()
+    model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0, seed=seed, on_token=on_token)
+    print()
+    return shown, len(new), time.perf_counter() - t0
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    from fiddlerc.errors import ModelFolderError
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(f"{folder} has no usable tokenizer ({e}); use the Python API with token ids") from None
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from fiddlerc.api import load
+
+    model = load(args.out, device=args.device, model_dir=args.model)
+    try:
+        tokenizer = _tokenizer(model.artifact.folder.path)
+        _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+        stats = model.routing_stats()
+        print(f"[{n} tokens in {secs:.2f} s, {n / secs if secs else 0:.1f} tokens/s; fast-tier hit rate {stats['hit_rate']:.1%}]", file=sys.stderr)
+    finally:
+        model.close()
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fiddlerc.api import compile, load
+    from fiddlerc.demo import demo_config, write_model
+    from fiddlerc.report import report_text
+
+    root = Path(args.dir)
+    model_dir, out_dir = root / "model", root / "compiled"
+    if not (model_dir / "config.json").is_file():
+        print(f"writing a small random-weight Mixtral-shaped model to {model_dir}")
+        write_model(demo_config(), model_dir, seed=0, router_scale=4.0, tokenizer=True)
+    art = compile(model_dir, out_dir, args.gpu_memory, context=512)
+    print(f"compiled to {out_dir}\n")
+    print(report_text(art.plan))
+    model = load(out_dir, device=args.device)
+    try:
+        tokenizer = _tokenizer(model_dir)
+        print(f"prompt: {args.prompt!r}\ncompletion (random weights, so gibberish): ", end="")
+        _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, 0.0, None)
+        stats = model.routing_stats()
+        print(f"{n} tokens in {secs:.2f} s; routed token-expert pairs: {stats['fast']} fast tier, {stats['cpu']} CPU worker")
+    finally:
+        model.close()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fiddlerc", description="Compile Mixture-of-Experts models to run with experts split between GPU and CPU.")
+    p.add_argument("--version", action="version", version=f"fiddlerc {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("compile", help="compile a Hugging Face MoE model folder")
+    c.add_argument("model_dir")
+    c.add_argument("-o", "--out", required=True, help="output folder")
+    c.add_argument("--gpu-memory", required=True, help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes")
+    c.add_argument("--fast-experts", type=int, default=None, metavar="N", help="put exactly the best N experts on the GPU")
+    c.add_argument("--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for (default 4096)")
+    c.add_argument("--batch", type=int, default=1, help="sequences to reserve KV cache for (default 1)")
+    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)")
+    c.set_defaults(func=_cmd_compile)
+
+    r = sub.add_parser("report", help="show the placement of a compiled model and why")
+    r.add_argument("out")
+    r.add_argument("--format", choices=["text", "json"], default="text")
+    r.add_argument("--model", default=None, help="model folder, if it moved since compiling")
+    r.set_defaults(func=_cmd_report)
+
+    g = sub.add_parser("run", help="generate text with a compiled model")
+    g.add_argument("out")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=32)
+    g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
+    g.add_argument("--model", default=None, help="model folder, if it moved since compiling")
+    g.set_defaults(func=_cmd_run)
+
+    d = sub.add_parser("demo", help="build a small model, compile it under a budget, report, generate")
+    d.add_argument("--dir", default="fiddlerc-demo", help="where to write the model and the compiled folder")
+    d.add_argument("--gpu-memory", default="32MiB")
+    d.add_argument("--prompt", default="Hello, fiddler!")
+    d.add_argument("--max-new-tokens", type=int, default=16)
+    d.add_argument("--device", default=None)
+    d.set_defaults(func=_cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fiddlerc.errors import FiddlerError
+
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="fiddlerc: %(message)s")
+    for noisy in ("transformers", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    try:
+        return args.func(args)
+    except FiddlerError as e:
+        print(f"fiddlerc: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fiddlerc: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

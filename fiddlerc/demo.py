@@ -1,0 +1,71 @@
+"""Small random-weight models written to disk the way a user's model folder looks.
+
+Used by `fiddlerc demo` and by the tests: a transformers config class, random weights,
+`save_pretrained`, and a byte-level tokenizer, so the whole path runs with no download.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from fiddlerc.capture import experts_child
+
+
+def byte_tokenizer():
+    """A byte-level tokenizer (256 byte tokens + <s> and </s>): any text round-trips."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    vocab["<s>"], vocab["</s>"] = len(vocab), len(vocab) + 1
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+
+
+def write_model(config, path: str | Path, *, seed: int = 0, router_scale: float = 1.0, tokenizer: bool = False) -> Path:
+    """Build a random-weight causal LM from `config`, save it with `save_pretrained`, return the folder.
+
+    `router_scale` multiplies every MoE router's weights, making routing decisive (top-k choices
+    far from ties), so tiny numeric differences cannot flip an expert choice in tests.
+    """
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for module in model.modules():
+            if experts_child(module) is not None and router_scale != 1.0:
+                gate = getattr(module, "gate", None)
+                if isinstance(gate, torch.nn.Module):
+                    gate.weight.mul_(router_scale)
+    path = Path(path)
+    model.save_pretrained(path)
+    if tokenizer:
+        byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def demo_config():
+    """A small Mixtral-shaped model: 4 layers, 8 experts top-2, about 55 MiB of fp32 weights."""
+    from transformers import MixtralConfig
+
+    return MixtralConfig(
+        vocab_size=258,
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        num_local_experts=8,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        bos_token_id=256,
+        eos_token_id=257,
+        pad_token_id=257,
+        tie_word_embeddings=False,
+    )

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from fiddlerc.capture import META_KEY, capture, moe_sites
+from fiddlerc.errors import UnsupportedModelError
+from fiddlerc.model_io import build_meta_model, load_config, open_model_folder
+from fiddlerc.options import CompileOptions
+from fiddlerc.passes.find_experts import find_experts
+from fiddlerc.pipeline import initial_plan
+
+
+def _find(path):
+    folder = open_model_folder(path)
+    model = build_meta_model(load_config(folder), torch.float32)
+    gm = capture(model)
+    options = CompileOptions(gpu_budget_bytes=2**30)
+    return gm, find_experts(gm, initial_plan(model, folder.config_json, torch.float32, options), options)
+
+
+def test_deepseek_v3_blocks(model_dirs):
+    gm, plan = _find(model_dirs("deepseek_v3"))
+    assert [ml.layer for ml in plan.moe_layers] == [1, 2]  # layer 0 is dense (first_k_dense_replace)
+    ml = plan.moe_layers[0]
+    assert (ml.num_experts, ml.top_k) == (8, 2)
+    assert ml.bytes_per_expert == 3 * 24 * 32 * 4
+    assert ml.shared_expert_bytes == 3 * 24 * 32 * 4  # one shared expert of the same width
+    sites = moe_sites(gm.graph)
+    assert [len(s.experts) for s in sites] == [8, 8]
+    assert all(n.meta[META_KEY]["bytes"] == ml.bytes_per_expert for n in sites[0].experts)
+
+
+def test_qwen2_moe_shared_expert_and_gate(model_dirs):
+    _, plan = _find(model_dirs("qwen2_moe"))
+    ml = plan.moe_layers[0]
+    assert ml.shared_expert_bytes == (3 * 40 * 32 + 32) * 4  # shared MLP + its sigmoid gate
+    assert ml.experts_module == "model.layers.0.mlp.experts"
+
+
+def test_dense_model_is_refused(model_dirs, tmp_path):
+    from fiddlerc.demo import write_model
+    from tests.conftest import tiny_config
+
+    path = write_model(tiny_config("llama"), tmp_path / "llama")
+    with pytest.raises(UnsupportedModelError, match="no mixture-of-experts blocks"):
+        _find(path)

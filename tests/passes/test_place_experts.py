@@ -1,0 +1,69 @@
+"""place_experts: Before (a plan with memory accounted) -> run -> Expected placement."""
+
+import pytest
+
+from fiddlerc.errors import BudgetError
+from fiddlerc.options import CompileOptions
+from fiddlerc.passes.place_experts import place_experts
+from fiddlerc.plan import Memory, ModelInfo, MoeLayer, Plan, Target, verify_plan
+
+
+class _NoGraph:
+    """place_experts annotates graph nodes; these tests look at the plan only."""
+
+    class graph:  # noqa: N801
+        nodes = ()
+
+
+def before(budget: int, dense: int = 400, kv: int = 100, experts: int = 4, layers=(0, 1), per_expert: int = 100) -> Plan:
+    return Plan(
+        model=ModelInfo("MixtralForCausalLM", "mixtral", "float32", 2, "0" * 64),
+        target=Target("cuda:0", budget, 64, 1, None),
+        moe_layers=tuple(MoeLayer(i, f"model.layers.{i}.mlp", f"model.layers.{i}.mlp.experts", experts, 2, per_expert, 0) for i in layers),
+        memory=Memory(budget, dense, kv),
+    )
+
+
+def run(plan: Plan, fast_experts=None) -> Plan:
+    out = place_experts(_NoGraph, plan, CompileOptions(gpu_budget_bytes=plan.target.budget_bytes, fast_experts=fast_experts))
+    verify_plan(out, complete=True)
+    return out
+
+
+def test_fills_budget_exactly():
+    plan = run(before(budget=400 + 100 + 300))  # room for exactly 3 experts
+    fast = [(e.layer, e.expert) for e in plan.experts if e.device == "cuda:0"]
+    assert fast == [(0, 0), (0, 1), (1, 0)]  # uniform use: round-robin over layers
+    assert plan.memory.expert_bytes == {"cuda:0": 300, "cpu": 500}
+    assert plan.memory.free_bytes == 0
+
+
+def test_one_byte_short_leaves_the_expert_on_cpu():
+    plan = run(before(budget=400 + 100 + 299))
+    assert sum(e.device == "cuda:0" for e in plan.experts) == 2
+    assert plan.memory.free_bytes == 99
+
+
+def test_all_and_none():
+    assert {e.device for e in run(before(budget=10_000)).experts} == {"cuda:0"}
+    assert {e.device for e in run(before(budget=500)).experts} == {"cpu"}
+
+
+def test_every_expert_has_a_reason():
+    plan = run(before(budget=700))
+    for e in plan.experts:
+        assert ("fits" in e.reason) == (e.device == "cuda:0")
+        assert "over budget" in e.reason or e.device == "cuda:0"
+
+
+def test_fast_experts_override():
+    plan = run(before(budget=10_000), fast_experts=1)
+    assert [(e.layer, e.expert) for e in plan.experts if e.device == "cuda:0"] == [(0, 0)]
+    assert all("--fast-experts 1" in e.reason for e in plan.experts)
+
+
+def test_fast_experts_checked_against_budget():
+    with pytest.raises(BudgetError, match="--fast-experts 4 needs"):
+        run(before(budget=400 + 100 + 300), fast_experts=4)
+    with pytest.raises(BudgetError, match="more experts than the model has"):
+        run(before(budget=10_000), fast_experts=9)

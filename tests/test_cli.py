@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from fiddlerc.cli import main
+
+
+@pytest.fixture(scope="module")
+def tiny_with_tokenizer(tmp_path_factory):
+    from fiddlerc.demo import write_model
+    from tests.conftest import tiny_config
+
+    cfg = tiny_config("mixtral")
+    cfg.vocab_size = 258
+    return write_model(cfg, tmp_path_factory.mktemp("cli") / "model", router_scale=8.0, tokenizer=True)
+
+
+def test_compile_report_run(tiny_with_tokenizer, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_with_tokenizer), "-o", str(out), "--gpu-memory", "1MiB", "--context", "64", "--fast-experts", "3"]) == 0
+    assert "3 of 8 experts on cuda:0" in capsys.readouterr().out
+    assert main(["report", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "dense weights" in text and "KV-cache reserve" in text and "3 of 8 experts on cuda:0" in text
+    assert main(["report", str(out), "--format", "json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert sum(e["device"] == "cuda:0" for e in data["experts"]) == 3
+    assert main(["run", str(out), "--prompt", "hi there", "--max-new-tokens", "5", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "tokens/s" in captured.err
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compile", "/nonexistent/model", "-o", "/tmp/x", "--gpu-memory", "1GiB"], "does not exist"),
+        (["compile", "MODEL", "-o", "OUT", "--gpu-memory", "lots"], "invalid size"),
+        (["compile", "MODEL", "-o", "OUT", "--gpu-memory", "1KiB"], "give at least"),
+        (["report", "/nonexistent/out"], "not a compiled folder"),
+    ],
+)
+def test_errors_exit_2_with_one_line(argv, message, tiny_with_tokenizer, tmp_path, capsys):
+    argv = [str(tiny_with_tokenizer) if a == "MODEL" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_demo_and_python_dash_m(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, "-m", "fiddlerc", "demo", "--dir", str(tmp_path / "demo"), "--max-new-tokens", "4"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "experts on cuda:0" in proc.stdout and "4 tokens in" in proc.stdout
+    assert (tmp_path / "demo" / "compiled" / "plan.json").is_file()
