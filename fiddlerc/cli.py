@@ -44,7 +44,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int | None) -> tuple[str, int, float]:
+def _generate_text(
+    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int | None
+) -> tuple[str, int, float]:
     import torch
 
     ids = torch.tensor([tokenizer.encode(prompt)])
@@ -59,7 +61,14 @@ def _generate_text(model, tokenizer, prompt: str, max_new_tokens: int, temperatu
         shown = text
 
     t0 = time.perf_counter()
-    model.generate(ids, max_new_tokens=max_new_tokens, do_sample=temperature > 0, temperature=temperature or 1.0, seed=seed, on_token=on_token)
+    model.generate(
+        ids,
+        max_new_tokens=max_new_tokens,
+        do_sample=temperature > 0,
+        temperature=temperature or 1.0,
+        seed=seed,
+        on_token=on_token,
+    )
     print()
     return shown, len(new), time.perf_counter() - t0
 
@@ -83,7 +92,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         tokenizer = _tokenizer(model.artifact.folder.path)
         _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
         stats = model.routing_stats()
-        print(f"[{n} tokens in {secs:.2f} s, {n / secs if secs else 0:.1f} tokens/s; fast-tier hit rate {stats['hit_rate']:.1%}]", file=sys.stderr)
+        print(
+            f"[{n} tokens in {secs:.2f} s, {n / secs if secs else 0:.1f} tokens/s; fast-tier hit rate {stats['hit_rate']:.1%}]",
+            file=sys.stderr,
+        )
     finally:
         model.close()
     return 0
@@ -108,14 +120,18 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         print(f"prompt: {args.prompt!r}\ncompletion (random weights, so gibberish): ", end="")
         _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, 0.0, None)
         stats = model.routing_stats()
-        print(f"{n} tokens in {secs:.2f} s; routed token-expert pairs: {stats['fast']} fast tier, {stats['cpu']} CPU worker")
+        print(
+            f"{n} tokens in {secs:.2f} s; routed token-expert pairs: {stats['fast']} fast tier, {stats['cpu']} CPU worker"
+        )
     finally:
         model.close()
     return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="fiddlerc", description="Compile Mixture-of-Experts models to run with experts split between GPU and CPU.")
+    p = argparse.ArgumentParser(
+        prog="fiddlerc", description="Compile Mixture-of-Experts models to run with experts split between GPU and CPU."
+    )
     p.add_argument("--version", action="version", version=f"fiddlerc {__version__}")
     p.add_argument("-v", "--verbose", action="store_true", help="log what each step does")
     sub = p.add_subparsers(dest="command", required=True)
@@ -123,11 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a Hugging Face MoE model folder")
     c.add_argument("model_dir")
     c.add_argument("-o", "--out", required=True, help="output folder")
-    c.add_argument("--gpu-memory", required=True, help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes")
-    c.add_argument("--fast-experts", type=int, default=None, metavar="N", help="put exactly the best N experts on the GPU")
-    c.add_argument("--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for (default 4096)")
+    c.add_argument(
+        "--gpu-memory", required=True, help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes"
+    )
+    c.add_argument(
+        "--fast-experts", type=int, default=None, metavar="N", help="put exactly the best N experts on the GPU"
+    )
+    c.add_argument(
+        "--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for (default 4096)"
+    )
     c.add_argument("--batch", type=int, default=1, help="sequences to reserve KV cache for (default 1)")
-    c.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None, help="compute dtype (default: the checkpoint's)")
+    c.add_argument(
+        "--dtype",
+        choices=["float32", "bfloat16", "float16"],
+        default=None,
+        help="compute dtype (default: the checkpoint's)",
+    )
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("report", help="show the placement of a compiled model and why")

@@ -14,9 +14,24 @@ def tiny_config(arch: str):
     """Tiny configs of the three foundation architectures (fp32, decisive routers set at write time)."""
     from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
 
-    common = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+    )
     if arch == "mixtral":
-        return MixtralConfig(**common, intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+        return MixtralConfig(
+            **common,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_key_value_heads=2,
+            num_local_experts=4,
+            num_experts_per_tok=2,
+        )
     if arch == "qwen2_moe":
         return Qwen2MoeConfig(
             **common, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,

@@ -19,7 +19,23 @@ def tiny_with_tokenizer(tmp_path_factory):
 
 def test_compile_report_run(tiny_with_tokenizer, tmp_path, capsys):
     out = tmp_path / "out"
-    assert main(["compile", str(tiny_with_tokenizer), "-o", str(out), "--gpu-memory", "1MiB", "--context", "64", "--fast-experts", "3"]) == 0
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_with_tokenizer),
+                "-o",
+                str(out),
+                "--gpu-memory",
+                "1MiB",
+                "--context",
+                "64",
+                "--fast-experts",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert "3 of 8 experts on cuda:0" in capsys.readouterr().out
     assert main(["report", str(out)]) == 0
     text = capsys.readouterr().out

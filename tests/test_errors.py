@@ -101,7 +101,9 @@ def test_budget_too_small(model_copy, tmp_path):
 
 
 def test_sharded_index_names_missing_shard(model_copy, tmp_path):
-    (model_copy / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}}))
+    (model_copy / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"a": "model-00002-of-00002.safetensors"}})
+    )
     with pytest.raises(ModelFolderError, match="model-00002-of-00002.safetensors.*missing"):
         fiddlerc.compile(model_copy, tmp_path / "out", gpu_memory="1GiB")
 

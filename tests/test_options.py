@@ -6,7 +6,15 @@ from fiddlerc.options import CompileOptions, parse_size
 
 @pytest.mark.parametrize(
     "text, expected",
-    [("24GiB", 24 * 2**30), ("512MiB", 512 * 2**20), ("24GB", 24 * 10**9), ("1000", 1000), ("1.5GiB", 3 * 2**29), ("0", 0), ("2 kib", 2048)],
+    [
+        ("24GiB", 24 * 2**30),
+        ("512MiB", 512 * 2**20),
+        ("24GB", 24 * 10**9),
+        ("1000", 1000),
+        ("1.5GiB", 3 * 2**29),
+        ("0", 0),
+        ("2 kib", 2048),
+    ],
 )
 def test_parse_size(text, expected):
     assert parse_size(text) == expected

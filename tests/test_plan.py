@@ -17,7 +17,15 @@ from fiddlerc.plan import (
 
 
 def small_plan(devices=("cuda:0", "cpu", "cpu", "cuda:0")) -> Plan:
-    layer = MoeLayer(layer=1, block="model.layers.1.mlp", experts_module="model.layers.1.mlp.experts", num_experts=4, top_k=2, bytes_per_expert=100, shared_expert_bytes=0)
+    layer = MoeLayer(
+        layer=1,
+        block="model.layers.1.mlp",
+        experts_module="model.layers.1.mlp.experts",
+        num_experts=4,
+        top_k=2,
+        bytes_per_expert=100,
+        shared_expert_bytes=0,
+    )
     experts = tuple(ExpertPlacement(1, e, d, 100, 0.5, f"rank {e}") for e, d in enumerate(devices))
     sums = {}
     for e in experts:

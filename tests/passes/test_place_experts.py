@@ -15,17 +15,24 @@ class _NoGraph:
         nodes = ()
 
 
-def before(budget: int, dense: int = 400, kv: int = 100, experts: int = 4, layers=(0, 1), per_expert: int = 100) -> Plan:
+def before(
+    budget: int, dense: int = 400, kv: int = 100, experts: int = 4, layers=(0, 1), per_expert: int = 100
+) -> Plan:
     return Plan(
         model=ModelInfo("MixtralForCausalLM", "mixtral", "float32", 2, "0" * 64),
         target=Target("cuda:0", budget, 64, 1, None),
-        moe_layers=tuple(MoeLayer(i, f"model.layers.{i}.mlp", f"model.layers.{i}.mlp.experts", experts, 2, per_expert, 0) for i in layers),
+        moe_layers=tuple(
+            MoeLayer(i, f"model.layers.{i}.mlp", f"model.layers.{i}.mlp.experts", experts, 2, per_expert, 0)
+            for i in layers
+        ),
         memory=Memory(budget, dense, kv),
     )
 
 
 def run(plan: Plan, fast_experts=None) -> Plan:
-    out = place_experts(_NoGraph, plan, CompileOptions(gpu_budget_bytes=plan.target.budget_bytes, fast_experts=fast_experts))
+    out = place_experts(
+        _NoGraph, plan, CompileOptions(gpu_budget_bytes=plan.target.budget_bytes, fast_experts=fast_experts)
+    )
     verify_plan(out, complete=True)
     return out
 
