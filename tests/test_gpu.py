@@ -1,0 +1,39 @@
+"""GPU checks: the same compiled models on a real CUDA device (skipped without one)."""
+
+import pytest
+import torch
+
+import fiddlerc
+from tests.conftest import ARCHS, VOCAB
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp_path):
+    src = model_dirs(arch)
+    probe = fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64)
+    half = len(probe.plan.experts) // 2
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=half)
+    ref = hf_model(src)
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=g)
+    mask = torch.ones_like(ids)
+    ids[1, :3], mask[1, :3] = 0, 0
+    with fiddlerc.load(tmp_path / "out", device="cuda:0") as model:
+        assert model.device.type == "cuda"
+        for ml in model.plan.moe_layers:
+            placed = model.hf_model.get_submodule(ml.experts_module)
+            for w, dev in zip(placed.weights, model.plan.placement(ml.layer), strict=True):
+                assert w.gate.device.type == ("cpu" if dev == "cpu" else "cuda")
+        assert model.hf_model.lm_head.weight.device.type == "cuda"
+        with torch.no_grad():
+            want = ref(input_ids=ids).logits
+        got = model(ids)
+        assert got.device.type == "cuda"
+        torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
+        want_ids = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+        got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=16, ignore_eos=True)
+        assert torch.equal(got_ids.cpu(), want_ids)
+        stats = model.routing_stats()
+        assert stats["fast"] > 0 and stats["cpu"] > 0
