@@ -115,7 +115,7 @@ def main() -> None:
         ours.append(run_ours())
         hf.append(run_hf())
     same = torch.equal(
-        model.generate(ids, max_new_tokens=16, ignore_eos=True),
+        model.generate(ids, max_new_tokens=16, ignore_eos=True).cpu(),
         ref.generate(ids.to(args.device), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0).cpu(),
     )
     model.close()
