@@ -40,22 +40,40 @@ def bench_config():
     )
 
 
-def _load_child(out: str, device: str, threads: int) -> None:
-    """Runs in a fresh process: time load() and measure peak RSS while loading."""
-    import resource
+def _peak_rss_bytes() -> int:
+    """This process's peak resident set (VmHWM). Unlike ru_maxrss it is not inherited across fork+exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
 
+
+def _load_child(what: str, path: str, device: str, threads: int) -> None:
+    """Runs in a fresh process: time one load (fiddlerc or Hugging Face) and its peak RSS."""
     import psutil
 
     torch.set_num_threads(threads)
+    import transformers  # noqa: F401  (import cost is not load cost)
+
     import fiddlerc
 
     base = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
-    model = fiddlerc.load(out, device=device, num_threads=threads)
+    if what == "fiddlerc":
+        model = fiddlerc.load(path, device=device, num_threads=threads)
+    else:
+        model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     load_s = time.perf_counter() - t0
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"load_s": load_s, "rss_before": base, "peak_rss": peak, "rss_after": psutil.Process().memory_info().rss}))
-    model.close()
+    print(json.dumps({"load_s": load_s, "rss_before": base, "peak_rss": _peak_rss_bytes(), "rss_after": psutil.Process().memory_info().rss}))
+    del model
+
+
+def _measure_load(what: str, path: Path, device: str, threads: int) -> dict:
+    child = subprocess.run(
+        [sys.executable, str(HERE), "--child", what, str(path), device, "--threads", str(threads)],
+        check=True, capture_output=True, text=True,
+    )  # fmt: skip
+    return json.loads(child.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -66,10 +84,10 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=32)
     ap.add_argument("--new", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
-        _load_child(args.child[0], args.child[1], args.threads)
+        _load_child(args.child[0], args.child[1], args.child[2], args.threads)
         return
 
     import fiddlerc
@@ -86,11 +104,8 @@ def main() -> None:
     art = fiddlerc.compile(model_dir, out, gpu_memory="100GiB", context=256, fast_experts=32)  # half of 64 experts
     compile_s = time.perf_counter() - t0
 
-    child = subprocess.run(
-        [sys.executable, str(HERE), "--child", str(out), args.device, "--threads", str(args.threads)],
-        check=True, capture_output=True, text=True,
-    )  # fmt: skip
-    load = json.loads(child.stdout.strip().splitlines()[-1])
+    load = _measure_load("fiddlerc", out, args.device, args.threads)
+    hf_load = _measure_load("hf", model_dir, args.device, args.threads)
 
     from transformers import AutoModelForCausalLM
 
@@ -125,8 +140,10 @@ def main() -> None:
     print(f"machine: {torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}")
     print(f"model: {weight_bytes / 1e9:.2f} GB fp32 safetensors; {n_fast}/{len(art.plan.experts)} experts on the fast tier")
     print(f"compile: {compile_s:.2f} s")
-    print(f"load: {load['load_s']:.2f} s; peak RSS {load['peak_rss'] / 1e9:.2f} GB ({load['peak_rss'] / weight_bytes:.2f}x weights), "
-          f"before load {load['rss_before'] / 1e9:.2f} GB, after {load['rss_after'] / 1e9:.2f} GB")  # fmt: skip
+    for name, m in (("fiddlerc.load", load), ("HF from_pretrained", hf_load)):
+        grown = m["peak_rss"] - m["rss_before"]
+        print(f"{name}: {m['load_s']:.2f} s; peak RSS {m['peak_rss'] / 1e9:.2f} GB, of which {grown / 1e9:.2f} GB "
+              f"({grown / weight_bytes:.2f}x weights) during load; after load {m['rss_after'] / 1e9:.2f} GB")  # fmt: skip
     print(f"decode ({args.prompt} prompt + {args.new} new, median of {args.rounds}): fiddlerc {tps_ours:.1f} tok/s, "
           f"HF generate {tps_hf:.1f} tok/s, ratio {tps_ours / tps_hf:.2f}x; greedy tokens equal: {same}")  # fmt: skip
 
