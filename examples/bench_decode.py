@@ -64,7 +64,16 @@ def _load_child(what: str, path: str, device: str, threads: int) -> None:
     else:
         model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device)
     load_s = time.perf_counter() - t0
-    print(json.dumps({"load_s": load_s, "rss_before": base, "peak_rss": _peak_rss_bytes(), "rss_after": psutil.Process().memory_info().rss}))
+    print(
+        json.dumps(
+            {
+                "load_s": load_s,
+                "rss_before": base,
+                "peak_rss": _peak_rss_bytes(),
+                "rss_after": psutil.Process().memory_info().rss,
+            }
+        )
+    )
     del model
 
 
@@ -121,7 +130,9 @@ def main() -> None:
     def run_hf() -> float:
         t = time.perf_counter()
         with torch.no_grad():
-            ref.generate(ids.to(args.device), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0)
+            ref.generate(
+                ids.to(args.device), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0
+            )
         return time.perf_counter() - t
 
     run_ours(), run_hf()  # warm up
@@ -138,7 +149,9 @@ def main() -> None:
     tps_ours, tps_hf = args.new / statistics.median(ours), args.new / statistics.median(hf)
     n_fast = sum(e.device != "cpu" for e in art.plan.experts)
     print(f"machine: {torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}")
-    print(f"model: {weight_bytes / 1e9:.2f} GB fp32 safetensors; {n_fast}/{len(art.plan.experts)} experts on the fast tier")
+    print(
+        f"model: {weight_bytes / 1e9:.2f} GB fp32 safetensors; {n_fast}/{len(art.plan.experts)} experts on the fast tier"
+    )
     print(f"compile: {compile_s:.2f} s")
     for name, m in (("fiddlerc.load", load), ("HF from_pretrained", hf_load)):
         grown = m["peak_rss"] - m["rss_before"]

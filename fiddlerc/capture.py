@@ -86,6 +86,7 @@ class CaptureRoot(nn.Module):
 
 class _LeafTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True  # buffers (rotary tables) become get_attr nodes, never baked-in constants
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
             experts_child(m) is not None

@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -234,11 +235,12 @@ class CompiledModel:
         self.device = device
         self.config = meta_model.config
         self._worker = CpuWorker(num_threads)
+        self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
         try:
             self._placed = bind_weights(meta_model, artifact.folder, self.plan, device, self._worker)
         except BaseException:
-            self._worker.close()
+            self._finalizer()
             raise
         self.hf_model = meta_model
         module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
@@ -321,7 +323,8 @@ class CompiledModel:
         return {"layers": layers, "fast": fast, "cpu": cpu, "hit_rate": fast / (fast + cpu) if fast + cpu else 0.0}
 
     def close(self) -> None:
-        self._worker.close()
+        """Stop the CPU worker thread (also done when the model is garbage-collected)."""
+        self._finalizer()
 
     def __enter__(self) -> CompiledModel:
         return self

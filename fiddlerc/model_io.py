@@ -167,10 +167,10 @@ def load_config(folder: ModelFolder):
         log.warning(
             "config.json asks for remote code (auto_map); fiddlerc ignores it and uses the built-in %s", model_type
         )
-    fields = {k: v for k, v in folder.config_json.items() if k not in ("auto_map", "model_type")}
+    fields = {k: v for k, v in folder.config_json.items() if k != "auto_map"}
     try:
-        config = CONFIG_MAPPING[model_type](**fields)
-    except (TypeError, ValueError) as e:
+        config = CONFIG_MAPPING[model_type].from_dict(fields)
+    except (TypeError, ValueError, KeyError, AttributeError) as e:
         raise ModelFolderError(f"{folder.path}/config.json does not describe a valid {model_type} model: {e}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(

@@ -32,7 +32,9 @@ def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp
         got = model(ids)
         assert got.device.type == "cuda"
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
-        want_ids = ref.generate(input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0)
+        want_ids = ref.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
+        )
         got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=16, ignore_eos=True)
         assert torch.equal(got_ids.cpu(), want_ids)
         stats = model.routing_stats()

@@ -14,6 +14,7 @@ and gating stay Hugging Face's code). Per call:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -68,20 +69,16 @@ class PlacedExperts(nn.Module):
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        num_tokens, k = top_k_index.shape
+        k = top_k_index.shape[1]
         # [T*k] flat routing on the host: the one synchronisation of this layer.
         flat = top_k_index.reshape(-1).to("cpu")
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
-        hit = [e for e in range(self.num_experts) if counts[e]]
-        starts = {}
-        pos = 0
-        for e in range(self.num_experts):
-            starts[e] = pos
-            pos += counts[e]
+        hit = [e for e, c in enumerate(counts) if c]
+        starts = [0, *accumulate(counts)]
 
         def rows(e: int) -> tuple[torch.Tensor, torch.Tensor]:
-            sel = order[starts[e] : starts[e] + counts[e]]
+            sel = order[starts[e] : starts[e + 1]]
             return sel // k, sel % k  # token index, top-k slot
 
         cpu_hit = [e for e in hit if self.on_cpu[e]]

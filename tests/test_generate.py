@@ -1,0 +1,90 @@
+"""Generation beyond greedy: sampling, EOS, dtypes, and the CPU worker's failure path."""
+
+import threading
+
+import pytest
+import torch
+
+import fiddlerc
+from tests.conftest import VOCAB
+
+
+@pytest.fixture(scope="module")
+def model(model_dirs, tmp_path_factory):
+    out = tmp_path_factory.mktemp("gen") / "out"
+    fiddlerc.compile(model_dirs("mixtral"), out, gpu_memory="1GiB", context=64, fast_experts=4)
+    m = fiddlerc.load(out, device="cpu")
+    yield m
+    m.close()
+
+
+def _ids(batch=1, length=8, seed=0):
+    return torch.randint(3, VOCAB, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+def test_sampling_is_reproducible_with_a_seed(model):
+    ids = _ids()
+    a = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, seed=7, ignore_eos=True)
+    b = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, seed=7, ignore_eos=True)
+    c = model.generate(ids, max_new_tokens=12, do_sample=True, temperature=1.5, seed=8, ignore_eos=True)
+    greedy = model.generate(ids, max_new_tokens=12, ignore_eos=True)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c) or not torch.equal(a, greedy)
+
+
+def test_tiny_top_p_and_zero_temperature_are_greedy(model):
+    ids = _ids(seed=3)
+    greedy = model.generate(ids, max_new_tokens=10, ignore_eos=True)
+    assert torch.equal(
+        model.generate(ids, max_new_tokens=10, do_sample=True, top_p=1e-6, seed=1, ignore_eos=True), greedy
+    )
+    assert torch.equal(model.generate(ids, max_new_tokens=10, do_sample=True, temperature=0, ignore_eos=True), greedy)
+
+
+def test_stops_at_eos_and_pads_finished_rows(model):
+    ids = _ids(batch=2, seed=4)
+    free = model.generate(ids, max_new_tokens=10, ignore_eos=True)
+    eos = int(free[0, ids.shape[1] + 2])  # row 0 emits this as its third new token
+    out = model.generate(ids, max_new_tokens=10, eos_token_id=eos)
+    row0 = out[0, ids.shape[1] :].tolist()
+    first = row0.index(eos)
+    assert first <= 2
+    assert all(t == model.pad_token_id for t in row0[first + 1 :])
+    if eos not in free[1, ids.shape[1] :].tolist():  # the other row runs to the end
+        assert out.shape[1] == ids.shape[1] + 10
+        assert torch.equal(out[1], free[1])
+
+
+def test_bfloat16_compile_matches_hugging_face_bfloat16(model_dirs, hf_model, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = model_dirs("qwen2_moe")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=3, dtype="bfloat16")
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).eval()
+    ref32 = hf_model(src)
+    ids = _ids(batch=2, length=10)
+    with fiddlerc.load(tmp_path / "out", device="cpu") as m, torch.no_grad():
+        got = m(ids)
+        assert got.dtype == torch.bfloat16
+        want = ref(input_ids=ids).logits
+        exact = ref32(input_ids=ids).logits
+    # teacher-forced logits within bf16 rounding of HF's bf16 model, and both near fp32
+    torch.testing.assert_close(got.float(), want.float(), rtol=0.02, atol=0.05)
+    assert (got.float() - exact).abs().max() < 0.1
+
+
+def test_worker_exception_reaches_the_caller(model_dirs, tmp_path):
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=0)
+    before = set(threading.enumerate())
+    m = fiddlerc.load(tmp_path / "out", device="cpu")
+    placed = m.hf_model.model.layers[0].mlp.experts
+    good = placed.weights[1].down
+    for w in placed.weights:  # every expert is on the CPU worker; break them all
+        w.down = w.down[:, :-1]
+    with pytest.raises(RuntimeError) as info:
+        m(_ids())
+    assert "mat" in str(info.value) or "shape" in str(info.value)
+    assert any("_run_cpu" in str(tb.name) for tb in info.traceback)  # the worker's frames travel with it
+    assert good.shape[1] == placed.weights[1].down.shape[1] + 1
+    m.close()
+    assert set(threading.enumerate()) <= before  # the worker thread is gone
