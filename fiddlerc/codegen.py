@@ -112,7 +112,7 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         value = code.globals[name]
         if name == "__builtins__" or getattr(builtins, name, None) is value:
             continue
-        if name in _FIXED_GLOBALS and _FIXED_GLOBALS[name] is not value and name not in ("fx_pytree", "pytree"):
+        if name in _FIXED_GLOBALS and _FIXED_GLOBALS[name] is not value:
             raise UnsupportedModelError(f"generated code uses an unexpected global {name}={value!r}")
         imports.append(_import_line(name, value))
     imports = sorted(set(imports), key=lambda s: (not s.startswith("import"), s))

@@ -6,6 +6,7 @@ plan; weights are memory-mapped from the model folder and bound where the plan p
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -162,6 +163,10 @@ def bind_weights(
             converted[(key, device)] = reader.get(key).to(device=device, dtype=want)
         return converted[(key, device)]
 
+    @functools.cache
+    def fused(key: str) -> torch.Tensor:  # one memory map per fused [E, ...] tensor
+        return reader.get(key)
+
     expert_modules = {ml.experts_module for ml in plan.moe_layers}
     buffers = dict(model.named_buffers())
     for name, src in sources.items():
@@ -183,11 +188,11 @@ def bind_weights(
         for e, dev in enumerate(plan.placement(ml.layer)):
             where = torch.device(CPU) if dev == CPU else fast
             if isinstance(gate_up, DirectSource):  # fused on disk: views of expert e's slice
-                gu = reader.get(gate_up.key)[e]
+                gu = fused(gate_up.key)[e]
                 g, u = gu[:inter], gu[inter:]
             else:
                 g, u = reader.get(gate_up.keys[e][0]), reader.get(gate_up.keys[e][1])
-            d = reader.get(down.key)[e] if isinstance(down, DirectSource) else reader.get(down.keys[e][0])
+            d = fused(down.key)[e] if isinstance(down, DirectSource) else reader.get(down.keys[e][0])
             weights.append(ExpertWeights(*(t.to(device=where, dtype=dtype) for t in (g, u, d))))
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
         module = PlacedExperts(weights, on_cpu, old.act_fn, fast, worker, ml.layer)

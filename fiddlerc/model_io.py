@@ -268,13 +268,15 @@ def _transformers_conversions(model: nn.Module):
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    for c in converters:
-        ops = [type(op) for op in c.operations]
-        if ops not in ([MergeModulelist], [MergeModulelist, Concatenate]) or any(
-            getattr(op, "dim", 0) != (0 if isinstance(op, MergeModulelist) else 1) for op in c.operations
-        ):
-            c._fiddlerc_unsupported = True  # refused only if a checkpoint key actually uses it
-    return renamings, converters, rename_source_key
+
+    def understood(c) -> bool:  # stack experts along dim 0, optionally concatenate parts along dim 1
+        ops = c.operations
+        if [type(op) for op in ops] not in ([MergeModulelist], [MergeModulelist, Concatenate]):
+            return False
+        return ops[0].dim == 0 and (len(ops) == 1 or ops[1].dim == 1)
+
+    unsupported = {id(c) for c in converters if not understood(c)}
+    return renamings, converters, unsupported, rename_source_key
 
 
 _EXPERT_INDEX_RE = re.compile(r"\.(\d+)\.")
@@ -286,7 +288,7 @@ def resolve_sources(model: nn.Module, folder: ModelFolder) -> dict[str, Source]:
     Uses transformers' conversion rules, so checkpoints with per-expert keys
     (`experts.0.w1.weight`) and fused ones (`experts.gate_up_proj`) both resolve.
     """
-    renamings, converters, rename = _transformers_conversions(model)
+    renamings, converters, unsupported, rename = _transformers_conversions(model)
     meta_state = dict(model.state_dict())
     prefix = getattr(model, "base_model_prefix", None)
     direct: dict[str, str] = {}
@@ -297,7 +299,7 @@ def resolve_sources(model: nn.Module, folder: ModelFolder) -> dict[str, Source]:
             direct.setdefault(target, key)
             continue
         conv = next(c for c in converters if pattern in c.source_patterns)
-        if getattr(conv, "_fiddlerc_unsupported", False):
+        if id(conv) in unsupported:
             raise UnsupportedModelError(
                 f"checkpoint key {key!r} needs a weight conversion fiddlerc does not support yet ({conv!r})"
             )

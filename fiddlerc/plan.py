@@ -120,7 +120,7 @@ def plan_to_dict(plan: Plan) -> dict:
 
 
 def plan_to_json(plan: Plan) -> str:
-    """Deterministic text: fixed key order, no floats in exponent form surprises, trailing newline."""
+    """Deterministic text: dataclass field order, ASCII only, no NaN/inf, trailing newline."""
     return json.dumps(plan_to_dict(plan), indent=1, sort_keys=False, ensure_ascii=True, allow_nan=False) + "\n"
 
 

@@ -111,3 +111,28 @@ def test_perturbed_cpu_expert_changes_logits(model_dirs, hf_model, tmp_path):
             w.down.add_(torch.randn_like(w.down) * 0.5)
         after = model(ids)
     assert not torch.allclose(before, after, atol=1e-3)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])
+def test_fused_expert_keys_on_disk(arch, model_dirs, hf_model, tmp_path):
+    """Checkpoints in transformers 5's own fused layout (experts.gate_up_proj [E, 2I, H]) load too."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    src = model_dirs(arch)
+    ref = hf_model(src)
+    fused = tmp_path / "fused"
+    fused.mkdir()
+    shutil.copy(src / "config.json", fused / "config.json")
+    state = {
+        k: v.contiguous()
+        for k, v in ref.state_dict().items()
+        if k != "lm_head.weight" or not ref.config.tie_word_embeddings
+    }
+    assert any(k.endswith("experts.gate_up_proj") for k in state)
+    save_file(state, fused / "model.safetensors", metadata={"format": "pt"})
+    fiddlerc.compile(fused, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=3)
+    ids, _ = _prompts(2)
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model, torch.no_grad():
+        torch.testing.assert_close(model(ids), ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

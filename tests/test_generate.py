@@ -88,3 +88,13 @@ def test_worker_exception_reaches_the_caller(model_dirs, tmp_path):
     assert good.shape[1] == placed.weights[1].down.shape[1] + 1
     m.close()
     assert set(threading.enumerate()) <= before  # the worker thread is gone
+
+
+def test_load_without_cuda_warns_and_runs_on_cpu(model_dirs, tmp_path, caplog):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    with caplog.at_level("WARNING"), fiddlerc.load(tmp_path / "out") as m:
+        assert m.device.type == "cpu"
+        assert m.plan.target.device == "cuda:0"  # the plan keeps its target
+    assert "no CUDA device" in caplog.text
