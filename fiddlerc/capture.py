@@ -18,6 +18,7 @@ the trio back into one call of the block, whose experts child is then a placed-e
 
 from __future__ import annotations
 
+import functools
 import inspect
 import sys
 from dataclasses import dataclass
@@ -53,9 +54,26 @@ def experts_child(module: nn.Module) -> str | None:
     return None
 
 
-def is_attention_module(module: nn.Module) -> bool:
-    cls = type(module)
-    return "Attention" in cls.__name__ and not cls.__module__.startswith("torch.")
+_CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "cache_params", "layer_past")
+
+
+@functools.cache
+def _takes_cache(cls: type) -> bool:
+    try:
+        params = inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
+    return any(name in params for name in _CACHE_ARGS)
+
+
+def is_token_mixer(module: nn.Module) -> bool:
+    """Attention, linear attention, state-space mixers: the innermost modules that read the KV cache.
+
+    They stay opaque in the graph (their cache updates and kernels are Hugging Face's own).
+    """
+    if not _takes_cache(type(module)) or hasattr(module, "config") and hasattr(module, "base_model_prefix"):
+        return False
+    return not any(_takes_cache(type(m)) for m in module.modules() if m is not module)
 
 
 def cache_keyword(model: nn.Module) -> str:
@@ -86,18 +104,21 @@ class CaptureRoot(nn.Module):
 
 class _LeafTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True  # buffers (rotary tables) become get_attr nodes, never baked-in constants
+    tensor_attributes: dict[int, str] = {}
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
         return (
             experts_child(m) is not None
             or is_experts_module(m)
-            or is_attention_module(m)
+            or is_token_mixer(m)
             or super().is_leaf_module(m, qualname)
         )
 
     def create_arg(self, a):
         from transformers import PretrainedConfig
 
+        if isinstance(a, torch.Tensor) and id(a) in self.tensor_attributes:
+            return self.create_node("get_attr", self.tensor_attributes[id(a)], (), {})
         if isinstance(a, PretrainedConfig):  # keep the object: an inline rebuild loses private fields
             if getattr(self.root, "_cfg", None) is not a:
                 if hasattr(self.root, "_cfg"):
@@ -124,6 +145,12 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     _wrap_mask_helpers(model)
     root = CaptureRoot(model)
     tracer = _LeafTracer()
+    tracer.tensor_attributes = {  # plain tensor attributes (e.g. PhiMoE's rotary table), by path
+        id(v): f"m.{path}.{name}" if path else f"m.{name}"
+        for path, mod in model.named_modules()
+        for name, v in vars(mod).items()
+        if isinstance(v, torch.Tensor) and name not in mod._parameters and name not in mod._buffers
+    }
     try:
         graph = tracer.trace(root)
     except Exception as e:  # fx raises many types; all mean the same to the user
@@ -237,26 +264,20 @@ def capture(model: nn.Module) -> torch.fx.GraphModule:
 def experts_layout_problem(module: nn.Module) -> str | None:
     """Why the placed-experts runtime cannot run this experts module yet, or None if it can.
 
-    Supported today: the default layout of transformers' experts interface (gate and up
-    concatenated in `gate_up_proj [E, 2I, H]`, `down_proj [E, H, I]`, no biases, act(gate) * up).
+    Supported: every layout of transformers' experts interface that its flags describe
+    (gate/up concatenated or interleaved, transposed, biases, no gate, any `_apply_gate`), except
+    a post-expert norm.
     """
-    try:
-        from transformers.integrations.moe import _default_apply_gate
-    except ImportError:  # pragma: no cover - depends on the installed transformers
-        _default_apply_gate = None
-    wanted = {
-        "has_gate": True,
-        "has_bias": False,
-        "is_transposed": False,
-        "is_concatenated": True,
-        "has_post_expert_norm": False,
-    }
-    for flag, value in wanted.items():
-        if getattr(module, flag, value) != value:
-            return f"{flag}={not value}"
-    if "gate_up_proj" not in module._parameters:
-        return "no gate_up_proj"
-    apply_gate = getattr(type(module), "_apply_gate", _default_apply_gate)
-    if apply_gate is not _default_apply_gate:
-        return "a custom gate function"
+    if getattr(module, "has_post_expert_norm", False):
+        return "has_post_expert_norm=True"
+    names = set(module._parameters)
+    wanted = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
+    if wanted not in names:
+        return f"no {wanted} parameter"
+    if (
+        getattr(module, "has_gate", True)
+        and getattr(module, "act_fn", None) is None
+        and getattr(type(module), "_apply_gate", None) is None
+    ):
+        return "no activation function"
     return None

@@ -106,6 +106,12 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
             if fact.get("device") != plan.placement(site.layer)[fact["expert"]]:
                 raise PlanError(f"graph and plan disagree on {node.name}: annotate the graph from the plan first")
     graph = _fold_moe_calls(gm)
+    for node in graph.nodes:
+        if node.op == "get_attr" and not node.target.startswith(("m.", "_cfg")):
+            raise UnsupportedModelError(
+                f"the captured graph holds a tensor constant ({node.target}) that is not a model attribute; "
+                "fiddlerc cannot regenerate it from the plan, so this architecture is not supported yet"
+            )
     code = graph.python_code(root_module="self")
     imports = []
     for name in sorted(code.globals):

@@ -40,9 +40,11 @@ def write_model(config, path: str | Path, *, seed: int = 0, router_scale: float 
     with torch.no_grad():
         for module in model.modules():
             if experts_child(module) is not None and router_scale != 1.0:
-                gate = getattr(module, "gate", None)
+                gate = getattr(module, "gate", None) or getattr(module, "router", None)
                 if isinstance(gate, torch.nn.Module):
-                    gate.weight.mul_(router_scale)
+                    for p in gate.parameters():
+                        if p.ndim == 2:  # the routing matrix, whatever the family calls it
+                            p.mul_(router_scale)
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer:

@@ -34,7 +34,7 @@ from fiddlerc.model_io import (
 from fiddlerc.options import parse_dtype
 from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
-from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts
+from fiddlerc.runtime.experts import ExpertMath, ExpertWeights, PlacedExperts
 from fiddlerc.runtime.generate import generate as _generate
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -182,20 +182,15 @@ def bind_weights(
     placed = []
     for ml in plan.moe_layers:
         old = model.get_submodule(ml.experts_module)
-        inter = old.down_proj.shape[-1]
-        gate_up, down = sources[f"{ml.experts_module}.gate_up_proj"], sources[f"{ml.experts_module}.down_proj"]
-        weights = []
-        for e, dev in enumerate(plan.placement(ml.layer)):
-            where = torch.device(CPU) if dev == CPU else fast
-            if isinstance(gate_up, DirectSource):  # fused on disk: views of expert e's slice
-                gu = fused(gate_up.key)[e]
-                g, u = gu[:inter], gu[inter:]
-            else:
-                g, u = reader.get(gate_up.keys[e][0]), reader.get(gate_up.keys[e][1])
-            d = fused(down.key)[e] if isinstance(down, DirectSource) else reader.get(down.keys[e][0])
-            weights.append(ExpertWeights(*(t.to(device=where, dtype=dtype) for t in (g, u, d))))
+        math = ExpertMath.of(old)
+        weights = [
+            _expert_weights(old, ml.experts_module, e, sources, fused, reader, math.split_gate).to(
+                torch.device(CPU) if dev == CPU else fast, dtype
+            )
+            for e, dev in enumerate(plan.placement(ml.layer))
+        ]
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
-        module = PlacedExperts(weights, on_cpu, old.act_fn, fast, worker, ml.layer)
+        module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer)
         parent_path, _, child = ml.experts_module.rpartition(".")
         setattr(model.get_submodule(parent_path), child, module)
         placed.append(module)
@@ -206,6 +201,29 @@ def bind_weights(
             f"weights {leftover[:3]} were not bound: the model folder does not match the plan; recompile"
         )
     return placed
+
+
+def _expert_weights(experts: nn.Module, path: str, e: int, sources, fused, reader, split_gate: bool) -> ExpertWeights:
+    """Expert e's weights as views of the checkpoint (fused [E, ...] tensors or per-expert keys)."""
+    transposed = getattr(experts, "is_transposed", False)
+
+    def parts(name: str) -> tuple[torch.Tensor, ...] | None:
+        src = sources.get(f"{path}.{name}")
+        if src is None:
+            return None
+        if isinstance(src, DirectSource):  # fused on disk: a view of expert e's slice
+            t = fused(src.key)[e]
+            return (t.t() if transposed and t.ndim == 2 else t,)
+        return tuple(reader.get(k) for k in src.keys[e])
+
+    in_name = "gate_up_proj" if "gate_up_proj" in experts._parameters else "up_proj"
+    w_in, b_in = parts(in_name), parts(f"{in_name}_bias")
+    if split_gate and len(w_in) == 1:  # [2I, H] -> gate [I, H], up [I, H] (views)
+        w_in = tuple(w_in[0].chunk(2, dim=0))
+        b_in = tuple(b_in[0].chunk(2, dim=0)) if b_in else None
+    (w_out,) = parts("down_proj")
+    b_out = parts("down_proj_bias")
+    return ExpertWeights(w_in, b_in, w_out, b_out[0] if b_out else None)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

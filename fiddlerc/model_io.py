@@ -214,7 +214,13 @@ def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
 
     try:
         with _parameters_on_meta():
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            try:
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+            except ValueError as e:
+                if "scaled_dot_product_attention" not in str(e):
+                    raise
+                # as from_pretrained does: eager attention where SDPA is not supported (e.g. GPT-OSS)
+                model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="eager")
     except ValueError as e:
         raise UnsupportedModelError(
             f"{config.model_type} is not a causal language model transformers can build: {e}"

@@ -108,7 +108,7 @@ def test_perturbed_cpu_expert_changes_logits(model_dirs, hf_model, tmp_path):
         before = model(ids)
         placed = model.hf_model.model.layers[1].mlp.experts
         for w in placed.weights:
-            w.down.add_(torch.randn_like(w.down) * 0.5)
+            w.w_out.add_(torch.randn_like(w.w_out) * 0.5)
         after = model(ids)
     assert not torch.allclose(before, after, atol=1e-3)
 

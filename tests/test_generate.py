@@ -78,14 +78,14 @@ def test_worker_exception_reaches_the_caller(model_dirs, tmp_path):
     before = set(threading.enumerate())
     m = fiddlerc.load(tmp_path / "out", device="cpu")
     placed = m.hf_model.model.layers[0].mlp.experts
-    good = placed.weights[1].down
+    good = placed.weights[1].w_out
     for w in placed.weights:  # every expert is on the CPU worker; break them all
-        w.down = w.down[:, :-1]
+        w.w_out = w.w_out[:, :-1]
     with pytest.raises(RuntimeError) as info:
         m(_ids())
     assert "mat" in str(info.value) or "shape" in str(info.value)
     assert any("_run_cpu" in str(tb.name) for tb in info.traceback)  # the worker's frames travel with it
-    assert good.shape[1] == placed.weights[1].down.shape[1] + 1
+    assert good.shape[1] == placed.weights[1].w_out.shape[1] + 1
     m.close()
     assert set(threading.enumerate()) <= before  # the worker thread is gone
 

@@ -25,7 +25,7 @@ def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp
         for ml in model.plan.moe_layers:
             placed = model.hf_model.get_submodule(ml.experts_module)
             for w, dev in zip(placed.weights, model.plan.placement(ml.layer), strict=True):
-                assert w.gate.device.type == ("cpu" if dev == "cpu" else "cuda")
+                assert w.w_out.device.type == ("cpu" if dev == "cpu" else "cuda")
         assert model.hf_model.lm_head.weight.device.type == "cuda"
         with torch.no_grad():
             want = ref(input_ids=ids).logits

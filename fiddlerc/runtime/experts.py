@@ -13,6 +13,8 @@ and gating stay Hugging Face's code). Per call:
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -25,16 +27,61 @@ from fiddlerc.runtime.worker import CpuWorker
 
 @dataclass
 class ExpertWeights:
-    """One expert in the default transformers layout, split for clarity: act(x @ gate.T) * (x @ up.T) @ down.T."""
+    """One expert's weights in `F.linear` layout ([out, in]; transposed checkpoints are viewed, not copied).
 
-    gate: torch.Tensor  # [I, H]
-    up: torch.Tensor  # [I, H]
-    down: torch.Tensor  # [H, I]
+    `w_in` is the input projection: one tensor ([2I, H] gate and up, or [I, H] up only) or, where
+    the gate can be applied to its halves, the two halves (gate [I, H], up [I, H]).
+    """
+
+    w_in: tuple[torch.Tensor, ...]
+    b_in: tuple[torch.Tensor, ...] | None
+    w_out: torch.Tensor  # [H, I]
+    b_out: torch.Tensor | None
+
+    def to(self, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
+        """On its device in the compute dtype (no copy when both already match: stays memory-mapped)."""
+
+        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.to(device=device, dtype=dtype)
+
+        return ExpertWeights(
+            tuple(move(t) for t in self.w_in),
+            None if self.b_in is None else tuple(move(t) for t in self.b_in),
+            move(self.w_out),
+            move(self.b_out),
+        )
 
 
-def run_expert(x: torch.Tensor, w: ExpertWeights, act) -> torch.Tensor:
+@dataclass(frozen=True)
+class ExpertMath:
+    """How an expert computes, read off a transformers experts module (its flags and gate function)."""
+
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gate: Callable[[torch.Tensor], torch.Tensor] | None  # the family's `_apply_gate`; None: act(up) only
+    split_gate: bool  # the default gate act(gate) * up, computed on the halves without concatenating
+
+    @staticmethod
+    def of(module: nn.Module) -> ExpertMath:
+        """Keeps the family's exact gate arithmetic (GPT-OSS's clamped SwiGLU, ...) by calling its own code."""
+        from transformers.integrations.moe import _default_apply_gate
+
+        has_gate = getattr(module, "has_gate", True)
+        apply_gate = getattr(type(module), "_apply_gate", _default_apply_gate)
+        split = has_gate and getattr(module, "is_concatenated", True) and apply_gate is _default_apply_gate
+        gate = functools.partial(apply_gate, module) if has_gate else None
+        return ExpertMath(act=getattr(module, "act_fn", None), gate=gate, split_gate=split)
+
+
+def run_expert(x: torch.Tensor, w: ExpertWeights, math: ExpertMath) -> torch.Tensor:
     """One expert on the tokens routed to it: x [n, H] -> [n, H]."""
-    return F.linear(act(F.linear(x, w.gate)) * F.linear(x, w.up), w.down)
+    b_in = w.b_in or (None,) * len(w.w_in)
+    if math.split_gate:
+        h = math.act(F.linear(x, w.w_in[0], b_in[0])) * F.linear(x, w.w_in[1], b_in[1])
+    else:
+        parts = [F.linear(x, p, b) for p, b in zip(w.w_in, b_in, strict=True)]
+        proj = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        h = math.gate(proj) if math.gate is not None else math.act(proj)
+    return F.linear(h, w.w_out, w.b_out)
 
 
 class PlacedExperts(nn.Module):
@@ -42,7 +89,7 @@ class PlacedExperts(nn.Module):
         self,
         weights: list[ExpertWeights],
         on_cpu: tuple[bool, ...],
-        act,
+        math: ExpertMath,
         fast_device: torch.device,
         worker: CpuWorker,
         layer: int,
@@ -51,7 +98,7 @@ class PlacedExperts(nn.Module):
         self.num_experts = len(weights)
         self.weights = weights
         self.on_cpu = on_cpu
-        self.act_fn = act
+        self.math = math
         self.fast_device = fast_device
         self.worker = worker
         self.layer = layer
@@ -64,7 +111,7 @@ class PlacedExperts(nn.Module):
 
     def _run_cpu(self, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host)."""
-        return [run_expert(x, self.weights[e], self.act_fn) * w for e, x, w in jobs]
+        return [run_expert(x, self.weights[e], self.math) * w for e, x, w in jobs]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -103,7 +150,7 @@ class PlacedExperts(nn.Module):
         for e in fast_hit:  # overlaps with the worker
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-            y = run_expert(hidden_states[tok_d], self.weights[e], self.act_fn) * top_k_weights[tok_d, slot_d, None]
+            y = run_expert(hidden_states[tok_d], self.weights[e], self.math) * top_k_weights[tok_d, slot_d, None]
             outputs[e] = (tok_d, y)
 
         if future is not None:
