@@ -1,7 +1,7 @@
 """Capture a Hugging Face causal LM as a torch.fx graph, then expand each experts call.
 
 The recipe (see DESIGN.md): trace a small wrapper with an explicit signature, keep attention
-modules and MoE blocks opaque (leaves), wrap the modeling file's mask helpers, and keep the
+modules and MoE blocks (any block `fiddlerc.families` recognises) opaque (leaves), wrap the modeling file's mask helpers, and keep the
 config object as a `get_attr` node. (Tracing through MoE blocks fails on some families, e.g.
 DeepSeek's `view(*shape)`; as leaves they run Hugging Face's own code, so the router, shared
 experts and each family's gating arithmetic stay exactly as Hugging Face computes them.)
@@ -28,30 +28,9 @@ import torch.fx
 from torch import nn
 
 from fiddlerc.errors import UnsupportedModelError
+from fiddlerc.families import find_layout
 
 META_KEY = "fiddlerc"  # the one namespaced node.meta key fiddlerc writes
-
-
-def is_experts_module(module: nn.Module) -> bool:
-    """The transformers 5 experts interface: fused 3-D weights, called as experts(x, top_k_index, top_k_weights)."""
-    params = module._parameters  # not getattr: during tracing fx turns parameter reads into proxies
-    down = params.get("down_proj")
-    up = params.get("gate_up_proj", params.get("up_proj"))
-    return (
-        isinstance(down, nn.Parameter)
-        and isinstance(up, nn.Parameter)
-        and down.ndim == 3
-        and up.ndim == 3
-        and hasattr(module, "num_experts")
-    )
-
-
-def experts_child(module: nn.Module) -> str | None:
-    """The name of `module`'s experts child if it is an MoE block, else None."""
-    for name, child in module.named_children():
-        if is_experts_module(child):
-            return name
-    return None
 
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "cache_params", "layer_past")
@@ -82,6 +61,44 @@ def cache_keyword(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def cache_class(model: nn.Module) -> type:
+    """The KV-cache class the model's forward asks for (its annotation), DynamicCache if it names none.
+
+    Most families take any `Cache`; some (MiniMax) insist on their own subclass.
+    """
+    import typing
+
+    from transformers import Cache, DynamicCache
+
+    base = getattr(model, "base_model", model)
+    kw = cache_keyword(base)
+    try:
+        hint = typing.get_type_hints(base.forward).get(kw)
+    except Exception:  # unresolvable annotations: fall back to the default cache
+        hint = None
+    for cls in typing.get_args(hint) or (hint,):
+        if isinstance(cls, type) and issubclass(cls, Cache) and cls not in (Cache, DynamicCache):
+            return cls
+    return DynamicCache
+
+
+def new_cache(cls: type, config) -> object:
+    try:
+        return cls(config=config)
+    except TypeError:
+        return cls()
+
+
+class _CacheProxy(torch.fx.Proxy):
+    """The cache placeholder while tracing: passes the family's `isinstance(cache, TheirCache)` checks."""
+
+    cache_class: type = object
+
+    @property
+    def __class__(self):  # noqa: D105 - isinstance() consults __class__ after type()
+        return self.cache_class
+
+
 class CaptureRoot(nn.Module):
     """Gives fx an explicit signature; HF forwards take **kwargs."""
 
@@ -105,14 +122,16 @@ class CaptureRoot(nn.Module):
 class _LeafTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True  # buffers (rotary tables) become get_attr nodes, never baked-in constants
     tensor_attributes: dict[int, str] = {}
+    hidden_size: int | None = None
+    cache_proxy: type[torch.fx.Proxy] | None = None
+
+    def proxy(self, node: torch.fx.Node) -> torch.fx.Proxy:
+        if node.op == "placeholder" and node.target == "cache" and self.cache_proxy is not None:
+            return self.cache_proxy(node, self)
+        return super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return (
-            experts_child(m) is not None
-            or is_experts_module(m)
-            or is_token_mixer(m)
-            or super().is_leaf_module(m, qualname)
-        )
+        return find_layout(m, self.hidden_size) is not None or is_token_mixer(m) or super().is_leaf_module(m, qualname)
 
     def create_arg(self, a):
         from transformers import PretrainedConfig
@@ -145,6 +164,8 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     _wrap_mask_helpers(model)
     root = CaptureRoot(model)
     tracer = _LeafTracer()
+    tracer.hidden_size = getattr(model.config, "hidden_size", None)
+    tracer.cache_proxy = type("CacheProxy", (_CacheProxy,), {"cache_class": cache_class(model)})
     tracer.tensor_attributes = {  # plain tensor attributes (e.g. PhiMoE's rotary table), by path
         id(v): f"m.{path}.{name}" if path else f"m.{name}"
         for path, mod in model.named_modules()
@@ -203,10 +224,10 @@ class MoeSite:
 
 
 def layer_index(module_path: str) -> int:
-    parts = module_path.split(".")
-    for i, p in enumerate(parts[:-1]):
-        if p == "layers" and parts[i + 1].isdigit():
-            return int(parts[i + 1])
+    """The decoder layer a module belongs to: the first numeric component of its path (layers.3, blocks.3)."""
+    for part in module_path.split("."):
+        if part.isdigit():
+            return int(part)
     raise UnsupportedModelError(f"cannot tell which decoder layer {module_path!r} belongs to")
 
 
@@ -214,23 +235,23 @@ def expand_experts(gm: torch.fx.GraphModule) -> None:
     """Rewrite each MoE block call_module node into dispatch -> E expert nodes -> combine (in place)."""
     graph = gm.graph
     model = source_model(gm)
+    hidden = getattr(model.config, "hidden_size", None)
     calls = [n for n in graph.nodes if n.op == "call_module" and n.target.startswith("m.")]
     for node in calls:
         block_path = node.target[2:]  # path inside the HF model
         block = model.get_submodule(block_path)
-        child = experts_child(block)
-        if child is None:
+        layout = find_layout(block, hidden)
+        if layout is None:
             continue
-        experts_path = f"{block_path}.{child}"
-        module = block.get_submodule(child)
+        experts_path = f"{block_path}.{layout.experts}" if layout.experts else block_path
         layer = layer_index(block_path)
-        facts = {"layer": layer, "module": block_path, "experts_module": experts_path}
+        facts = {"layer": layer, "module": block_path, "experts_module": experts_path, "layout": layout.name}
         with graph.inserting_before(node):
             route = graph.call_function(fiddlerc_dispatch, node.args, node.kwargs)
             route.name = f"route_{layer}"
             route.meta[META_KEY] = {"kind": "dispatch", **facts}
             outs = []
-            for e in range(int(module.num_experts)):
+            for e in range(layout.num_experts(block)):
                 en = graph.call_function(fiddlerc_expert, (route, e))
                 en.name = f"expert_{layer}_{e}"
                 en.meta[META_KEY] = {"kind": "expert", "layer": layer, "expert": e}
@@ -259,25 +280,3 @@ def capture(model: nn.Module) -> torch.fx.GraphModule:
     gm = trace(model)
     expand_experts(gm)
     return gm
-
-
-def experts_layout_problem(module: nn.Module) -> str | None:
-    """Why the placed-experts runtime cannot run this experts module yet, or None if it can.
-
-    Supported: every layout of transformers' experts interface that its flags describe
-    (gate/up concatenated or interleaved, transposed, biases, no gate, any `_apply_gate`), except
-    a post-expert norm.
-    """
-    if getattr(module, "has_post_expert_norm", False):
-        return "has_post_expert_norm=True"
-    names = set(module._parameters)
-    wanted = "gate_up_proj" if getattr(module, "has_gate", True) else "up_proj"
-    if wanted not in names:
-        return f"no {wanted} parameter"
-    if (
-        getattr(module, "has_gate", True)
-        and getattr(module, "act_fn", None) is None
-        and getattr(type(module), "_apply_gate", None) is None
-    ):
-        return "no activation function"
-    return None

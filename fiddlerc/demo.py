@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fiddlerc.capture import experts_child
+from fiddlerc.families import find_layout
 
 
 def byte_tokenizer():
@@ -39,7 +39,7 @@ def write_model(config, path: str | Path, *, seed: int = 0, router_scale: float 
     model = AutoModelForCausalLM.from_config(config)
     with torch.no_grad():
         for module in model.modules():
-            if experts_child(module) is not None and router_scale != 1.0:
+            if router_scale != 1.0 and find_layout(module, config.hidden_size) is not None:
                 gate = getattr(module, "gate", None) or getattr(module, "router", None)
                 if isinstance(gate, torch.nn.Module):
                     for p in gate.parameters():

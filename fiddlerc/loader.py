@@ -19,9 +19,10 @@ import torch
 from torch import nn
 
 from fiddlerc import __version__
-from fiddlerc.capture import cache_keyword, capture
+from fiddlerc.capture import cache_class, capture, new_cache
 from fiddlerc.codegen import generate_module, load_module
 from fiddlerc.errors import ArtifactError, OptionError
+from fiddlerc.families import find_layout
 from fiddlerc.model_io import (
     DirectSource,
     ModelFolder,
@@ -34,7 +35,7 @@ from fiddlerc.model_io import (
 from fiddlerc.options import parse_dtype
 from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
-from fiddlerc.runtime.experts import ExpertMath, ExpertWeights, PlacedExperts
+from fiddlerc.runtime.experts import PlacedExperts
 from fiddlerc.runtime.generate import generate as _generate
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -167,10 +168,16 @@ def bind_weights(
     def fused(key: str) -> torch.Tensor:  # one memory map per fused [E, ...] tensor
         return reader.get(key)
 
-    expert_modules = {ml.experts_module for ml in plan.moe_layers}
+    hidden = getattr(model.config, "hidden_size", None)
+    layouts = {ml.layer: find_layout(model.get_submodule(ml.block), hidden) for ml in plan.moe_layers}
+    expert_names = {
+        f"{ml.block}.{name}"
+        for ml in plan.moe_layers
+        for name in layouts[ml.layer].expert_params(model.get_submodule(ml.block))
+    }
     buffers = dict(model.named_buffers())
     for name, src in sources.items():
-        if name.rpartition(".")[0] in expert_modules:
+        if name in expert_names:
             continue
         assert isinstance(src, DirectSource)
         want = buffers[name].dtype if name in buffers else dtype
@@ -181,18 +188,29 @@ def bind_weights(
 
     placed = []
     for ml in plan.moe_layers:
-        old = model.get_submodule(ml.experts_module)
-        math = ExpertMath.of(old)
+        block, layout = model.get_submodule(ml.block), layouts[ml.layer]
+        if layout is None or layout.name != ml.layout:
+            raise ArtifactError(f"{ml.block} is no longer a {ml.layout} MoE block: recompile")
+        math = layout.math(block)
+
+        def parts(name: str, e: int, block_path: str = ml.block) -> tuple[torch.Tensor, ...]:
+            src = sources[f"{block_path}.{name}"]
+            if isinstance(src, DirectSource):  # fused on disk: a view of expert e's slice
+                return (fused(src.key)[e],)
+            return tuple(reader.get(k) for k in src.keys[e])
+
+        def whole(name: str, block_path: str = ml.block) -> torch.Tensor:
+            src = sources[f"{block_path}.{name}"]
+            assert isinstance(src, DirectSource)
+            return fused(src.key)
+
         weights = [
-            _expert_weights(old, ml.experts_module, e, sources, fused, reader, math.split_gate).to(
-                torch.device(CPU) if dev == CPU else fast, dtype
-            )
+            layout.weights(block, e, parts, whole, math.split_gate).to(torch.device(CPU) if dev == CPU else fast, dtype)
             for e, dev in enumerate(plan.placement(ml.layer))
         ]
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
         module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer)
-        parent_path, _, child = ml.experts_module.rpartition(".")
-        setattr(model.get_submodule(parent_path), child, module)
+        layout.install(block, module)
         placed.append(module)
     reader.close()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
@@ -201,29 +219,6 @@ def bind_weights(
             f"weights {leftover[:3]} were not bound: the model folder does not match the plan; recompile"
         )
     return placed
-
-
-def _expert_weights(experts: nn.Module, path: str, e: int, sources, fused, reader, split_gate: bool) -> ExpertWeights:
-    """Expert e's weights as views of the checkpoint (fused [E, ...] tensors or per-expert keys)."""
-    transposed = getattr(experts, "is_transposed", False)
-
-    def parts(name: str) -> tuple[torch.Tensor, ...] | None:
-        src = sources.get(f"{path}.{name}")
-        if src is None:
-            return None
-        if isinstance(src, DirectSource):  # fused on disk: a view of expert e's slice
-            t = fused(src.key)[e]
-            return (t.t() if transposed and t.ndim == 2 else t,)
-        return tuple(reader.get(k) for k in src.keys[e])
-
-    in_name = "gate_up_proj" if "gate_up_proj" in experts._parameters else "up_proj"
-    w_in, b_in = parts(in_name), parts(f"{in_name}_bias")
-    if split_gate and len(w_in) == 1:  # [2I, H] -> gate [I, H], up [I, H] (views)
-        w_in = tuple(w_in[0].chunk(2, dim=0))
-        b_in = tuple(b_in[0].chunk(2, dim=0)) if b_in else None
-    (w_out,) = parts("down_proj")
-    b_out = parts("down_proj_bias")
-    return ExpertWeights(w_in, b_in, w_out, b_out[0] if b_out else None)
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -268,16 +263,14 @@ class CompiledModel:
         self.hf_model = meta_model
         module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
         self._forward = module.CompiledForward(meta_model, meta_model.config)
-        self._cache_kw = cache_keyword(meta_model)
+        self._cache_class = cache_class(meta_model)
         gen = getattr(meta_model, "generation_config", None)
         self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
         pad = getattr(gen, "pad_token_id", None) or getattr(self.config, "pad_token_id", None)
         self.pad_token_id = pad if isinstance(pad, int) else (self.eos_token_ids[0] if self.eos_token_ids else 0)
 
     def new_cache(self):
-        from transformers import DynamicCache
-
-        return DynamicCache(config=self.config)
+        return new_cache(self._cache_class, self.config)
 
     def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
         return self._forward(input_ids, cache, attention_mask, position_ids)

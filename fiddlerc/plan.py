@@ -49,7 +49,9 @@ class MoeLayer:
 
     layer: int
     block: str  # module path of the MoE block
-    experts_module: str  # module path of its routed experts
+    experts_module: str  # module path holding its routed experts (the block itself for some families)
+    layout: str  # how the block holds its experts (fiddlerc.families), e.g. "experts-interface"
+    routing: str  # how the router picks experts, e.g. "softmax top-k"
     num_experts: int
     top_k: int
     bytes_per_expert: int
@@ -245,8 +247,14 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
                 isinstance(v, str) and bool(_PATH_RE.match(v)), f"moe layer {ml.layer}: {name} must be a module path"
             )
         _check(
-            ml.experts_module.startswith(ml.block + "."), f"moe layer {ml.layer}: experts_module must be inside block"
+            ml.experts_module == ml.block or ml.experts_module.startswith(ml.block + "."),
+            f"moe layer {ml.layer}: experts_module must be inside block",
         )
+        _check(
+            isinstance(ml.layout, str) and bool(re.fullmatch(r"[a-z0-9-]{1,40}", ml.layout)),
+            f"moe layer {ml.layer}: bad layout",
+        )
+        _check(_is_text(ml.routing) and len(ml.routing) <= 200, f"moe layer {ml.layer}: routing must be short text")
         _check(
             _is_int(ml.num_experts, 1) and _is_int(ml.top_k, 1) and ml.top_k <= ml.num_experts,
             f"moe layer {ml.layer}: bad expert counts",

@@ -35,8 +35,8 @@ def kv_bytes_per_token(config, dtype: torch.dtype) -> int:
 def account_memory(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
     dtype = parse_dtype(plan.model.dtype)
     model = source_model(gm)
-    expert_params = {id(p) for ml in plan.moe_layers for p in model.get_submodule(ml.experts_module).parameters()}
-    dense = param_bytes((p for p in model.parameters() if id(p) not in expert_params), dtype)
+    experts = sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    dense = param_bytes(model.parameters(), dtype) - experts
     kv = kv_bytes_per_token(model.config, dtype) * options.context_tokens * options.batch_size
     budget = options.gpu_budget_bytes
     if dense + kv > budget:

@@ -1,4 +1,4 @@
-"""find_experts: the MoE blocks, their routed experts, router and shared experts.
+"""find_experts: the MoE blocks, their routed experts, router kind and shared experts.
 
 Reads: the expanded graph (dispatch/expert/combine nodes from capture) and its modules.
 Writes: `plan.moe_layers`; `node.meta["fiddlerc"]["bytes"]` on every expert node.
@@ -9,21 +9,49 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fiddlerc.capture import META_KEY, experts_layout_problem, moe_sites, source_model
+from fiddlerc.capture import META_KEY, moe_sites, source_model
 from fiddlerc.errors import UnsupportedModelError
+from fiddlerc.families import find_layout
 from fiddlerc.options import CompileOptions, parse_dtype
 from fiddlerc.plan import MoeLayer, Plan
 
 
 def _top_k(block: torch.nn.Module, config) -> int:
-    for owner in (getattr(block, "gate", None), block):
+    for owner in (getattr(block, "gate", None), getattr(block, "router", None), block):
         k = getattr(owner, "top_k", None)
         if isinstance(k, int) and k > 0:
             return k
-    k = getattr(config, "num_experts_per_tok", None)
-    if isinstance(k, int) and k > 0:
-        return k
+    for name in ("num_experts_per_tok", "moe_k", "moe_topk"):
+        k = getattr(config, name, None)
+        k = k[0] if isinstance(k, list) and k else k
+        if isinstance(k, int) and k > 0:
+            return k
     raise UnsupportedModelError(f"cannot find the top-k of MoE block {type(block).__name__}")
+
+
+def routing_kind(block: torch.nn.Module, layout: str, config) -> str:
+    """How the router turns logits into expert choices, in words (for the plan and the report)."""
+    router = getattr(block, "gate", None) or getattr(block, "router", None)
+    mtype = config.model_type
+    if layout == "llama4":
+        return "sigmoid top-k; scores scale the expert input"
+    if mtype == "phimoe":
+        return "sparsemixer top-2"
+    if (
+        router is not None
+        and any("e_score_correction_bias" in n for n, _ in router.named_buffers())
+        or (router is not None and "e_score_correction_bias" in dict(router.named_parameters()))
+    ):
+        groups = getattr(config, "n_group", 1) or 1
+        return "sigmoid + bias" + (
+            f", group-limited ({getattr(config, 'topk_group', 1)} of {groups} groups)" if groups > 1 else ""
+        )
+    if getattr(config, "topk_method", None) == "group_limited_greedy":
+        return f"softmax, group-limited ({config.topk_group} of {config.n_group} groups)"
+    if layout == "jetmoe":
+        return "top-k logits, softmax over the chosen"
+    renorm = getattr(config, "norm_topk_prob", None)
+    return "softmax top-k" + (", renormalized" if renorm else "" if renorm is False else "")
 
 
 def param_bytes(params, dtype: torch.dtype) -> int:
@@ -38,35 +66,41 @@ def find_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) 
     layers = []
     for site in moe_sites(gm.graph):
         block = model.get_submodule(site.block_path)
-        experts = model.get_submodule(site.experts_path)
-        problem = experts_layout_problem(experts)
+        layout = find_layout(block, getattr(config, "hidden_size", None))
+        problem = layout.problem(block)
         if problem is not None:
             raise UnsupportedModelError(
-                f"{plan.model.architecture}: experts module {type(experts).__name__} uses {problem}, "
+                f"{plan.model.architecture}: MoE block {type(block).__name__} uses {problem}, "
                 "which fiddlerc's placed experts do not support yet"
             )
-        n = int(experts.num_experts)
-        expert_params = list(experts.parameters())
-        router = getattr(block, "gate", None)
-        router_params = set(router.parameters()) if isinstance(router, torch.nn.Module) else set()
-        shared = [p for p in block.parameters() if p not in router_params and all(p is not q for q in expert_params)]
-        per_expert = param_bytes(expert_params, dtype) // n
+        n = layout.num_experts(block)
+        expert_params = list(layout.expert_params(block).values())
+        total = param_bytes(expert_params, dtype)
+        if total % n:
+            raise UnsupportedModelError(f"{site.block_path}: expert weights do not split evenly over {n} experts")
+        router = getattr(block, "gate", None) or getattr(block, "router", None)
+        not_shared = {id(p) for p in expert_params}
+        if isinstance(router, torch.nn.Module):
+            not_shared |= {id(p) for p in router.parameters()}
+        shared = [p for p in block.parameters() if id(p) not in not_shared]
         layers.append(
             MoeLayer(
                 layer=site.layer,
                 block=site.block_path,
                 experts_module=site.experts_path,
+                layout=layout.name,
+                routing=routing_kind(block, layout.name, config),
                 num_experts=n,
                 top_k=_top_k(block, config),
-                bytes_per_expert=per_expert,
+                bytes_per_expert=total // n,
                 shared_expert_bytes=param_bytes(shared, dtype),
             )
         )
         for node in site.experts:
-            node.meta[META_KEY]["bytes"] = per_expert
+            node.meta[META_KEY]["bytes"] = total // n
     if not layers:
         raise UnsupportedModelError(
             f"{plan.model.architecture} has no mixture-of-experts blocks: fiddlerc compiles MoE models "
-            "(Mixtral, Qwen2-MoE, DeepSeek-V3, ...); run dense models with transformers directly"
+            "(see README for the supported architectures); run dense models with transformers directly"
         )
     return plan.with_(moe_layers=tuple(sorted(layers, key=lambda ml: ml.layer)))

@@ -59,6 +59,7 @@ class ExpertMath:
     act: Callable[[torch.Tensor], torch.Tensor]
     gate: Callable[[torch.Tensor], torch.Tensor] | None  # the family's `_apply_gate`; None: act(up) only
     split_gate: bool  # the default gate act(gate) * up, computed on the halves without concatenating
+    scale_input: bool = False  # routing weight multiplies the expert's input (Llama4), not its output
 
     @staticmethod
     def of(module: nn.Module) -> ExpertMath:
@@ -109,9 +110,15 @@ class PlacedExperts(nn.Module):
         n_cpu = sum(self.on_cpu)
         return f"layer={self.layer}, experts={self.num_experts}, fast={self.num_experts - n_cpu} on {self.fast_device}, cpu={n_cpu}"
 
+    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens x [n, H] with their routing weights w [n, 1]."""
+        if self.math.scale_input:
+            return run_expert(x * w, self.weights[e], self.math)
+        return run_expert(x, self.weights[e], self.math) * w
+
     def _run_cpu(self, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host)."""
-        return [run_expert(x, self.weights[e], self.math) * w for e, x, w in jobs]
+        return [self._expert(e, x, w) for e, x, w in jobs]
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -150,7 +157,7 @@ class PlacedExperts(nn.Module):
         for e in fast_hit:  # overlaps with the worker
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-            y = run_expert(hidden_states[tok_d], self.weights[e], self.math) * top_k_weights[tok_d, slot_d, None]
+            y = self._expert(e, hidden_states[tok_d], top_k_weights[tok_d, slot_d, None])
             outputs[e] = (tok_d, y)
 
         if future is not None:

@@ -22,7 +22,17 @@ def before(
         model=ModelInfo("MixtralForCausalLM", "mixtral", "float32", 2, "0" * 64),
         target=Target("cuda:0", budget, 64, 1, None),
         moe_layers=tuple(
-            MoeLayer(i, f"model.layers.{i}.mlp", f"model.layers.{i}.mlp.experts", experts, 2, per_expert, 0)
+            MoeLayer(
+                i,
+                f"model.layers.{i}.mlp",
+                f"model.layers.{i}.mlp.experts",
+                "experts-interface",
+                "softmax top-k",
+                experts,
+                2,
+                per_expert,
+                0,
+            )
             for i in layers
         ),
         memory=Memory(budget, dense, kv),
