@@ -224,3 +224,35 @@ def find_layout(block: nn.Module, hidden_size: int | None = None) -> Layout | No
         if _is_interface_experts(child, hidden_size):
             return ExpertsInterface("experts-interface", name)
     return None
+
+
+# model_type -> name: the families checked end to end against Hugging Face (tests/test_architectures.py).
+# Others whose blocks follow the experts interface compile too; these are the ones we vouch for.
+VERIFIED = {
+    "mixtral": "Mixtral",
+    "qwen2_moe": "Qwen2-MoE",
+    "qwen3_moe": "Qwen3-MoE",
+    "qwen3_next": "Qwen3-Next",
+    "olmoe": "OLMoE",
+    "flex_olmo": "FlexOlmo",
+    "deepseek_v2": "DeepSeek-V2",
+    "deepseek_v3": "DeepSeek-V3",
+    "glm4_moe": "GLM-4-MoE",
+    "dots1": "dots.llm1",
+    "gpt_oss": "GPT-OSS",
+    "phimoe": "PhiMoE",
+    "granitemoe": "Granite-MoE",
+    "granitemoeshared": "Granite-MoE-Shared",
+    "ernie4_5_moe": "ERNIE-4.5-MoE",
+    "minimax": "MiniMax",
+    "minimax_m2": "MiniMax-M2",
+    "hunyuan_v1_moe": "HunYuan-MoE-V1",
+    "jetmoe": "JetMoE",
+    "dbrx": "DBRX",
+    "llama4_text": "Llama 4 (text)",
+}
+
+
+def supported_text() -> str:
+    """One line per verified family, for the README, the CLI and error messages."""
+    return "\n".join(f"- {name} (`{mtype}`)" for mtype, name in VERIFIED.items())

@@ -325,7 +325,7 @@ class CompiledModel:
         return out
 
     def routing_stats(self) -> dict:
-        """Routed (token, expert) pairs per MoE layer and tier since load, and the fast-tier hit rate."""
+        """Routed (token, expert) pairs since load: per MoE layer and tier, per expert, and the fast-tier hit rate."""
         layers = {}
         for p in self._placed:
             total = p.tokens_fast + p.tokens_cpu
@@ -333,6 +333,7 @@ class CompiledModel:
                 "fast": p.tokens_fast,
                 "cpu": p.tokens_cpu,
                 "hit_rate": p.tokens_fast / total if total else 0.0,
+                "per_expert": list(p.expert_tokens),
             }
         fast = sum(v["fast"] for v in layers.values())
         cpu = sum(v["cpu"] for v in layers.values())

@@ -10,42 +10,47 @@ from fiddlerc.demo import write_model
 VOCAB = 128
 
 
-def tiny_config(arch: str):
-    """Tiny configs of the three foundation architectures (fp32, decisive routers set at write time)."""
-    from transformers import DeepseekV3Config, LlamaConfig, MixtralConfig, Qwen2MoeConfig
+def _configs():
+    import transformers as T
 
-    common = dict(
-        vocab_size=VOCAB,
-        hidden_size=32,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        pad_token_id=0,
-        bos_token_id=1,
-        eos_token_id=2,
-    )
-    if arch == "mixtral":
-        return MixtralConfig(
-            **common,
-            intermediate_size=48,
-            num_hidden_layers=2,
-            num_key_value_heads=2,
-            num_local_experts=4,
-            num_experts_per_tok=2,
-        )
-    if arch == "qwen2_moe":
-        return Qwen2MoeConfig(
-            **common, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40,
-            num_hidden_layers=2, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
-        )  # fmt: skip
-    if arch == "deepseek_v3":
-        return DeepseekV3Config(
-            **common, intermediate_size=48, moe_intermediate_size=24, num_hidden_layers=3, first_k_dense_replace=1,
-            num_key_value_heads=4, n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2,
-            topk_group=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8,
-        )  # fmt: skip
-    if arch == "llama":  # dense: not MoE
-        return LlamaConfig(**common, intermediate_size=48, num_hidden_layers=2, num_key_value_heads=2)
-    raise KeyError(arch)
+    c = dict(vocab_size=VOCAB, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    mla = dict(q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8)
+    return {  # tiny fp32 configs, one per family; MoE in every layer but where a family keeps dense layers first
+        "mixtral": lambda: T.MixtralConfig(**c, intermediate_size=48, num_local_experts=4, num_experts_per_tok=2),
+        "qwen2_moe": lambda: T.Qwen2MoeConfig(**c, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=40, num_experts=4, num_experts_per_tok=2),
+        "qwen3_moe": lambda: T.Qwen3MoeConfig(**c, intermediate_size=48, moe_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8),
+        "qwen3_next": lambda: T.Qwen3NextConfig(**c, intermediate_size=48, moe_intermediate_size=24, shared_expert_intermediate_size=24, num_experts=4, num_experts_per_tok=2, head_dim=8,
+                                                linear_num_value_heads=4, linear_num_key_heads=2, linear_key_head_dim=8, linear_value_head_dim=8, layer_types=["linear_attention", "full_attention"]),
+        "olmoe": lambda: T.OlmoeConfig(**c, intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+        "flex_olmo": lambda: T.FlexOlmoConfig(**c, intermediate_size=24, num_experts=4, num_experts_per_tok=2),
+        "deepseek_v2": lambda: T.DeepseekV2Config(**{**c, "num_key_value_heads": 4}, **mla, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1,
+                                                  num_experts_per_tok=2, first_k_dense_replace=0, n_group=2, topk_group=1, topk_method="group_limited_greedy"),
+        "deepseek_v3": lambda: T.DeepseekV3Config(**{**c, "num_key_value_heads": 4, "num_hidden_layers": 3}, **mla, intermediate_size=48, moe_intermediate_size=24, first_k_dense_replace=1,
+                                                  n_routed_experts=8, n_shared_experts=1, num_experts_per_tok=2, n_group=2, topk_group=1),
+        "glm4_moe": lambda: T.Glm4MoeConfig(**c, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0, head_dim=8, n_group=1, topk_group=1),
+        "dots1": lambda: T.Dots1Config(**c, intermediate_size=48, moe_intermediate_size=24, n_routed_experts=4, n_shared_experts=1, num_experts_per_tok=2, first_k_dense_replace=0, head_dim=8, n_group=1, topk_group=1),
+        "gpt_oss": lambda: T.GptOssConfig(**c, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["sliding_attention", "full_attention"], sliding_window=16),
+        "phimoe": lambda: T.PhimoeConfig(**c, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+        "granitemoe": lambda: T.GraniteMoeConfig(**c, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+        "granitemoeshared": lambda: T.GraniteMoeSharedConfig(**c, intermediate_size=24, shared_intermediate_size=24, num_local_experts=4, num_experts_per_tok=2),
+        "ernie4_5_moe": lambda: T.Ernie4_5_MoeConfig(**c, intermediate_size=48, moe_intermediate_size=24, moe_num_experts=4, moe_k=2, moe_num_shared_experts=1, moe_layer_start_index=0, head_dim=8),
+        "minimax": lambda: T.MiniMaxConfig(**c, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8, layer_types=["linear_attention", "full_attention"]),
+        "minimax_m2": lambda: T.MiniMaxM2Config(**c, intermediate_size=24, num_local_experts=4, num_experts_per_tok=2, head_dim=8),
+        "hunyuan_v1_moe": lambda: T.HunYuanMoEV1Config(**c, intermediate_size=24, num_experts=4, moe_topk=2, head_dim=8),
+        "jetmoe": lambda: T.JetMoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=24, num_local_experts=4,
+                                         num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "dbrx": lambda: T.DbrxConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # DESIGN.md: DBRX needs rope_theta; HF's clamp needs clip_qkv
+                                     ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2}),
+        "llama4_text": lambda: T.Llama4TextConfig(**c, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=1),
+        "llama": lambda: T.LlamaConfig(**c, intermediate_size=48),  # dense: not MoE
+    }  # fmt: skip
+
+
+def tiny_config(model_type: str):
+    """A tiny random-weight config of one family (fp32; routers made decisive when written)."""
+    return _configs()[model_type]()
 
 
 ARCHS = ["mixtral", "qwen2_moe", "deepseek_v3"]
@@ -78,3 +83,13 @@ def hf_model():
         return cache[path]
 
     return get
+
+
+def hf_greedy(ref, ids, mask, new_tokens: int):
+    """Hugging Face greedy `generate` with EOS disabled: an EOS id no token has (min_new_tokens would instead
+    mask EOS out of the logits, and a None eos_token_id falls back to the model's)."""
+    import copy
+
+    config = copy.deepcopy(ref.generation_config)
+    config.eos_token_id, config.pad_token_id, config.do_sample = 10**9, 0, False
+    return ref.generate(input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=new_tokens)

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fiddlerc
-from tests.conftest import ARCHS, VOCAB
+from tests.conftest import ARCHS, VOCAB, hf_greedy
 
 SPLITS = ["none", "half", "all"]  # experts on the GPU tier
 
@@ -67,9 +67,7 @@ def test_greedy_tokens_equal_hugging_face(arch, split, batch, compiled, hf_model
     src, model = compiled(arch, split)
     ref = hf_model(src)
     ids, mask = _prompts(batch, seed=batch)
-    want = ref.generate(
-        input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
-    )
+    want = hf_greedy(ref, ids, mask, 16)
     got = model.generate(ids, attention_mask=mask, max_new_tokens=16, ignore_eos=True)
     assert got.shape == (batch, ids.shape[1] + 16)
     assert torch.equal(got, want)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fiddlerc
-from tests.conftest import ARCHS, VOCAB
+from tests.conftest import ARCHS, VOCAB, hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
@@ -32,9 +32,7 @@ def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp
         got = model(ids)
         assert got.device.type == "cuda"
         torch.testing.assert_close(got.cpu(), want, rtol=1e-4, atol=1e-4)
-        want_ids = ref.generate(
-            input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0
-        )
+        want_ids = hf_greedy(ref, ids, mask, 16)
         got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=16, ignore_eos=True)
         assert torch.equal(got_ids.cpu(), want_ids)
         stats = model.routing_stats()

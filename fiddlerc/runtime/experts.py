@@ -105,6 +105,7 @@ class PlacedExperts(nn.Module):
         self.layer = layer
         self.tokens_fast = 0  # routed (token, expert) pairs served by each tier, for routing_stats()
         self.tokens_cpu = 0
+        self.expert_tokens = [0] * self.num_experts  # routed tokens per expert
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -139,6 +140,8 @@ class PlacedExperts(nn.Module):
         fast_hit = [e for e in hit if not self.on_cpu[e]]
         self.tokens_cpu += sum(counts[e] for e in cpu_hit)
         self.tokens_fast += sum(counts[e] for e in fast_hit)
+        for e in hit:
+            self.expert_tokens[e] += counts[e]
 
         future = None
         if cpu_hit:
