@@ -148,15 +148,26 @@ class _LeafTracer(torch.fx.Tracer):
 
 
 def _wrap_mask_helpers(model: nn.Module) -> None:
-    """torch.fx.wrap the modeling file's `create_*mask*` helpers so they run eagerly at runtime.
+    """torch.fx.wrap the `create_*mask*` helpers of every modeling file the model's code comes from,
+    so they run eagerly at run time (their Python branches depend on the real cache and mask).
 
     wrap() must be called from a module-level frame of the module whose globals hold the function
-    (Tracer(autowrap_functions=...) misses them: HF's forward decorators hide those globals).
+    (Tracer(autowrap_functions=...) misses them: HF's forward decorators hide those globals). A model
+    class may inherit its forward from another family's file, so every class in the MRO counts.
     """
-    mod = sys.modules[type(model).__module__]
-    for name in sorted(n for n in vars(mod) if n.startswith("create_") and "mask" in n):
-        if callable(getattr(mod, name)):
-            exec(f"import torch.fx\ntorch.fx.wrap({name!r})", mod.__dict__)
+    files = {
+        c.__module__
+        for m in model.modules()
+        for c in type(m).__mro__
+        if not c.__module__.startswith(("torch", "builtins"))
+    }
+    for name in sorted(files):
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        for fn in sorted(n for n in vars(mod) if n.startswith("create_") and "mask" in n):
+            if callable(getattr(mod, fn)):
+                exec(f"import torch.fx\ntorch.fx.wrap({fn!r})", mod.__dict__)
 
 
 def trace(model: nn.Module) -> torch.fx.GraphModule:

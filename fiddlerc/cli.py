@@ -128,6 +128,13 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_architectures(args: argparse.Namespace) -> int:
+    from fiddlerc.families import supported_text
+
+    print(supported_text())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fiddlerc", description="Compile Mixture-of-Experts models to run with experts split between GPU and CPU."
@@ -172,6 +179,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     g.add_argument("--model", default=None, help="model folder, if it moved since compiling")
     g.set_defaults(func=_cmd_run)
+
+    a = sub.add_parser("architectures", help="list the MoE families checked end to end")
+    a.set_defaults(func=_cmd_architectures)
 
     d = sub.add_parser("demo", help="build a small model, compile it under a budget, report, generate")
     d.add_argument("--dir", default="fiddlerc-demo", help="where to write the model and the compiled folder")

@@ -174,9 +174,23 @@ def load_config(folder: ModelFolder):
         raise ModelFolderError(f"{folder.path}/config.json does not describe a valid {model_type} model: {e}") from None
     if getattr(config, "is_encoder_decoder", False):
         raise UnsupportedModelError(
-            f"{model_type} is an encoder-decoder model; fiddlerc compiles decoder-only causal LMs"
+            f"{model_type} is an encoder-decoder model; fiddlerc compiles decoder-only causal LMs such as "
+            f"{supported_names()}"
+        )
+    quant = folder.config_json.get("quantization_config")
+    if quant is not None:
+        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
+        raise UnsupportedModelError(
+            f"{folder.path} is a quantized checkpoint (quantization_config.quant_method={method!r}); fiddlerc "
+            "does not dequantize it yet: use the unquantized (bf16/fp16/fp32) weights of this model"
         )
     return config
+
+
+def supported_names() -> str:
+    from fiddlerc.families import VERIFIED
+
+    return ", ".join(VERIFIED.values())
 
 
 def checkpoint_dtype(folder: ModelFolder, config) -> torch.dtype:

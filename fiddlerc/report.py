@@ -25,7 +25,7 @@ def report_text(plan: Plan) -> str:
         f"  free              {format_size(mem.free_bytes):>12}",
         f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}",
         "",
-        f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}",
+        f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
     ]
     total_use = fast_use = 0.0
     for ml in plan.moe_layers:
@@ -37,7 +37,8 @@ def report_text(plan: Plan) -> str:
         fast_use += sum(e.expected_use for e in fast)
         lines.append(
             f"{ml.layer:>5}  {ml.num_experts:>7}  {ml.top_k:>5}  {format_size(ml.bytes_per_expert):>12}  "
-            f"{len(fast):>10}  {len(mine) - len(fast):>6}  {hit:>16.1%}"
+            f"{format_size(ml.shared_expert_bytes) if ml.shared_expert_bytes else '-':>12}  "
+            f"{len(fast):>10}  {len(mine) - len(fast):>6}  {hit:>16.1%}   {ml.routing}"
         )
     n_fast = sum(1 for e in plan.experts if e.device != CPU)
     lines += [

@@ -12,6 +12,7 @@ import torch.fx
 from fiddlerc.capture import META_KEY, moe_sites, source_model
 from fiddlerc.errors import UnsupportedModelError
 from fiddlerc.families import find_layout
+from fiddlerc.model_io import supported_names
 from fiddlerc.options import CompileOptions, parse_dtype
 from fiddlerc.plan import MoeLayer, Plan
 
@@ -100,7 +101,8 @@ def find_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) 
             node.meta[META_KEY]["bytes"] = total // n
     if not layers:
         raise UnsupportedModelError(
-            f"{plan.model.architecture} has no mixture-of-experts blocks: fiddlerc compiles MoE models "
-            "(see README for the supported architectures); run dense models with transformers directly"
+            f"{plan.model.architecture} has no mixture-of-experts block fiddlerc recognises: it compiles MoE models "
+            f"({supported_names()}, or any whose experts follow transformers' experts interface); "
+            "run dense models with transformers directly"
         )
     return plan.with_(moe_layers=tuple(sorted(layers, key=lambda ml: ml.layer)))

@@ -5,6 +5,7 @@ import shutil
 import struct
 
 import pytest
+import torch
 
 import fiddlerc
 from fiddlerc.errors import ArtifactError, BudgetError, ModelFolderError, UnsupportedModelError
@@ -190,3 +191,51 @@ def test_header_length_overflow(model_copy, tmp_path):
     f.write_bytes(struct.pack("<Q", 2**62) + data[8:])
     with pytest.raises(ModelFolderError, match="corrupt safetensors header"):
         fiddlerc.compile(model_copy, tmp_path / "out", gpu_memory="1GiB")
+
+
+def _edit_config(folder, **changes):
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+def test_encoder_decoder_is_refused(model_copy, tmp_path):
+    from transformers import SwitchTransformersConfig
+
+    cfg = SwitchTransformersConfig(num_layers=2, num_decoder_layers=2, d_model=32, num_experts=4).to_dict()
+    (model_copy / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(UnsupportedModelError, match="switch_transformers is an encoder-decoder model.*Mixtral"):
+        fiddlerc.compile(model_copy, tmp_path / "out", gpu_memory="1GiB")
+
+
+@pytest.mark.parametrize("method", ["mxfp4", "fp8"])
+def test_quantized_checkpoint_names_the_scheme(model_copy, tmp_path, method):
+    _edit_config(model_copy, quantization_config={"quant_method": method})
+    with pytest.raises(UnsupportedModelError, match=f"quant_method='{method}'.*unquantized"):
+        fiddlerc.compile(model_copy, tmp_path / "out", gpu_memory="1GiB")
+
+
+def test_remote_code_is_never_run(model_copy, tmp_path):
+    marker = tmp_path / "remote-code-ran"
+    (model_copy / "modeling_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    (model_copy / "configuration_evil.py").write_text(f"open({str(marker)!r}, 'w').write('x')\n")
+    _edit_config(
+        model_copy,
+        auto_map={"AutoConfig": "configuration_evil.EvilConfig", "AutoModelForCausalLM": "modeling_evil.EvilModel"},
+    )
+    art = fiddlerc.compile(model_copy, tmp_path / "out", gpu_memory="1GiB", context=64)
+    assert art.plan.model.architecture == "MixtralForCausalLM"  # the built-in class for its model_type
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        model.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=2)
+    assert not marker.exists()
+
+
+def test_dense_model_exits_2_from_the_cli(tmp_path, capsys):
+    from fiddlerc.cli import main
+    from fiddlerc.demo import write_model
+    from tests.conftest import tiny_config
+
+    src = write_model(tiny_config("llama"), tmp_path / "llama")
+    assert main(["compile", str(src), "-o", str(tmp_path / "out"), "--gpu-memory", "1GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM has no mixture-of-experts block" in err and "DeepSeek-V3" in err

@@ -41,5 +41,30 @@ def test_dense_model_is_refused(model_dirs, tmp_path):
     from tests.conftest import tiny_config
 
     path = write_model(tiny_config("llama"), tmp_path / "llama")
-    with pytest.raises(UnsupportedModelError, match="no mixture-of-experts blocks"):
+    with pytest.raises(UnsupportedModelError, match="no mixture-of-experts block fiddlerc recognises"):
         _find(path)
+
+
+@pytest.mark.parametrize(
+    "family, layout, routing",
+    [
+        ("mixtral", "experts-interface", "softmax top-k"),
+        ("deepseek_v3", "experts-interface", "sigmoid + bias, group-limited (1 of 2 groups)"),
+        ("deepseek_v2", "experts-interface", "softmax, group-limited (1 of 2 groups)"),
+        ("phimoe", "experts-interface", "sparsemixer top-2"),
+        ("qwen3_moe", "experts-interface", "softmax top-k"),  # norm_topk_prob=False in the tiny config
+        ("dbrx", "dbrx", "softmax top-k"),
+        ("jetmoe", "jetmoe", "top-k logits, softmax over the chosen"),
+        ("llama4_text", "llama4", "sigmoid top-k; scores scale the expert input"),
+    ],
+)
+def test_layout_and_routing_kind(family, layout, routing, model_dirs):
+    _, plan = _find(model_dirs(family))
+    assert {(ml.layout, ml.routing) for ml in plan.moe_layers} == {(layout, routing)}
+
+
+def test_llama4_shared_expert_is_dense(model_dirs):
+    _, plan = _find(model_dirs("llama4_text"))
+    ml = plan.moe_layers[0]
+    assert ml.top_k == 1 and ml.num_experts == 4
+    assert ml.shared_expert_bytes == 3 * 24 * 32 * 4  # shared MLP of intermediate_size, kept dense
