@@ -121,7 +121,6 @@ class CaptureRoot(nn.Module):
 
 class _LeafTracer(torch.fx.Tracer):
     proxy_buffer_attributes = True  # buffers (rotary tables) become get_attr nodes, never baked-in constants
-    tensor_attributes: dict[int, str] = {}
     hidden_size: int | None = None
     cache_proxy: type[torch.fx.Proxy] | None = None
 
@@ -131,13 +130,16 @@ class _LeafTracer(torch.fx.Tracer):
         return super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return find_layout(m, self.hidden_size) is not None or is_token_mixer(m) or super().is_leaf_module(m, qualname)
+        return (
+            find_layout(m, self.hidden_size) is not None
+            or is_token_mixer(m)
+            or type(m).__name__.endswith("RotaryEmbedding")  # some compute their tables from the config in forward
+            or super().is_leaf_module(m, qualname)
+        )
 
     def create_arg(self, a):
         from transformers import PretrainedConfig
 
-        if isinstance(a, torch.Tensor) and id(a) in self.tensor_attributes:
-            return self.create_node("get_attr", self.tensor_attributes[id(a)], (), {})
         if isinstance(a, PretrainedConfig):  # keep the object: an inline rebuild loses private fields
             if getattr(self.root, "_cfg", None) is not a:
                 if hasattr(self.root, "_cfg"):
@@ -177,12 +179,6 @@ def trace(model: nn.Module) -> torch.fx.GraphModule:
     tracer = _LeafTracer()
     tracer.hidden_size = getattr(model.config, "hidden_size", None)
     tracer.cache_proxy = type("CacheProxy", (_CacheProxy,), {"cache_class": cache_class(model)})
-    tracer.tensor_attributes = {  # plain tensor attributes (e.g. PhiMoE's rotary table), by path
-        id(v): f"m.{path}.{name}" if path else f"m.{name}"
-        for path, mod in model.named_modules()
-        for name, v in vars(mod).items()
-        if isinstance(v, torch.Tensor) and name not in mod._parameters and name not in mod._buffers
-    }
     try:
         graph = tracer.trace(root)
     except Exception as e:  # fx raises many types; all mean the same to the user

@@ -67,30 +67,15 @@ def _fold_moe_calls(gm: torch.fx.GraphModule) -> torch.fx.Graph:
     return graph
 
 
-_MAX_CONSTANT_ELEMENTS = 65536
-
-
-def _constant_lines(gm: torch.fx.GraphModule, graph: torch.fx.Graph) -> list[str]:
-    """`__init__` lines recreating tensors that fx captured as constants (e.g. a rotary table computed
-    from the config inside forward). They derive from the config, so module.py stays a pure function
-    of (config, plan); they are printed as literal numbers, never as code."""
-    lines = []
+def _check_no_constants(graph: torch.fx.Graph) -> None:
+    """Every tensor the forward reads must be a model attribute (bound at load), never a value baked into
+    the graph at trace time: module.py could not regenerate it from the plan."""
     for node in graph.nodes:
-        if node.op != "get_attr" or node.target.startswith(("m.", "_cfg")):
-            continue
-        value = getattr(gm, node.target, None)
-        if not (
-            re.fullmatch(r"_tensor_constant[0-9]+", node.target)
-            and isinstance(value, torch.Tensor)
-            and value.numel() <= _MAX_CONSTANT_ELEMENTS
-            and (value.dtype.is_floating_point or value.dtype in (torch.int64, torch.int32, torch.bool))
-        ):
+        if node.op == "get_attr" and not node.target.startswith(("m.", "_cfg")):
             raise UnsupportedModelError(
-                f"the captured graph holds a constant {node.target!r} that fiddlerc cannot regenerate "
-                "from the config; this architecture is not supported yet"
+                f"the captured graph holds a constant {node.target!r} computed at trace time; "
+                "this architecture is not supported yet"
             )
-        lines.append(f"        self.{node.target} = torch.tensor({value.tolist()!r}, dtype={value.dtype!r})")
-    return lines
 
 
 def _placement_table(plan: Plan, devices: tuple[str, ...]) -> list[str]:
@@ -132,7 +117,7 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
             if fact.get("device") != plan.placement(site.layer)[fact["expert"]]:
                 raise PlanError(f"graph and plan disagree on {node.name}: annotate the graph from the plan first")
     graph = _fold_moe_calls(gm)
-    constants = _constant_lines(gm, graph)
+    _check_no_constants(graph)
     code = graph.python_code(root_module="self")
     imports = []
     for name in sorted(code.globals):
@@ -142,8 +127,6 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         if name in _FIXED_GLOBALS and _FIXED_GLOBALS[name] is not value:
             raise UnsupportedModelError(f"generated code uses an unexpected global {name}={value!r}")
         imports.append(_import_line(name, value))
-    if constants:  # values are printed with repr(float), which may say inf or nan
-        imports += [_HEADER_GLOBALS["inf"], _HEADER_GLOBALS["nan"]]
     imports = sorted(set(imports), key=lambda s: (not s.startswith("import"), s))
 
     body = []
@@ -182,7 +165,6 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         "        super().__init__()",
         "        self.m = model",
         "        self._cfg = config",
-        *constants,
         "",
         *body,
         "",

@@ -30,8 +30,9 @@ def byte_tokenizer():
 def write_model(config, path: str | Path, *, seed: int = 0, router_scale: float = 1.0, tokenizer: bool = False) -> Path:
     """Build a random-weight causal LM from `config`, save it with `save_pretrained`, return the folder.
 
-    `router_scale` multiplies every MoE router's weights, making routing decisive (top-k choices
-    far from ties), so tiny numeric differences cannot flip an expert choice in tests.
+    `router_scale` redraws every MoE router's matrix with `router_scale` times the usual 0.02 std,
+    making routing decisive (top-k choices far from ties), so tiny numeric differences cannot flip an
+    expert choice in tests.
     """
     from transformers import AutoModelForCausalLM
 
@@ -42,9 +43,11 @@ def write_model(config, path: str | Path, *, seed: int = 0, router_scale: float 
             if router_scale != 1.0 and find_layout(module, config.hidden_size) is not None:
                 gate = getattr(module, "gate", None) or getattr(module, "router", None)
                 if isinstance(gate, torch.nn.Module):
-                    for p in gate.parameters():
-                        if p.ndim == 2:  # the routing matrix, whatever the family calls it
-                            p.mul_(router_scale)
+                    for name, p in [*gate.named_parameters(), *gate.named_buffers()]:
+                        if p.ndim == 2 and p.shape[0] > 1:  # the routing matrix, whatever the family calls it
+                            p.normal_(0.0, 0.02 * router_scale)  # fresh: some families initialise it to zeros
+                        elif name.endswith("e_score_correction_bias"):  # load-balancing bias: start neutral
+                            p.zero_()
     path = Path(path)
     model.save_pretrained(path)
     if tokenizer:

@@ -6,6 +6,8 @@ Writes: `plan.moe_layers`; `node.meta["fiddlerc"]["bytes"]` on every expert node
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.fx
 
@@ -30,29 +32,42 @@ def _top_k(block: torch.nn.Module, config) -> int:
     raise UnsupportedModelError(f"cannot find the top-k of MoE block {type(block).__name__}")
 
 
+def _scoring(router: torch.nn.Module | None, block: torch.nn.Module) -> str:
+    """'sigmoid' or 'softmax', read from the router's (or the block's) forward source."""
+    for owner in (router, block):
+        if owner is None:
+            continue
+        try:
+            src = inspect.getsource(type(owner).forward)
+        except (OSError, TypeError):
+            continue
+        if "sigmoid" in src:
+            return "sigmoid"
+        if "softmax" in src:
+            return "softmax"
+    return "softmax"
+
+
 def routing_kind(block: torch.nn.Module, layout: str, config) -> str:
     """How the router turns logits into expert choices, in words (for the plan and the report)."""
     router = getattr(block, "gate", None) or getattr(block, "router", None)
-    mtype = config.model_type
+    router = router if isinstance(router, torch.nn.Module) else None
     if layout == "llama4":
         return "sigmoid top-k; scores scale the expert input"
-    if mtype == "phimoe":
+    if config.model_type == "phimoe":
         return "sparsemixer top-2"
-    if (
-        router is not None
-        and any("e_score_correction_bias" in n for n, _ in router.named_buffers())
-        or (router is not None and "e_score_correction_bias" in dict(router.named_parameters()))
-    ):
-        groups = getattr(config, "n_group", 1) or 1
-        return "sigmoid + bias" + (
-            f", group-limited ({getattr(config, 'topk_group', 1)} of {groups} groups)" if groups > 1 else ""
-        )
-    if getattr(config, "topk_method", None) == "group_limited_greedy":
-        return f"softmax, group-limited ({config.topk_group} of {config.n_group} groups)"
     if layout == "jetmoe":
         return "top-k logits, softmax over the chosen"
+    scoring = _scoring(router, block)
+    names = [n for n, _ in (*router.named_parameters(), *router.named_buffers())] if router is not None else []
+    if any(n.endswith("e_score_correction_bias") for n in names):
+        groups = getattr(config, "n_group", 1) or 1
+        limit = f", group-limited ({getattr(config, 'topk_group', 1)} of {groups} groups)" if groups > 1 else ""
+        return f"{scoring} + bias{limit}"
+    if getattr(config, "topk_method", None) == "group_limited_greedy":
+        return f"{scoring}, group-limited ({config.topk_group} of {config.n_group} groups)"
     renorm = getattr(config, "norm_topk_prob", None)
-    return "softmax top-k" + (", renormalized" if renorm else "" if renorm is False else "")
+    return f"{scoring} top-k" + (", renormalized" if renorm else "")
 
 
 def param_bytes(params, dtype: torch.dtype) -> int:
