@@ -4,16 +4,17 @@ import pytest
 import torch
 
 import fiddlerc
-from tests.conftest import ARCHS, VOCAB, hf_greedy
+from fiddlerc.families import VERIFIED
+from tests.conftest import VOCAB, hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", sorted(VERIFIED))
 def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp_path):
     src = model_dirs(arch)
     probe = fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64)
-    half = len(probe.plan.experts) // 2
+    half = len(probe.plan.moe_layers) * (probe.plan.moe_layers[0].num_experts // 2)
     fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=half)
     ref = hf_model(src)
     g = torch.Generator().manual_seed(0)
