@@ -21,7 +21,7 @@ from torch import nn
 from fiddlerc import __version__
 from fiddlerc.capture import cache_class, capture, new_cache
 from fiddlerc.codegen import generate_module, load_module
-from fiddlerc.errors import ArtifactError, OptionError
+from fiddlerc.errors import ArtifactError, BudgetError, OptionError
 from fiddlerc.families import find_layout
 from fiddlerc.model_io import (
     DirectSource,
@@ -32,7 +32,7 @@ from fiddlerc.model_io import (
     open_model_folder,
     resolve_sources,
 )
-from fiddlerc.options import parse_dtype
+from fiddlerc.options import format_size, parse_dtype
 from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
 from fiddlerc.runtime.experts import PlacedExperts
@@ -74,6 +74,21 @@ def regenerate_module(folder: ModelFolder, plan: Plan) -> tuple[str, nn.Module]:
     return generate_module(gm, plan), model
 
 
+def read_manifest(data: bytes, where: Path | str = MANIFEST_FILE) -> dict:
+    """Parse manifest.json, checking its shape; any malformed input is an ArtifactError."""
+    try:
+        manifest = json.loads(data)
+        ok = isinstance(manifest, dict) and all(
+            isinstance(manifest.get(k), t)
+            for k, t in (("files", dict), ("versions", dict), ("model_dir", str), ("weights", dict))
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{where} is corrupt: recompile")
+    return manifest
+
+
 @dataclass(frozen=True)
 class Artifact:
     """A verified compiled folder."""
@@ -97,22 +112,16 @@ def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) ->
     out = Path(out_dir)
     if not out.is_dir():
         raise ArtifactError(f"{out} is not a compiled folder (run `fiddlerc compile MODEL_DIR -o {out}` first)")
-    try:
-        manifest = json.loads(_read(out / MANIFEST_FILE, "the compiled folder is incomplete"))
-        files, versions = manifest["files"], manifest["versions"]
-        recorded_dir, weights = manifest["model_dir"], manifest["weights"]
-        if not (
-            isinstance(files, dict)
-            and isinstance(versions, dict)
-            and isinstance(recorded_dir, str)
-            and isinstance(weights, dict)
-        ):
-            raise TypeError
-    except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise ArtifactError(f"{out / MANIFEST_FILE} is corrupt: recompile") from None
+    manifest = read_manifest(_read(out / MANIFEST_FILE, "the compiled folder is incomplete"), out / MANIFEST_FILE)
+    files, versions, recorded_dir, weights = (
+        manifest["files"],
+        manifest["versions"],
+        manifest["model_dir"],
+        manifest["weights"],
+    )
 
     now = software_versions()
-    for name in ("fiddlerc", "transformers"):
+    for name in ("fiddlerc", "torch", "transformers"):  # each shapes the generated code
         if versions.get(name) != now[name]:
             raise ArtifactError(
                 f"{out} was compiled with {name} {versions.get(name)}, this is {now[name]}: recompile it with this version"
@@ -252,6 +261,8 @@ class CompiledModel:
         self.plan = artifact.plan
         self.device = device
         self.config = meta_model.config
+        if device.type == "cuda":
+            _check_gpu_memory(self.plan, device)
         self._worker = CpuWorker(num_threads)
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
@@ -275,6 +286,20 @@ class CompiledModel:
     def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
         return self._forward(input_ids, cache, attention_mask, position_ids)
 
+    def _check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.ndim != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+        ):
+            raise OptionError("input_ids must be an integer tensor of shape [batch, tokens]")
+        context = self.plan.target.context_tokens
+        if input_ids.shape[1] + new_tokens > context:
+            raise OptionError(
+                f"{input_ids.shape[1]} prompt tokens + {new_tokens} new tokens exceed the context of {context} tokens "
+                f"this model was compiled for: shorten the prompt or recompile with --context {input_ids.shape[1] + new_tokens}"
+            )
+
     @torch.no_grad()
     def __call__(
         self,
@@ -283,6 +308,7 @@ class CompiledModel:
         position_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, T, V] of a full forward pass from an empty cache (as Hugging Face's model(...) computes)."""
+        self._check_input(input_ids)
         input_ids = input_ids.to(self.device)
         if attention_mask is not None:
             attention_mask = attention_mask.to(self.device)
@@ -306,6 +332,7 @@ class CompiledModel:
         on_token=None,
     ) -> torch.Tensor:
         """Prompt + new tokens [B, T + n]: greedy unless do_sample; stops at EOS unless ignore_eos."""
+        self._check_input(input_ids, max_new_tokens)
         eos = () if ignore_eos else (_as_ids(eos_token_id) if eos_token_id is not None else self.eos_token_ids)
         with self._lock:
             out = _generate(
@@ -348,6 +375,18 @@ class CompiledModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _check_gpu_memory(plan: Plan, device: torch.device) -> None:
+    """Refuse to start when the GPU has less free memory than the plan puts on it."""
+    mem = plan.memory
+    need = mem.dense_bytes + mem.kv_reserve_bytes + sum(b for d, b in mem.expert_bytes.items() if d != CPU)
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > free:
+        raise BudgetError(
+            f"the plan puts {format_size(need)} on {device} but only {format_size(free)} is free there: "
+            "free the GPU, or recompile with a smaller --gpu-memory"
+        )
 
 
 def _as_ids(value) -> tuple[int, ...]:

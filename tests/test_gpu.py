@@ -38,3 +38,12 @@ def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp
         assert torch.equal(got_ids.cpu(), want_ids)
         stats = model.routing_stats()
         assert stats["fast"] > 0 and stats["cpu"] > 0
+
+
+def test_plan_larger_than_free_gpu_memory_is_refused(model_dirs, tmp_path):
+    from fiddlerc.errors import BudgetError
+
+    # a KV reserve of 10^10 tokens: terabytes, more than any GPU has free
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="100TiB", context=10**10)
+    with pytest.raises(BudgetError, match="but only .* is free there"):
+        fiddlerc.load(tmp_path / "out", device="cuda:0")
