@@ -1,7 +1,8 @@
 """Capture a Hugging Face causal LM as a torch.fx graph, then expand each experts call.
 
-The recipe (see DESIGN.md): trace a small wrapper with an explicit signature, keep attention
-modules and MoE blocks (any block `fiddlerc.families` recognises) opaque (leaves), wrap the modeling file's mask helpers, and keep the
+The recipe (see DESIGN.md): trace a small wrapper with an explicit signature; keep token mixers
+(attention, linear attention: the modules that read the cache), rotary embeddings and MoE blocks
+(any block `fiddlerc.families` recognises) opaque; wrap the modeling files' mask helpers; keep the
 config object as a `get_attr` node. (Tracing through MoE blocks fails on some families, e.g.
 DeepSeek's `view(*shape)`; as leaves they run Hugging Face's own code, so the router, shared
 experts and each family's gating arithmetic stay exactly as Hugging Face computes them.)
@@ -31,7 +32,6 @@ from fiddlerc.errors import UnsupportedModelError
 from fiddlerc.families import find_layout
 
 META_KEY = "fiddlerc"  # the one namespaced node.meta key fiddlerc writes
-
 
 _CACHE_ARGS = ("cache", "past_key_values", "past_key_value", "cache_params", "layer_past")
 

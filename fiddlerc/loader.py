@@ -179,6 +179,9 @@ def bind_weights(
 
     hidden = getattr(model.config, "hidden_size", None)
     layouts = {ml.layer: find_layout(model.get_submodule(ml.block), hidden) for ml in plan.moe_layers}
+    for ml in plan.moe_layers:
+        if layouts[ml.layer] is None or layouts[ml.layer].name != ml.layout:
+            raise ArtifactError(f"{ml.block} is no longer a {ml.layout} MoE block: recompile")
     expert_names = {
         f"{ml.block}.{name}"
         for ml in plan.moe_layers
@@ -198,8 +201,6 @@ def bind_weights(
     placed = []
     for ml in plan.moe_layers:
         block, layout = model.get_submodule(ml.block), layouts[ml.layer]
-        if layout is None or layout.name != ml.layout:
-            raise ArtifactError(f"{ml.block} is no longer a {ml.layout} MoE block: recompile")
         math = layout.math(block)
 
         def parts(name: str, e: int, block_path: str = ml.block) -> tuple[torch.Tensor, ...]:

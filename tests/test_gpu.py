@@ -13,7 +13,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 @pytest.mark.parametrize("arch", sorted(VERIFIED))
 def test_split_model_on_cuda_equals_hugging_face(arch, model_dirs, hf_model, tmp_path):
     if arch == "minimax":  # seen on H100, torch 2.11 + transformers 5.17: HF's own generate fails the same way
-        pytest.xfail("left-padded SDPA on CUDA raises '(*bias): last dimension must be contiguous' in transformers itself")
+        pytest.xfail(
+            "left-padded SDPA on CUDA raises '(*bias): last dimension must be contiguous' in transformers itself"
+        )
     src = model_dirs(arch)
     probe = fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64)
     half = len(probe.plan.moe_layers) * (probe.plan.moe_layers[0].num_experts // 2)
