@@ -35,6 +35,7 @@ from fiddlerc.model_io import (
 from fiddlerc.options import format_size, parse_dtype
 from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
+from fiddlerc.quant import Mxfp4Source, dequantize_mxfp4
 from fiddlerc.runtime.experts import PlacedExperts
 from fiddlerc.runtime.generate import generate as _generate
 from fiddlerc.runtime.worker import CpuWorker
@@ -201,12 +202,18 @@ def bind_weights(
     placed = []
     for ml in plan.moe_layers:
         block, layout = model.get_submodule(ml.block), layouts[ml.layer]
+        experts_module = model.get_submodule(ml.experts_module)
         math = layout.math(block)
 
-        def parts(name: str, e: int, block_path: str = ml.block) -> tuple[torch.Tensor, ...]:
+        def parts(
+            name: str, e: int, block_path: str = ml.block, experts_module=experts_module
+        ) -> tuple[torch.Tensor, ...]:
             src = sources[f"{block_path}.{name}"]
             if isinstance(src, DirectSource):  # fused on disk: a view of expert e's slice
                 return (fused(src.key)[e],)
+            if isinstance(src, Mxfp4Source):  # dequantized exactly, one expert at a time, in the stored layout
+                w = dequantize_mxfp4(fused(src.blocks)[e], fused(src.scales)[e], dtype)  # [out, in]
+                return (w.t() if getattr(experts_module, "is_transposed", False) else w,)
             return tuple(reader.get(k) for k in src.keys[e])
 
         def whole(name: str, block_path: str = ml.block) -> torch.Tensor:

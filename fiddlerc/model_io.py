@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from fiddlerc.errors import ModelFolderError, UnsupportedModelError
+from fiddlerc.quant import DEQUANTIZED, Mxfp4Source, mxfp4_shape
 
 log = logging.getLogger(__name__)
 
@@ -167,7 +168,15 @@ def load_config(folder: ModelFolder):
         log.warning(
             "config.json asks for remote code (auto_map); fiddlerc ignores it and uses the built-in %s", model_type
         )
-    fields = {k: v for k, v in folder.config_json.items() if k != "auto_map"}
+    quant = folder.config_json.get("quantization_config")
+    method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else quant and "unknown"
+    if quant is not None and method not in DEQUANTIZED:
+        raise UnsupportedModelError(
+            f"{folder.path} is a quantized checkpoint (quantization_config.quant_method={method!r}); fiddlerc "
+            f"dequantizes only {', '.join(DEQUANTIZED)}: use the unquantized (bf16/fp16/fp32) weights of this model"
+        )
+    # A dequantized model is built unquantized; its experts are dequantized one by one at bind time.
+    fields = {k: v for k, v in folder.config_json.items() if k not in ("auto_map", "quantization_config")}
     try:
         config = CONFIG_MAPPING[model_type].from_dict(fields)
     except (TypeError, ValueError, KeyError, AttributeError) as e:
@@ -176,13 +185,6 @@ def load_config(folder: ModelFolder):
         raise UnsupportedModelError(
             f"{model_type} is an encoder-decoder model; fiddlerc compiles decoder-only causal LMs such as "
             f"{supported_names()}"
-        )
-    quant = folder.config_json.get("quantization_config")
-    if quant is not None:
-        method = quant.get("quant_method", "unknown") if isinstance(quant, dict) else "unknown"
-        raise UnsupportedModelError(
-            f"{folder.path} is a quantized checkpoint (quantization_config.quant_method={method!r}); fiddlerc "
-            "does not dequantize it yet: use the unquantized (bf16/fp16/fp32) weights of this model"
         )
     return config
 
@@ -267,7 +269,7 @@ class PerExpertSource:
     keys: tuple[tuple[str, ...], ...]
 
 
-Source = DirectSource | PerExpertSource
+Source = DirectSource | PerExpertSource | Mxfp4Source
 
 
 def _transformers_conversions(model: nn.Module):
@@ -343,6 +345,8 @@ def resolve_sources(model: nn.Module, folder: ModelFolder) -> dict[str, Source]:
                     f"(found {len(experts)} of {n}): re-download the model"
                 )
             sources[name] = PerExpertSource(tuple(tuple(experts[e][s] for s in sorted(experts[e])) for e in range(n)))
+        elif f"{name}_blocks" in direct and f"{name}_scales" in direct:  # MXFP4 experts
+            sources[name] = Mxfp4Source(direct[f"{name}_blocks"], direct[f"{name}_scales"])
         elif name in tied and tied[name] in direct:
             sources[name] = DirectSource(direct[tied[name]])
         else:
@@ -366,6 +370,16 @@ def _check_shapes(model: nn.Module, folder: ModelFolder, sources: dict[str, Sour
             got = folder.tensors[src.key].shape
             bad = got != want
             shown = src.key
+        elif isinstance(src, Mxfp4Source):
+            got = mxfp4_shape(folder.tensors[src.blocks].shape)
+            transposed = (*got[:-2], got[-1], got[-2])
+            bad = (
+                want not in (got, transposed)
+                or folder.tensors[src.scales].shape != folder.tensors[src.blocks].shape[:-1]
+            )
+            shown = src.blocks
+            if not bad:
+                continue
         else:
             parts = [folder.tensors[k].shape for k in src.keys[0]]
             got = (len(src.keys), sum(p[0] for p in parts), *parts[0][1:])
