@@ -12,13 +12,20 @@ from fiddlerc.capture import capture
 from fiddlerc.codegen import generate_module
 from fiddlerc.errors import OptionError
 from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, Artifact, load, make_manifest
-from fiddlerc.model_io import build_meta_model, checkpoint_dtype, load_config, open_model_folder, resolve_sources
+from fiddlerc.model_io import (
+    build_meta_model,
+    checkpoint_dtype,
+    load_config,
+    open_config,
+    open_model_folder,
+    resolve_sources,
+)
 from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_size
 from fiddlerc.pipeline import initial_plan, run_passes
-from fiddlerc.plan import plan_to_json
+from fiddlerc.plan import Plan, plan_to_json
 from fiddlerc.report import report_text
 
-__all__ = ["compile", "load"]
+__all__ = ["compile", "load", "plan"]
 
 log = logging.getLogger(__name__)
 REPORT_FILE = "report.txt"
@@ -29,6 +36,30 @@ def _write_atomic(path: Path, text: str) -> None:
     with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
         fh.write(text)
     os.replace(tmp, path)
+
+
+def plan(
+    config_or_dir: str | Path,
+    gpu_memory: str | int,
+    *,
+    fast_experts: int | None = None,
+    context: int = 4096,
+    batch: int = 1,
+    dtype: str | None = None,
+) -> Plan:
+    """Plan a model from its config.json alone (no weights needed): the placement compile would make."""
+    options = CompileOptions(
+        gpu_budget_bytes=parse_size(gpu_memory),
+        fast_experts=fast_experts,
+        context_tokens=context,
+        batch_size=batch,
+        dtype=dtype,
+    )
+    folder = open_config(config_or_dir)
+    config = load_config(folder)
+    compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
+    model = build_meta_model(config, compute_dtype)
+    return run_passes(capture(model), initial_plan(model, folder.config_json, compute_dtype, options), options)
 
 
 def compile(  # noqa: A001 - the verb users expect

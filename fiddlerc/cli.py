@@ -128,6 +128,40 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_plan(args: argparse.Namespace) -> int:
+    from fiddlerc.hardware import load_profile, profile_names
+
+    if args.list_hardware:
+        for name in profile_names():
+            print(f"{name}\t{load_profile(name).description}")
+        return 0
+    if not args.model or not args.gpu_memory:
+        from fiddlerc.errors import OptionError
+
+        raise OptionError("plan needs CONFIG_OR_DIR and --gpu-memory (or --list-hardware)")
+    from fiddlerc.api import plan
+    from fiddlerc.cost import predict_decode
+    from fiddlerc.report import report_text
+
+    profile = load_profile(args.hardware)
+    p = plan(
+        args.model,
+        args.gpu_memory,
+        fast_experts=args.fast_experts,
+        context=args.context,
+        batch=args.batch,
+        dtype=args.dtype,
+    )
+    print(report_text(p))
+    pred = predict_decode(p, profile)
+    print(
+        f"predicted decode on {profile.name} (batch 1, position {p.target.context_tokens // 2}): "
+        f"{pred.tokens_per_s:.2f} tokens/s ({pred.ms_per_token:.1f} ms/token: dense {pred.dense_ms:.1f} ms, "
+        f"experts busy {pred.fast_expert_ms:.1f} ms fast tier / {pred.cpu_expert_ms:.1f} ms CPU)"
+    )
+    return 0
+
+
 def _cmd_architectures(args: argparse.Namespace) -> int:
     from fiddlerc.families import supported_text
 
@@ -179,6 +213,19 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     g.add_argument("--model", default=None, help="model folder, if it moved since compiling")
     g.set_defaults(func=_cmd_run)
+
+    pl = sub.add_parser("plan", help="plan a model from its config alone and predict its decode speed")
+    pl.add_argument("model", nargs="?", help="config.json or a folder holding one (weights not needed)")
+    pl.add_argument("--gpu-memory", help="budget of the target GPU")
+    pl.add_argument(
+        "--hardware", default="quadro-rtx6000-skylake48", help="profile name or JSON file (see --list-hardware)"
+    )
+    pl.add_argument("--list-hardware", action="store_true", help="list the shipped hardware profiles, one per line")
+    pl.add_argument("--fast-experts", type=int, default=None)
+    pl.add_argument("--context", type=int, default=4096)
+    pl.add_argument("--batch", type=int, default=1)
+    pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    pl.set_defaults(func=_cmd_plan)
 
     a = sub.add_parser("architectures", help="list the MoE families checked end to end")
     a.set_defaults(func=_cmd_architectures)

@@ -154,6 +154,22 @@ def open_model_folder(path: str | Path) -> ModelFolder:
     return ModelFolder(path=path.resolve(), config_json=config_json, tensors=tensors, files=tuple(files))
 
 
+def open_config(path: str | Path) -> ModelFolder:
+    """A config.json (or a folder holding one) without weights: enough to plan a model."""
+    path = Path(path)
+    folder = path if path.is_dir() else path.parent
+    cfg_file = path if path.is_file() else path / "config.json"
+    if not cfg_file.is_file():
+        raise ModelFolderError(f"{path} is neither a config.json nor a folder holding one")
+    try:
+        config_json = json.loads(cfg_file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFolderError(f"{cfg_file} is not valid JSON ({e})") from None
+    if not isinstance(config_json, dict):
+        raise ModelFolderError(f"{cfg_file} is not a JSON object")
+    return ModelFolder(path=folder.resolve(), config_json=config_json, tensors={}, files=())
+
+
 def load_config(folder: ModelFolder):
     """The model's transformers config. Remote code is never run: only built-in model types load."""
     from transformers import CONFIG_MAPPING

@@ -1,4 +1,5 @@
 import json
+import re
 import subprocess
 import sys
 
@@ -73,3 +74,19 @@ def test_demo_and_python_dash_m(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "experts on cuda:0" in proc.stdout and "4 tokens in" in proc.stdout
     assert (tmp_path / "demo" / "compiled" / "plan.json").is_file()
+
+
+def test_plan_from_config_alone_predicts_tokens_per_second(tmp_path, capsys):
+    from pathlib import Path
+
+    config = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+    assert (
+        main(
+            ["plan", str(config), "--gpu-memory", "24GiB", "--hardware", "quadro-rtx6000-skylake48", "--context", "512"]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "experts on cuda:0" in out
+    assert re.search(r"predicted decode on quadro-rtx6000-skylake48 .*: \d+\.\d+ tokens/s", out)
+    assert main(["plan", str(config)]) == 2  # no budget

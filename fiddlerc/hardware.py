@@ -1,0 +1,115 @@
+"""Hardware profiles: what a target machine can do, as JSON with a source for every number.
+
+Named profiles ship in `fiddlerc/profiles/` (the Fiddler paper's machines and common ones); a user
+can pass a file of their own. A profile is an explicit compile input, recorded by name and hash.
+A profile without a GPU is a CPU-only machine: both tiers share its cores and memory bus.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+from fiddlerc.errors import OptionError
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    name: str
+    memory_bytes: int
+    mem_bw_gbps: float  # device memory read bandwidth, GB/s
+    matmul_tflops: float  # dense matmul throughput in the compute dtype
+    h2d_gbps: float  # pinned host-to-device copy bandwidth
+    d2h_gbps: float  # pinned device-to-host copy bandwidth
+    call_overhead_ms: float  # fixed cost of one expert call (launches, sync)
+
+
+@dataclass(frozen=True)
+class CpuSpec:
+    name: str
+    cores: int
+    mem_bw_gbps: float  # read bandwidth an expert call achieves with all cores
+    matmul_tflops: float
+    call_overhead_ms: float
+    memory_bytes: int
+
+
+@dataclass(frozen=True)
+class HardwareProfile:
+    name: str
+    description: str
+    cpu: CpuSpec
+    gpu: GpuSpec | None  # None: CPU-only, both tiers run on the CPU and share it
+    sources: dict[str, str]
+
+    @property
+    def cpu_only(self) -> bool:
+        return self.gpu is None
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1, sort_keys=False) + "\n"
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
+
+
+def _spec(cls, data, where: str):
+    if not isinstance(data, dict):
+        raise OptionError(f"hardware profile {where}: expected an object")
+    names = [f.name for f in fields(cls)]
+    if set(data) != set(names):
+        raise OptionError(f"hardware profile {where}: fields must be exactly {names}")
+    for f in fields(cls):
+        v = data[f.name]
+        if f.name == "name":
+            ok = isinstance(v, str) and 0 < len(v) <= 100
+        elif f.type in ("int",):
+            ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
+        else:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) and v >= 0
+        if not ok:
+            raise OptionError(f"hardware profile {where}.{f.name}: invalid value {v!r}")
+    return cls(**data)
+
+
+def profile_from_json(text: str | bytes, origin: str = "profile") -> HardwareProfile:
+    """Parse and check a profile; any malformed input is an OptionError naming the field."""
+    try:
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise OptionError(f"hardware profile {origin} is not valid JSON ({type(e).__name__})") from None
+    if not isinstance(data, dict) or set(data) != {f.name for f in fields(HardwareProfile)}:
+        raise OptionError(f"hardware profile {origin}: expected the keys {[f.name for f in fields(HardwareProfile)]}")
+    name, desc, sources = data["name"], data["description"], data["sources"]
+    if not (isinstance(name, str) and name.replace("-", "").replace("_", "").isalnum() and len(name) <= 60):
+        raise OptionError(f"hardware profile {origin}: name must be letters, digits, '-' or '_'")
+    if (
+        not isinstance(desc, str)
+        or not isinstance(sources, dict)
+        or not all(isinstance(v, str) for v in sources.values())
+    ):
+        raise OptionError(f"hardware profile {origin}: description and sources must be text")
+    cpu = _spec(CpuSpec, data["cpu"], f"{origin}.cpu")
+    gpu = None if data["gpu"] is None else _spec(GpuSpec, data["gpu"], f"{origin}.gpu")
+    return HardwareProfile(name=name, description=desc, cpu=cpu, gpu=gpu, sources=dict(sources))
+
+
+def profile_names() -> list[str]:
+    return sorted(p.stem for p in PROFILE_DIR.glob("*.json"))
+
+
+def load_profile(name_or_file: str | Path) -> HardwareProfile:
+    """A shipped profile by name, or a JSON file of one."""
+    path = Path(name_or_file)
+    if str(name_or_file) in profile_names():
+        path = PROFILE_DIR / f"{name_or_file}.json"
+    elif not path.is_file():
+        raise OptionError(
+            f"unknown hardware {str(name_or_file)!r}: give a profile file or one of {', '.join(profile_names())}"
+        )
+    return profile_from_json(path.read_bytes(), str(name_or_file))

@@ -1,0 +1,88 @@
+"""The latency model and the decode simulator, on cases whose answer is computed by hand."""
+
+from pathlib import Path
+
+import pytest
+
+from fiddlerc.cost import CostModel, predict_decode
+from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile
+from fiddlerc.plan import ExpertPlacement, Memory, ModelInfo, MoeLayer, Plan, Target
+
+GPU = GpuSpec("g", 10**10, mem_bw_gbps=1000.0, matmul_tflops=1e6, h2d_gbps=10.0, d2h_gbps=10.0, call_overhead_ms=0.5)
+CPU_ = CpuSpec("c", 8, mem_bw_gbps=100.0, matmul_tflops=1e6, call_overhead_ms=0.0, memory_bytes=10**11)
+
+
+def profile(gpu=GPU) -> HardwareProfile:
+    return HardwareProfile("test", "hand-made", CPU_, gpu, {})
+
+
+def plan(devices: list[str], expert_bytes=10**8, dense=10**9, top_k=2) -> Plan:
+    n = len(devices)
+    experts = tuple(ExpertPlacement(0, e, d, expert_bytes, top_k / n, "r") for e, d in enumerate(devices))
+    sums: dict[str, int] = {}
+    for e in experts:
+        sums[e.device] = sums.get(e.device, 0) + expert_bytes
+    return Plan(
+        model=ModelInfo("MixtralForCausalLM", "mixtral", "bfloat16", 1, "0" * 64),
+        target=Target("cuda:0", 10**12, 100, 1, None),
+        moe_layers=(
+            MoeLayer(
+                0,
+                "model.layers.0.mlp",
+                "model.layers.0.mlp.experts",
+                "experts-interface",
+                "softmax top-k",
+                n,
+                top_k,
+                expert_bytes,
+                0,
+            ),
+        ),
+        memory=Memory(10**12, dense, 0, sums),
+        experts=experts,
+    )
+
+
+def test_expert_times_by_hand():
+    m = CostModel(profile())
+    # 1e8 bytes at 100 GB/s = 1 ms on the CPU; at 1000 GB/s = 0.1 ms + 0.5 ms overhead on the GPU
+    assert m.cpu_expert_ms(1, 10**8, 2) == pytest.approx(1.0, rel=1e-3)
+    assert m.fast_expert_ms(1, 10**8, 2) == pytest.approx(0.6, rel=1e-3)
+    slow = CostModel(HardwareProfile("t", "", CpuSpec("c", 1, 100.0, 1.0, 0.0, 1), None, {}))
+    # flops term: 2 * 5e7 weights * 10 tokens = 1e9 flops at 1 TFLOP/s = 1 ms
+    assert slow.cpu_expert_ms(10, 10**8, 2) == pytest.approx(1.0 + 1.0, rel=1e-3)
+
+
+def test_all_on_gpu_and_all_on_cpu():
+    # dense: 1e9 bytes at 1000 GB/s = 1 ms; two experts per token
+    assert predict_decode(plan(["cuda:0"] * 4), profile()).ms_per_token == pytest.approx(1.0 + 2 * 0.6, rel=1e-3)
+    assert predict_decode(plan(["cpu"] * 4), profile()).ms_per_token == pytest.approx(1.0 + 2 * 1.0, rel=1e-3)
+
+
+def test_split_takes_the_expected_longer_tier():
+    # 2 of 4 experts on each tier, k=2: P(both cpu)=1/6, P(one each)=4/6, P(both gpu)=1/6
+    # layer = 1/6*2.0 + 4/6*max(0.6, 1.0) + 1/6*1.2 = 1.2
+    p = predict_decode(plan(["cuda:0", "cuda:0", "cpu", "cpu"]), profile())
+    assert p.ms_per_token == pytest.approx(1.0 + (2.0 + 4 * 1.0 + 1.2) / 6, rel=1e-3)
+    assert p.cpu_expert_ms == pytest.approx(1.0, rel=1e-3)  # expected one CPU call of 1 ms per token
+
+
+def test_cpu_only_never_predicts_parallel_speedup():
+    cpu_only = HardwareProfile("c", "", CPU_, None, {})
+    split = predict_decode(plan(["cuda:0", "cuda:0", "cpu", "cpu"]), cpu_only)
+    everything_on_one = predict_decode(plan(["cpu"] * 4), cpu_only)
+    assert split.ms_per_token == pytest.approx(everything_on_one.ms_per_token, rel=1e-9)
+
+
+def test_mixtral_8x7b_on_the_papers_machine_from_config_alone():
+    """Plan Mixtral-8x7B from its config (no weights) for the paper's E1 machine at 24 GiB."""
+    from fiddlerc.api import plan as plan_model
+    from fiddlerc.hardware import load_profile
+
+    config = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+    p = plan_model(config, "24GiB", context=512)
+    n_fast = sum(e.device != "cpu" for e in p.experts)
+    assert 50 <= n_fast <= 70  # the paper: about 56 of 256 experts fit beside the dense weights
+    assert p.moe_layers[0].bytes_per_expert == 3 * 4096 * 14336 * 2  # 352 MB per expert in bf16
+    pred = predict_decode(p, load_profile("quadro-rtx6000-skylake48"))
+    assert 2.5 < pred.tokens_per_s < 4.0  # the paper measured about 3.2 tokens/s at long outputs
