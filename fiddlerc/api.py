@@ -11,6 +11,7 @@ from pathlib import Path
 from fiddlerc.capture import capture
 from fiddlerc.codegen import generate_module
 from fiddlerc.errors import OptionError
+from fiddlerc.hardware import load_profile
 from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, Artifact, load, make_manifest
 from fiddlerc.model_io import (
     build_meta_model,
@@ -46,14 +47,17 @@ def plan(
     context: int = 4096,
     batch: int = 1,
     dtype: str | None = None,
+    hardware: str | Path | None = None,
 ) -> Plan:
-    """Plan a model from its config.json alone (no weights needed): the placement compile would make."""
+    """Plan a model from its config.json alone (no weights needed): the placement compile would make,
+    priced on `hardware` (a profile name or file) when given."""
     options = CompileOptions(
         gpu_budget_bytes=parse_size(gpu_memory),
         fast_experts=fast_experts,
         context_tokens=context,
         batch_size=batch,
         dtype=dtype,
+        hardware=None if hardware is None else load_profile(hardware),
     )
     folder = open_config(config_or_dir)
     config = load_config(folder)
@@ -71,14 +75,19 @@ def compile(  # noqa: A001 - the verb users expect
     context: int = 4096,
     batch: int = 1,
     dtype: str | None = None,
+    hardware: str | Path | None = None,
 ) -> Artifact:
-    """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, manifest.json, report.txt)."""
+    """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, manifest.json, report.txt).
+
+    `hardware` (a profile name or file) prices the plan: its prediction goes into plan.json and the report.
+    """
     options = CompileOptions(
         gpu_budget_bytes=parse_size(gpu_memory),
         fast_experts=fast_experts,
         context_tokens=context,
         batch_size=batch,
         dtype=dtype,
+        hardware=None if hardware is None else load_profile(hardware),
     )
     folder = open_model_folder(model_dir)
     config = load_config(folder)
@@ -97,7 +106,7 @@ def compile(  # noqa: A001 - the verb users expect
     if out.resolve() == folder.path:
         raise OptionError("the output folder must not be the model folder: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = make_manifest(plan_text, module_text, folder)
+    manifest = make_manifest(plan, plan_text, module_text, folder)
     _write_atomic(out / PLAN_FILE, plan_text)
     _write_atomic(out / MODULE_FILE, module_text)
     _write_atomic(out / REPORT_FILE, report_text(plan))

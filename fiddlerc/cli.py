@@ -26,6 +26,7 @@ def _cmd_compile(args: argparse.Namespace) -> int:
         context=args.context,
         batch=args.batch,
         dtype=args.dtype,
+        hardware=args.hardware,
     )
     n_fast = sum(1 for e in art.plan.experts if e.device != "cpu")
     print(
@@ -131,7 +132,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     from fiddlerc.hardware import load_profile, profile_names
 
-    if args.list_hardware:
+    if args.list_hardware:  # one per line, name first
         for name in profile_names():
             print(f"{name}\t{load_profile(name).description}")
         return 0
@@ -140,10 +141,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         raise OptionError("plan needs CONFIG_OR_DIR and --gpu-memory (or --list-hardware)")
     from fiddlerc.api import plan
-    from fiddlerc.cost import predict_decode
     from fiddlerc.report import report_text
 
-    profile = load_profile(args.hardware)
     p = plan(
         args.model,
         args.gpu_memory,
@@ -151,14 +150,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         context=args.context,
         batch=args.batch,
         dtype=args.dtype,
+        hardware=args.hardware,
     )
-    print(report_text(p))
-    pred = predict_decode(p, profile)
-    print(
-        f"predicted decode on {profile.name} (batch 1, position {p.target.context_tokens // 2}): "
-        f"{pred.tokens_per_s:.2f} tokens/s ({pred.ms_per_token:.1f} ms/token: dense {pred.dense_ms:.1f} ms, "
-        f"experts busy {pred.fast_expert_ms:.1f} ms fast tier / {pred.cpu_expert_ms:.1f} ms CPU)"
-    )
+    print(report_text(p), end="")
     return 0
 
 
@@ -195,6 +189,11 @@ def build_parser() -> argparse.ArgumentParser:
         choices=["float32", "bfloat16", "float16"],
         default=None,
         help="compute dtype (default: the checkpoint's)",
+    )
+    c.add_argument(
+        "--hardware",
+        default=None,
+        help="price the plan on a hardware profile: a name (plan --list-hardware) or a JSON file",
     )
     c.set_defaults(func=_cmd_compile)
 

@@ -55,12 +55,15 @@ def software_versions() -> dict[str, str]:
     return {"fiddlerc": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
 
 
-def make_manifest(plan_text: str, module_text: str, folder: ModelFolder) -> dict:
+def make_manifest(plan: Plan, plan_text: str, module_text: str, folder: ModelFolder) -> dict:
     return {
         "versions": software_versions(),
         "model_dir": str(folder.path),
         "files": {PLAN_FILE: sha256_bytes(plan_text.encode()), MODULE_FILE: sha256_bytes(module_text.encode())},
         "weights": folder.fingerprint(),
+        "hardware": None
+        if plan.target.hardware is None
+        else {"name": plan.target.hardware, "sha256": plan.target.hardware_sha256},
     }
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from fiddlerc.errors import OptionError
+from fiddlerc.hardware import HardwareProfile
 
 _UNITS = {
     "": 1,
@@ -88,6 +89,7 @@ class CompileOptions:
     batch_size: int = 1  # KV-cache reserve: sequences
     dtype: str | None = None  # None: the checkpoint's dtype
     target_device: str = "cuda:0"
+    hardware: HardwareProfile | None = None  # prices the plan (predict_speed); None: no prediction
 
     def __post_init__(self) -> None:
         if self.gpu_budget_bytes < 0:

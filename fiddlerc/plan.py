@@ -41,6 +41,8 @@ class Target:
     context_tokens: int
     batch_size: int
     fast_experts: int | None  # user override: best N experts on the GPU
+    hardware: str | None = None  # hardware profile the plan was priced with (name), if any
+    hardware_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,17 @@ class Memory:
 
 
 @dataclass(frozen=True)
+class Prediction:
+    """What the cost model predicts for this plan on its hardware profile (decode, batch 1)."""
+
+    decode_ms_per_token: float
+    dense_ms: float
+    fast_expert_ms: float
+    cpu_expert_ms: float
+    position: int  # sequence position the prediction is for
+
+
+@dataclass(frozen=True)
 class ExpertPlacement:
     layer: int
     expert: int
@@ -93,6 +106,7 @@ class Plan:
     moe_layers: tuple[MoeLayer, ...] = ()
     memory: Memory | None = None
     experts: tuple[ExpertPlacement, ...] = ()
+    prediction: Prediction | None = None
 
     def with_(self, **changes) -> Plan:
         return replace(self, **changes)
@@ -163,6 +177,8 @@ def plan_from_dict(data: object) -> Plan:
             raise PlanError("plan.json: moe_layers and experts must be lists")
         d["moe_layers"] = tuple(_build(MoeLayer, x, f"moe_layers[{i}]") for i, x in enumerate(layers))
         d["experts"] = tuple(_build(ExpertPlacement, x, f"experts[{i}]") for i, x in enumerate(experts))
+        if d.get("prediction") is not None:
+            d["prediction"] = _build(Prediction, d["prediction"], "prediction")
         mem = d.get("memory")
         if mem is not None:
             free = mem.get("free_bytes") if isinstance(mem, dict) else None
@@ -236,6 +252,29 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
     _check(
         t.fast_experts is None or _is_int(t.fast_experts), "target.fast_experts must be null or a non-negative integer"
     )
+    _check(
+        (t.hardware is None) == (t.hardware_sha256 is None)
+        and (
+            t.hardware is None
+            or (isinstance(t.hardware, str) and bool(re.fullmatch(r"[A-Za-z0-9_-]{1,60}", t.hardware)))
+        )
+        and (
+            t.hardware_sha256 is None
+            or (isinstance(t.hardware_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", t.hardware_sha256)))
+        ),
+        "target.hardware must be a profile name with its sha256, or both null",
+    )
+    if plan.prediction is not None:
+        pr = plan.prediction
+        _check(t.hardware is not None, "a prediction needs target.hardware")
+        numbers = (pr.decode_ms_per_token, pr.dense_ms, pr.fast_expert_ms, pr.cpu_expert_ms)
+        _check(
+            all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in numbers
+            )
+            and _is_int(pr.position),
+            "prediction numbers must be finite and non-negative",
+        )
 
     layers: dict[int, MoeLayer] = {}
     for ml in plan.moe_layers:

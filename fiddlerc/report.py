@@ -47,4 +47,11 @@ def report_text(plan: Plan) -> str:
         f"{(fast_use / total_use if total_use else 0):.1%}",
         "per-expert decisions and reasons: fiddlerc report OUT --format json",
     ]
+    if plan.prediction is not None:
+        pr = plan.prediction
+        lines.append(
+            f"predicted decode on {t.hardware} (batch 1, position {pr.position}): {1000 / pr.decode_ms_per_token:.2f} tokens/s "
+            f"({pr.decode_ms_per_token:.1f} ms/token: dense {pr.dense_ms:.1f} ms, experts busy "
+            f"{pr.fast_expert_ms:.1f} ms fast tier / {pr.cpu_expert_ms:.1f} ms CPU)"
+        )
     return "\n".join(lines) + "\n"

@@ -11,7 +11,7 @@ import pytest
 import fiddlerc
 from fiddlerc.errors import PlanError
 
-_COMPILE = "import fiddlerc, sys; fiddlerc.compile(sys.argv[1], sys.argv[2], gpu_memory='300KiB', context=64)"
+_COMPILE = "import fiddlerc, sys; fiddlerc.compile(sys.argv[1], sys.argv[2], gpu_memory='300KiB', context=64, hardware='l4-cascadelake32')"
 
 
 def test_two_processes_give_identical_bytes(model_dirs, tmp_path):

@@ -86,3 +86,40 @@ def test_mixtral_8x7b_on_the_papers_machine_from_config_alone():
     assert p.moe_layers[0].bytes_per_expert == 3 * 4096 * 14336 * 2  # 352 MB per expert in bf16
     pred = predict_decode(p, load_profile("quadro-rtx6000-skylake48"))
     assert 2.5 < pred.tokens_per_s < 4.0  # the paper measured about 3.2 tokens/s at long outputs
+
+
+def test_compile_records_the_profile_and_its_prediction(model_dirs, tmp_path):
+    import json
+
+    import fiddlerc
+    from fiddlerc.hardware import load_profile
+    from fiddlerc.report import report_text
+
+    art = fiddlerc.compile(
+        model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4, hardware="h100-server"
+    )
+    profile = load_profile("h100-server")
+    assert (art.plan.target.hardware, art.plan.target.hardware_sha256) == (profile.name, profile.sha256())
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["hardware"] == {"name": "h100-server", "sha256": profile.sha256()}
+    want = predict_decode(art.plan, profile, 32)
+    assert art.plan.prediction.decode_ms_per_token == pytest.approx(want.ms_per_token, abs=1e-4)
+    assert "predicted decode on h100-server" in report_text(art.plan)
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:  # a priced plan loads like any other
+        assert model.plan == art.plan
+
+
+def test_verifier_checks_the_prediction():
+    from dataclasses import replace
+
+    from fiddlerc.errors import PlanError
+    from fiddlerc.plan import Prediction, verify_plan
+
+    p = plan(["cpu"] * 4)
+    with pytest.raises(PlanError, match="prediction needs target.hardware"):
+        verify_plan(p.with_(prediction=Prediction(1.0, 0.5, 0.2, 0.3, 10)))
+    with pytest.raises(PlanError, match="profile name with its sha256"):
+        verify_plan(p.with_(target=replace(p.target, hardware="x; import os", hardware_sha256="0" * 64)))
+    priced = p.with_(target=replace(p.target, hardware="h", hardware_sha256="0" * 64))
+    with pytest.raises(PlanError, match="finite and non-negative"):
+        verify_plan(priced.with_(prediction=Prediction(float("inf"), 0.5, 0.2, 0.3, 10)))

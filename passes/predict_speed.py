@@ -1,0 +1,34 @@
+"""predict_speed: price the finished placement on the target's hardware profile.
+
+Reads: the whole plan and `options.hardware` (a profile, or None to skip).
+Writes: `plan.target.hardware`/`hardware_sha256` and `plan.prediction` (decode, batch 1, at half
+the reserved context). No graph annotation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch.fx
+
+from fiddlerc.cost import predict_decode
+from fiddlerc.options import CompileOptions
+from fiddlerc.plan import Plan, Prediction
+
+
+def predict_speed(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
+    profile = options.hardware
+    if profile is None:
+        return plan
+    position = plan.target.context_tokens // 2
+    pred = predict_decode(plan, profile, position)
+    return plan.with_(
+        target=replace(plan.target, hardware=profile.name, hardware_sha256=profile.sha256()),
+        prediction=Prediction(
+            decode_ms_per_token=round(pred.ms_per_token, 4),
+            dense_ms=round(pred.dense_ms, 4),
+            fast_expert_ms=round(pred.fast_expert_ms, 4),
+            cpu_expert_ms=round(pred.cpu_expert_ms, 4),
+            position=position,
+        ),
+    )
