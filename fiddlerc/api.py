@@ -6,12 +6,13 @@ import json
 import logging
 import os
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 from fiddlerc.capture import capture
 from fiddlerc.codegen import generate_module
 from fiddlerc.errors import OptionError
-from fiddlerc.hardware import load_profile
+from fiddlerc.hardware import HardwareProfile, load_profile
 from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, Artifact, load, make_manifest
 from fiddlerc.model_io import (
     build_meta_model,
@@ -39,6 +40,31 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _profile(hardware: str | Path | None, model, dtype) -> HardwareProfile | None:
+    """A profile by name or file; "auto" is this machine, calibrated for the model's expert shape (cached)."""
+    if hardware is None:
+        return None
+    if str(hardware) != "auto":
+        return load_profile(hardware)
+    from fiddlerc.calibrate import calibrate
+
+    hidden, inter = expert_shape(model, dtype)
+    return calibrate(hidden, inter, dtype)[0]
+
+
+def expert_shape(model, dtype) -> tuple[int, int]:
+    """(hidden, intermediate) of the model's routed experts, from the first MoE block's weight bytes."""
+    from fiddlerc.families import find_layout
+
+    hidden = model.config.hidden_size
+    for block in model.modules():
+        layout = find_layout(block, hidden)
+        if layout is not None:
+            per_expert = sum(p.numel() for p in layout.expert_params(block).values()) // layout.num_experts(block)
+            return hidden, max(1, per_expert // (3 * hidden))
+    raise OptionError("the model has no MoE block to calibrate for")
+
+
 def plan(
     config_or_dir: str | Path,
     gpu_memory: str | int,
@@ -57,12 +83,12 @@ def plan(
         context_tokens=context,
         batch_size=batch,
         dtype=dtype,
-        hardware=None if hardware is None else load_profile(hardware),
     )
     folder = open_config(config_or_dir)
     config = load_config(folder)
     compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
     model = build_meta_model(config, compute_dtype)
+    options = replace(options, hardware=_profile(hardware, model, compute_dtype))
     return run_passes(capture(model), initial_plan(model, folder.config_json, compute_dtype, options), options)
 
 
@@ -87,13 +113,13 @@ def compile(  # noqa: A001 - the verb users expect
         context_tokens=context,
         batch_size=batch,
         dtype=dtype,
-        hardware=None if hardware is None else load_profile(hardware),
     )
     folder = open_model_folder(model_dir)
     config = load_config(folder)
     compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
     dtype_name(compute_dtype)  # refuses a checkpoint dtype fiddlerc does not compute in
     model = build_meta_model(config, compute_dtype)
+    options = replace(options, hardware=_profile(hardware, model, compute_dtype))
     resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
     gm = capture(model)
     plan = run_passes(gm, initial_plan(model, folder.config_json, compute_dtype, options), options)

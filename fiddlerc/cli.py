@@ -156,6 +156,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_calibrate(args: argparse.Namespace) -> int:
+    from fiddlerc.api import expert_shape
+    from fiddlerc.calibrate import calibrate
+    from fiddlerc.model_io import build_meta_model, checkpoint_dtype, load_config, open_config
+    from fiddlerc.options import parse_dtype
+
+    folder = open_config(args.model)
+    config = load_config(folder)
+    dtype = parse_dtype(args.dtype) if args.dtype else checkpoint_dtype(folder, config)
+    hidden, inter = expert_shape(build_meta_model(config, dtype), dtype)
+    t0 = time.perf_counter()
+    profile, path = calibrate(hidden, inter, dtype, threads=args.threads, use_cache=not args.force)
+    print(f"{profile.name}: {profile.description} ({time.perf_counter() - t0:.1f} s)")
+    for key in ("cpu.mem_bw_gbps", "gpu.mem_bw_gbps", "gpu.h2d_gbps"):
+        if key in profile.sources:
+            print(f"  {key}: {profile.sources[key]}")
+    print(f"written to {path}; compile with --hardware auto (or --hardware {path})")
+    return 0
+
+
 def _cmd_architectures(args: argparse.Namespace) -> int:
     from fiddlerc.families import supported_text
 
@@ -193,7 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--hardware",
         default=None,
-        help="price the plan on a hardware profile: a name (plan --list-hardware) or a JSON file",
+        help="price the plan on a hardware profile: a name (plan --list-hardware), a JSON file, or auto (this machine, calibrated)",
     )
     c.set_defaults(func=_cmd_compile)
 
@@ -225,6 +245,13 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     pl.set_defaults(func=_cmd_plan)
+
+    cal = sub.add_parser("calibrate", help="measure this machine for a model's expert shape (cached)")
+    cal.add_argument("model", help="model folder or config.json")
+    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    cal.add_argument("--force", action="store_true", help="measure again even if cached")
+    cal.set_defaults(func=_cmd_calibrate)
 
     a = sub.add_parser("architectures", help="list the MoE families checked end to end")
     a.set_defaults(func=_cmd_architectures)

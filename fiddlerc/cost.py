@@ -1,8 +1,9 @@
 """The latency model and a decode simulator over a plan and a hardware profile.
 
-An expert call reads its weights once and does 2 flops per weight per token, so
-`t(n) = overhead + bytes / bandwidth + n * flops_per_token / throughput`: the `a + b*n` of the
-Fiddler paper with `a` dominated by the weight read at small n. The fast tier uses the GPU's
+An expert call reads its weights once and does 2 flops per weight per token; whichever takes
+longer bounds it (a roofline): `t(n) = overhead + max(bytes / bandwidth, n * flops / throughput)`.
+That is flat while memory-bound (decode, small n) and the Fiddler paper's `a + b*n` once
+compute-bound; calibration fits the two pieces where the curve bends. The fast tier uses the GPU's
 numbers; on a CPU-only profile it is the CPU itself, and the two tiers' work adds up instead of
 overlapping (they share the cores and the memory bus).
 
@@ -30,14 +31,14 @@ class CostModel:
     def cpu_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
         cpu = self.profile.cpu
         flops = 2 * (expert_bytes // itemsize) * n_tokens
-        return cpu.call_overhead_ms + expert_bytes / (cpu.mem_bw_gbps * 1e6) + flops / (cpu.matmul_tflops * 1e9)
+        return cpu.call_overhead_ms + max(expert_bytes / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
 
     def fast_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
         gpu = self.profile.gpu
         if gpu is None:
             return self.cpu_expert_ms(n_tokens, expert_bytes, itemsize)
         flops = 2 * (expert_bytes // itemsize) * n_tokens
-        return gpu.call_overhead_ms + expert_bytes / (gpu.mem_bw_gbps * 1e6) + flops / (gpu.matmul_tflops * 1e9)
+        return gpu.call_overhead_ms + max(expert_bytes / (gpu.mem_bw_gbps * 1e6), flops / (gpu.matmul_tflops * 1e9))
 
     def fast_read_ms(self, n_bytes: int) -> float:
         """Time to stream `n_bytes` of weights or cache once on the fast device."""

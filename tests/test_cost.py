@@ -49,8 +49,10 @@ def test_expert_times_by_hand():
     assert m.cpu_expert_ms(1, 10**8, 2) == pytest.approx(1.0, rel=1e-3)
     assert m.fast_expert_ms(1, 10**8, 2) == pytest.approx(0.6, rel=1e-3)
     slow = CostModel(HardwareProfile("t", "", CpuSpec("c", 1, 100.0, 1.0, 0.0, 1), None, {}))
-    # flops term: 2 * 5e7 weights * 10 tokens = 1e9 flops at 1 TFLOP/s = 1 ms
-    assert slow.cpu_expert_ms(10, 10**8, 2) == pytest.approx(1.0 + 1.0, rel=1e-3)
+    # roofline: reading 1e8 bytes takes 1 ms; 2 * 5e7 weights * 10 tokens = 1e9 flops at 1 TFLOP/s = 1 ms;
+    # at 30 tokens the compute (3 ms) dominates
+    assert slow.cpu_expert_ms(10, 10**8, 2) == pytest.approx(1.0, rel=1e-3)
+    assert slow.cpu_expert_ms(30, 10**8, 2) == pytest.approx(3.0, rel=1e-3)
 
 
 def test_all_on_gpu_and_all_on_cpu():
@@ -123,3 +125,30 @@ def test_verifier_checks_the_prediction():
     priced = p.with_(target=replace(p.target, hardware="h", hardware_sha256="0" * 64))
     with pytest.raises(PlanError, match="finite and non-negative"):
         verify_plan(priced.with_(prediction=Prediction(float("inf"), 0.5, 0.2, 0.3, 10)))
+
+
+def test_roofline_fit_recovers_a_known_machine():
+    from fiddlerc.calibrate import TOKEN_COUNTS, fit_roofline
+
+    expert_bytes, flops = 3 * 1024 * 1024 * 4, 2 * 3 * 1024 * 1024
+    bw, tput = 20.0, 0.05  # GB/s, TFLOP/s
+    ms = [max(expert_bytes / (bw * 1e6), n * flops / (tput * 1e9)) for n in TOKEN_COUNTS]
+    got_bw, got_tput, error = fit_roofline(TOKEN_COUNTS, ms, expert_bytes, flops)
+    assert got_bw == pytest.approx(bw, rel=1e-3) and got_tput == pytest.approx(tput, rel=1e-3) and error < 1e-9
+
+
+def test_calibration_is_cached(tmp_path, monkeypatch):
+    from fiddlerc import calibrate as cal
+    from fiddlerc.hardware import load_profile
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr(cal, "POOL_BYTES", 2**20)
+    profile, path = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
+    assert path.parent == tmp_path / "fiddlerc" / "calibration" and path.is_file()
+    assert profile.cpu_only == (not __import__("torch").cuda.is_available())
+    assert profile.cpu.mem_bw_gbps > 0 and profile.cpu.matmul_tflops > 0
+    assert load_profile(path) == profile  # a calibrated profile is an ordinary profile file
+    calls = []
+    monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [1.0] * len(cal.TOKEN_COUNTS))
+    again, path2 = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
+    assert (again, path2) == (profile, path) and not calls  # read from the cache, not measured
