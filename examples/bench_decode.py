@@ -137,11 +137,17 @@ def main() -> None:
             )
         return time.perf_counter() - t
 
+    def run_ours_one() -> float:  # prefill + 1 token: subtracted to isolate decode
+        t = time.perf_counter()
+        model.generate(ids, max_new_tokens=1, ignore_eos=True)
+        return time.perf_counter() - t
+
     run_ours(), run_hf()  # warm up
-    ours, hf = [], []
+    ours, hf, ours_one = [], [], []
     for _ in range(args.rounds):  # alternate, so machine noise hits both alike
         ours.append(run_ours())
         hf.append(run_hf())
+        ours_one.append(run_ours_one())
     same = torch.equal(
         model.generate(ids, max_new_tokens=16, ignore_eos=True).cpu(),
         ref.generate(ids.to(args.device), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0).cpu(),
@@ -159,6 +165,18 @@ def main() -> None:
         grown = m["peak_rss"] - m["rss_before"]
         print(f"{name}: {m['load_s']:.2f} s; peak RSS {m['peak_rss'] / 1e9:.2f} GB, of which {grown / 1e9:.2f} GB "
               f"({grown / weight_bytes:.2f}x weights) during load; after load {m['rss_after'] / 1e9:.2f} GB")  # fmt: skip
+    from fiddlerc.calibrate import calibrate
+    from fiddlerc.cost import predict_decode
+
+    hidden = bench_config().hidden_size
+    inter = art.plan.moe_layers[0].bytes_per_expert // (3 * hidden * 4)  # fp32, gated experts
+    profile, _ = calibrate(hidden, inter, torch.float32, threads=args.threads)
+    predicted = predict_decode(art.plan, profile, position=args.prompt + args.new // 2)
+    measured_ms = 1e3 * (statistics.median(ours) - statistics.median(ours_one)) / (args.new - 1)
+    print(
+        f"decode per token: measured {measured_ms:.2f} ms, predicted {predicted.ms_per_token:.2f} ms on the calibrated "
+        f"profile {profile.name} (error {predicted.ms_per_token / measured_ms - 1:+.0%})"
+    )
     print(f"decode ({args.prompt} prompt + {args.new} new, median of {args.rounds}): fiddlerc {tps_ours:.1f} tok/s, "
           f"HF generate {tps_hf:.1f} tok/s, ratio {tps_ours / tps_hf:.2f}x; greedy tokens equal: {same}")  # fmt: skip
 

@@ -48,7 +48,7 @@ def _cpu_name() -> str:
 def _time_expert(hidden: int, inter: int, dtype: torch.dtype, device: torch.device, repeats: int) -> list[float]:
     """Median ms per expert call at each of TOKEN_COUNTS; weights cycle through a pool larger than the caches."""
     expert_bytes = 3 * hidden * inter * dtype.itemsize
-    pool = max(2, -(-POOL_BYTES // expert_bytes))
+    pool = min(max(2, -(-POOL_BYTES // expert_bytes)), 64)
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
     weights = [

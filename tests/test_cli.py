@@ -90,3 +90,29 @@ def test_plan_from_config_alone_predicts_tokens_per_second(tmp_path, capsys):
     assert "experts on cuda:0" in out
     assert re.search(r"predicted decode on quadro-rtx6000-skylake48 .*: \d+\.\d+ tokens/s", out)
     assert main(["plan", str(config)]) == 2  # no budget
+
+
+def test_calibrate_then_compile_with_auto(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    assert main(["calibrate", str(tiny_with_tokenizer), "--threads", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "calibrated-" in out and "roofline fit error" in out
+    assert (
+        main(
+            [
+                "compile",
+                str(tiny_with_tokenizer),
+                "-o",
+                str(tmp_path / "out"),
+                "--gpu-memory",
+                "1MiB",
+                "--context",
+                "64",
+                "--hardware",
+                "auto",
+            ]
+        )
+        == 0
+    )
+    plan = json.loads((tmp_path / "out" / "plan.json").read_text())
+    assert plan["target"]["hardware"].startswith("calibrated-") and plan["prediction"]["decode_ms_per_token"] > 0
