@@ -77,6 +77,13 @@ def plan(
 ) -> Plan:
     """Plan a model from its config.json alone (no weights needed): the placement compile would make,
     priced on `hardware` (a profile name or file) when given."""
+    folder = open_config(config_or_dir)
+    model, dtype_, options = _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware)
+    return run_passes(capture(model), initial_plan(model, folder.config_json, dtype_, options), options)
+
+
+def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware):
+    """The meta model, its compute dtype and the checked options: what planning and compiling share."""
     options = CompileOptions(
         gpu_budget_bytes=parse_size(gpu_memory),
         fast_experts=fast_experts,
@@ -84,12 +91,11 @@ def plan(
         batch_size=batch,
         dtype=dtype,
     )
-    folder = open_config(config_or_dir)
     config = load_config(folder)
     compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
+    dtype_name(compute_dtype)  # refuses a checkpoint dtype fiddlerc does not compute in
     model = build_meta_model(config, compute_dtype)
-    options = replace(options, hardware=_profile(hardware, model, compute_dtype))
-    return run_passes(capture(model), initial_plan(model, folder.config_json, compute_dtype, options), options)
+    return model, compute_dtype, replace(options, hardware=_profile(hardware, model, compute_dtype))
 
 
 def compile(  # noqa: A001 - the verb users expect
@@ -107,19 +113,8 @@ def compile(  # noqa: A001 - the verb users expect
 
     `hardware` (a profile name or file) prices the plan: its prediction goes into plan.json and the report.
     """
-    options = CompileOptions(
-        gpu_budget_bytes=parse_size(gpu_memory),
-        fast_experts=fast_experts,
-        context_tokens=context,
-        batch_size=batch,
-        dtype=dtype,
-    )
     folder = open_model_folder(model_dir)
-    config = load_config(folder)
-    compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
-    dtype_name(compute_dtype)  # refuses a checkpoint dtype fiddlerc does not compute in
-    model = build_meta_model(config, compute_dtype)
-    options = replace(options, hardware=_profile(hardware, model, compute_dtype))
+    model, compute_dtype, options = _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware)
     resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
     gm = capture(model)
     plan = run_passes(gm, initial_plan(model, folder.config_json, compute_dtype, options), options)

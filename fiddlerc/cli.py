@@ -14,20 +14,16 @@ EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 
 
+def _planning_options(args: argparse.Namespace) -> dict:
+    keys = ("fast_experts", "context", "batch", "dtype", "hardware")
+    return {k: getattr(args, k) for k in keys}
+
+
 def _cmd_compile(args: argparse.Namespace) -> int:
     from fiddlerc.api import compile
 
     t0 = time.perf_counter()
-    art = compile(
-        args.model_dir,
-        args.out,
-        args.gpu_memory,
-        fast_experts=args.fast_experts,
-        context=args.context,
-        batch=args.batch,
-        dtype=args.dtype,
-        hardware=args.hardware,
-    )
+    art = compile(args.model_dir, args.out, args.gpu_memory, **_planning_options(args))
     n_fast = sum(1 for e in art.plan.experts if e.device != "cpu")
     print(
         f"compiled {art.folder.path} -> {art.path} in {time.perf_counter() - t0:.2f} s: "
@@ -143,15 +139,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from fiddlerc.api import plan
     from fiddlerc.report import report_text
 
-    p = plan(
-        args.model,
-        args.gpu_memory,
-        fast_experts=args.fast_experts,
-        context=args.context,
-        batch=args.batch,
-        dtype=args.dtype,
-        hardware=args.hardware,
-    )
+    p = plan(args.model, args.gpu_memory, **_planning_options(args))
     print(report_text(p), end="")
     return 0
 

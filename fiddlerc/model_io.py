@@ -120,12 +120,7 @@ def open_model_folder(path: str | Path) -> ModelFolder:
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise ModelFolderError(f"{path} has no config.json: is it a Hugging Face model folder? Download it completely")
-    try:
-        config_json = json.loads(cfg_file.read_text())
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{cfg_file} is not valid JSON ({e}): re-download config.json") from None
-    if not isinstance(config_json, dict):
-        raise ModelFolderError(f"{cfg_file} is not a JSON object: re-download config.json")
+    config_json = _read_config_json(cfg_file)
 
     index_file = path / "model.safetensors.index.json"
     if index_file.is_file():
@@ -161,13 +156,17 @@ def open_config(path: str | Path) -> ModelFolder:
     cfg_file = path if path.is_file() else path / "config.json"
     if not cfg_file.is_file():
         raise ModelFolderError(f"{path} is neither a config.json nor a folder holding one")
+    return ModelFolder(path=folder.resolve(), config_json=_read_config_json(cfg_file), tensors={}, files=())
+
+
+def _read_config_json(cfg_file: Path) -> dict:
     try:
         config_json = json.loads(cfg_file.read_text())
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFolderError(f"{cfg_file} is not valid JSON ({e})") from None
+        raise ModelFolderError(f"{cfg_file} is not valid JSON ({e}): re-download config.json") from None
     if not isinstance(config_json, dict):
-        raise ModelFolderError(f"{cfg_file} is not a JSON object")
-    return ModelFolder(path=folder.resolve(), config_json=config_json, tensors={}, files=())
+        raise ModelFolderError(f"{cfg_file} is not a JSON object: re-download config.json")
+    return config_json
 
 
 def load_config(folder: ModelFolder):
