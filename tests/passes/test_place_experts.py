@@ -84,3 +84,25 @@ def test_fast_experts_checked_against_budget():
         run(before(budget=400 + 100 + 300), fast_experts=4)
     with pytest.raises(BudgetError, match="more experts than the model has"):
         run(before(budget=10_000), fast_experts=9)
+
+
+@pytest.mark.parametrize("n_fit", [1, 2, 3, 5, 7])
+@pytest.mark.parametrize("profile_name", ["quadro-rtx6000-skylake48", "cpu-2core"])
+def test_placement_is_a_brute_force_optimum_of_predicted_time(n_fit, profile_name):
+    """With uniform use, no placement of the same number of GPU experts predicts a faster decode."""
+    from dataclasses import replace
+    from itertools import combinations
+
+    from fiddlerc.cost import predict_decode
+    from fiddlerc.hardware import load_profile
+    from fiddlerc.plan import CPU
+
+    profile = load_profile(profile_name)
+    budget = 400 + 100 + n_fit * 100
+    ours = run(before(budget=budget))
+    best = predict_decode(ours, profile).ms_per_token
+    slots = [(layer, e) for layer in (0, 1) for e in range(4)]
+    for chosen in combinations(slots, n_fit):
+        experts = tuple(replace(p, device="cuda:0" if (p.layer, p.expert) in chosen else CPU) for p in ours.experts)
+        other = ours.with_(experts=experts)
+        assert predict_decode(other, profile).ms_per_token >= best - 1e-9
