@@ -53,7 +53,7 @@ class Layout:
     def math(self, block: nn.Module) -> ExpertMath:
         raise NotImplementedError
 
-    def weights(self, block: nn.Module, e: int, parts: PartsFn, whole: WholeFn, split_gate: bool) -> ExpertWeights:
+    def weights(self, block: nn.Module, e: int, parts: PartsFn, whole: WholeFn) -> ExpertWeights:
         raise NotImplementedError
 
     def install(self, block: nn.Module, placed: PlacedExperts) -> None:
@@ -90,7 +90,7 @@ class ExpertsInterface(Layout):
     def math(self, block):
         return ExpertMath.of(block.get_submodule(self.experts))
 
-    def weights(self, block, e, parts, whole, split_gate):
+    def weights(self, block, e, parts, whole):
         experts = block.get_submodule(self.experts)
         transposed = getattr(experts, "is_transposed", False)
         p = f"{self.experts}."
@@ -103,7 +103,7 @@ class ExpertsInterface(Layout):
 
         in_name = "gate_up_proj" if "gate_up_proj" in _params(experts) else "up_proj"
         w_in, b_in = get(in_name), get(f"{in_name}_bias")
-        if split_gate and len(w_in) == 1:  # [2I, H] -> gate [I, H], up [I, H] (views)
+        if ExpertMath.of(experts).split_gate and len(w_in) == 1:  # [2I, H] -> gate [I, H], up [I, H] (views)
             w_in = tuple(w_in[0].chunk(2, dim=0))
             b_in = tuple(b_in[0].chunk(2, dim=0)) if b_in else None
         (w_out,) = get("down_proj")
@@ -120,7 +120,7 @@ class Dbrx(Layout):
     def math(self, block):
         return ExpertMath(act=block.experts.mlp.activation_fn, gate=None, split_gate=True)
 
-    def weights(self, block, e, parts, whole, split_gate):
+    def weights(self, block, e, parts, whole):
         n, inter = block.experts.num_experts, block.experts.ffn_hidden_size
 
         def expert(name: str) -> torch.Tensor:
@@ -157,7 +157,7 @@ class JetMoe(Layout):
     def math(self, block):
         return ExpertMath(act=block.activation, gate=None, split_gate=True)
 
-    def weights(self, block, e, parts, whole, split_gate):
+    def weights(self, block, e, parts, whole):
         (w_in,) = parts("input_linear.weight", e)
         (w_out,) = parts("output_linear.weight", e)
         return ExpertWeights(tuple(w_in.chunk(2, dim=0)), None, w_out, None)
@@ -188,7 +188,7 @@ class Llama4(Layout):
     def math(self, block):
         return ExpertMath(act=block.experts.act_fn, gate=None, split_gate=True, scale_input=True)
 
-    def weights(self, block, e, parts, whole, split_gate):
+    def weights(self, block, e, parts, whole):
         (gate_up,) = parts("experts.gate_up_proj", e)  # [H, 2I]
         (down,) = parts("experts.down_proj", e)  # [I, H]
         return ExpertWeights(tuple(gate_up.t().chunk(2, dim=0)), None, down.t(), None)

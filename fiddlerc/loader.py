@@ -225,7 +225,7 @@ def bind_weights(
             return fused(src.key)
 
         weights = [
-            layout.weights(block, e, parts, whole, math.split_gate).to(torch.device(CPU) if dev == CPU else fast, dtype)
+            layout.weights(block, e, parts, whole).to(torch.device(CPU) if dev == CPU else fast, dtype)
             for e, dev in enumerate(plan.placement(ml.layer))
         ]
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
