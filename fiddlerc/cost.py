@@ -91,3 +91,70 @@ def predict_decode(
         fast_total += share * (ml.num_experts - n_cpu) * t_fast
         cpu_total += share * n_cpu * t_cpu
     return DecodePrediction(dense + layers, dense, fast_total, cpu_total)
+
+
+@dataclass(frozen=True)
+class ExpertChoice:
+    """Where one non-resident expert runs for a call with n tokens, and why."""
+
+    on_gpu: bool  # True: its weights are copied to the GPU for this call; False: computed on the CPU
+    cpu_ms: float
+    fetch_ms: float  # copy + GPU compute
+
+
+def choose_layer(model: CostModel, resident_ms: float, calls: list[tuple[float, float]]) -> tuple[float, list[bool]]:
+    """Per-layer execution policy: which non-resident experts to fetch to the GPU so that the layer's
+    makespan max(GPU total, CPU total) is smallest (both run at once). `calls` holds (cpu_ms, fetch_ms)
+    per non-resident expert with tokens. Greedy: fetch the calls that save the most CPU time per GPU
+    millisecond while that lowers the makespan (exact for identical calls, as with uniform routing)."""
+    order = sorted(range(len(calls)), key=lambda i: calls[i][0] / calls[i][1], reverse=True)
+    fetched = [False] * len(calls)
+    gpu, cpu = resident_ms, sum(c for c, _ in calls)
+    shared = model.profile.cpu_only
+    best = gpu + cpu if shared else max(gpu, cpu)
+    for i in order:
+        g, c = gpu + calls[i][1], cpu - calls[i][0]
+        span = g + c if shared else max(g, c)
+        if span >= best:
+            break
+        fetched[i], gpu, cpu, best = True, g, c, span
+    return best, fetched
+
+
+def predict_prefill(plan: Plan, profile: HardwareProfile, n_tokens: int) -> float:
+    """Expected prefill time (ms) of one prompt: dense part as a roofline over all tokens, then per MoE
+    layer each expert sees its expected share of the n*k routed tokens and the execution policy picks
+    CPU or weight fetch for each non-resident expert."""
+    assert plan.memory is not None
+    model = CostModel(profile)
+    itemsize = parse_dtype(plan.model.dtype).itemsize
+    dense_flops = 2 * (plan.memory.dense_bytes // itemsize) * n_tokens
+    tput = profile.gpu.matmul_tflops if profile.gpu is not None else profile.cpu.matmul_tflops
+    total = max(model.fast_read_ms(plan.memory.dense_bytes), dense_flops / (tput * 1e9))
+    gpu = profile.gpu
+    for ml in plan.moe_layers:
+        per_expert = max(1, round(n_tokens * ml.top_k / ml.num_experts))
+        placement = plan.placement(ml.layer)
+        resident = sum(model.fast_expert_ms(per_expert, ml.bytes_per_expert, itemsize) for d in placement if d != CPU)
+        calls = []
+        for d in placement:
+            if d == CPU:
+                cpu_ms = model.cpu_expert_ms(per_expert, ml.bytes_per_expert, itemsize)
+                fetch_ms = (
+                    ml.bytes_per_expert / (gpu.h2d_gbps * 1e6)
+                    + model.fast_expert_ms(per_expert, ml.bytes_per_expert, itemsize)
+                    if gpu is not None
+                    else float("inf")  # nowhere to fetch to on a CPU-only machine
+                )
+                calls.append((cpu_ms, fetch_ms))
+        layer_ms, _ = choose_layer(model, resident, calls)
+        total += layer_ms
+    return total
+
+
+def predict_generation(plan: Plan, profile: HardwareProfile, input_tokens: int, output_tokens: int) -> float:
+    """Output tokens / (prefill + decode time) for one sequence, the Fiddler paper's metric."""
+    ms = predict_prefill(plan, profile, input_tokens)
+    for i in range(1, output_tokens):  # the first output token comes from the prefill
+        ms += predict_decode(plan, profile, position=input_tokens + i).ms_per_token
+    return output_tokens / (ms / 1000.0)

@@ -152,3 +152,31 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [1.0] * len(cal.TOKEN_COUNTS))
     again, path2 = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
     assert (again, path2) == (profile, path) and not calls  # read from the cache, not measured
+
+
+def test_layer_policy_minimises_the_makespan_by_hand():
+    from fiddlerc.cost import choose_layer
+
+    m = CostModel(profile())
+    # three identical non-resident experts: CPU 10 ms each, fetch + GPU 4 ms each
+    span, fetched = choose_layer(m, 0.0, [(10.0, 4.0)] * 3)
+    assert (span, fetched) == (10.0, [True, True, False])  # GPU 8 ms while the CPU does 10 ms
+    # the expert that saves the most CPU time per GPU millisecond goes first
+    span, fetched = choose_layer(m, 5.0, [(2.0, 4.0), (9.0, 3.0)])
+    assert fetched == [False, True] and span == pytest.approx(8.0)
+    # nothing is fetched on a CPU-only machine
+    cpu_only = CostModel(HardwareProfile("c", "", CPU_, None, {}))
+    assert choose_layer(cpu_only, 1.0, [(2.0, float("inf"))]) == (3.0, [False])
+
+
+def test_prefill_and_generation_metric():
+    from fiddlerc.cost import predict_generation, predict_prefill
+
+    p = plan(["cpu"] * 4)
+    prefill = predict_prefill(p, profile(), 8)
+    assert prefill > 0
+    # one output token comes from the prefill alone; each further one adds a decode step
+    assert predict_generation(p, profile(), 8, 1) == pytest.approx(1000.0 / prefill)
+    two = predict_generation(p, profile(), 8, 2)
+    step = predict_decode(p, profile(), position=9).ms_per_token
+    assert two == pytest.approx(2 / ((prefill + step) / 1000.0))
