@@ -229,7 +229,8 @@ def bind_weights(
             for e, dev in enumerate(plan.placement(ml.layer))
         ]
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
-        module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer)
+        fetch = tuple(e.fetch_min_tokens for e in sorted(plan.experts, key=lambda e: e.expert) if e.layer == ml.layer)
+        module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer, fetch)
         layout.install(block, module)
         placed.append(module)
     reader.close()
@@ -363,19 +364,20 @@ class CompiledModel:
         return out
 
     def routing_stats(self) -> dict:
-        """Routed (token, expert) pairs since load: per MoE layer and tier, per expert, and the fast-tier hit rate."""
-        layers = {}
-        for p in self._placed:
-            total = p.tokens_fast + p.tokens_cpu
-            layers[p.layer] = {
-                "fast": p.tokens_fast,
-                "cpu": p.tokens_cpu,
-                "hit_rate": p.tokens_fast / total if total else 0.0,
-                "per_expert": list(p.expert_tokens),
-            }
-        fast = sum(v["fast"] for v in layers.values())
-        cpu = sum(v["cpu"] for v in layers.values())
-        return {"layers": layers, "fast": fast, "cpu": cpu, "hit_rate": fast / (fast + cpu) if fast + cpu else 0.0}
+        """Routed (token, expert) pairs since load, per MoE layer and in total: served by resident experts
+        on the fast device ("fast"), by the CPU worker ("cpu"), or by cpu-tier experts whose weights were
+        fetched for a big call ("fetched"); per expert; and the resident hit rate."""
+
+        def summary(fast: int, cpu: int, fetched: int) -> dict:
+            total = fast + cpu + fetched
+            return {"fast": fast, "cpu": cpu, "fetched": fetched, "hit_rate": fast / total if total else 0.0}
+
+        layers = {
+            p.layer: {**summary(p.tokens_fast, p.tokens_cpu, p.tokens_fetched), "per_expert": list(p.expert_tokens)}
+            for p in self._placed
+        }
+        totals = [sum(v[k] for v in layers.values()) for k in ("fast", "cpu", "fetched")]
+        return {"layers": layers, **summary(*totals)}
 
     def close(self) -> None:
         """Stop the CPU worker thread (also done when the model is garbage-collected)."""

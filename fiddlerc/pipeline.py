@@ -17,6 +17,7 @@ from fiddlerc.options import CompileOptions, dtype_name
 from fiddlerc.passes.account_memory import account_memory
 from fiddlerc.passes.find_experts import find_experts
 from fiddlerc.passes.place_experts import place_experts
+from fiddlerc.passes.plan_execution import plan_execution
 from fiddlerc.passes.predict_speed import predict_speed
 from fiddlerc.plan import ModelInfo, Plan, Target, verify_plan
 
@@ -26,6 +27,7 @@ PASSES = [
     find_experts,  # MoE blocks, experts, shared experts, bytes per expert
     account_memory,  # dense weights and KV reserve on the target GPU
     place_experts,  # every expert: fast tier or cpu, with a reason
+    plan_execution,  # cpu-tier experts: from how many tokens a weight fetch beats the CPU
     predict_speed,  # price the placement on the target's hardware profile, if one is given
 ]
 

@@ -95,6 +95,7 @@ class ExpertPlacement:
     bytes: int
     expected_use: float  # expected fraction of the layer's routed tokens (top_k / num_experts if uniform)
     reason: str
+    fetch_min_tokens: int | None = None  # cpu-tier: from this many tokens in one call, copy the weights to the GPU
 
 
 @dataclass(frozen=True)
@@ -324,6 +325,10 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             f"{where}: expected_use must be a fraction in [0, 1]",
         )
         _check(_is_text(e.reason) and len(e.reason) <= 500, f"{where}: reason must be text without control characters")
+        _check(
+            e.fetch_min_tokens is None or (_is_int(e.fetch_min_tokens, 1) and e.device == CPU),
+            f"{where}: fetch_min_tokens must be null or a positive integer on a cpu-tier expert",
+        )
 
     if plan.memory is not None:
         mem = plan.memory

@@ -180,3 +180,37 @@ def test_prefill_and_generation_metric():
     two = predict_generation(p, profile(), 8, 2)
     step = predict_decode(p, profile(), position=9).ms_per_token
     assert two == pytest.approx(2 / ((prefill + step) / 1000.0))
+
+
+def test_fetch_thresholds_by_hand_and_in_the_plan(model_dirs, tmp_path):
+    import fiddlerc
+    from fiddlerc.passes.plan_execution import fetch_threshold
+
+    m = CostModel(profile())  # copy 1e8 B at 10 GB/s = 10 ms; GPU 0.6 ms; CPU 1 ms: compute-bound CPU needed
+    slow_cpu = CostModel(HardwareProfile("t", "", CpuSpec("c", 1, 100.0, 0.01, 0.0, 1), GPU, {}))
+    assert fetch_threshold(m, 10**8, 2) is None  # the CPU never gets slower than a copy here
+    # CPU at 10 GFLOP/s: 1e8 flops per token = 10 ms per token; fetch costs 10 + 0.6 ms: pays from 2 tokens
+    assert fetch_threshold(slow_cpu, 10**8, 2) == 2
+    assert fetch_threshold(CostModel(HardwareProfile("c", "", CPU_, None, {})), 10**8, 2) is None  # CPU-only
+    art = fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=3, hardware="quadro-rtx6000-skylake48")
+    thresholds = {e.fetch_min_tokens for e in art.plan.experts if e.device == "cpu"}
+    assert len(thresholds) == 1 and all(e.fetch_min_tokens is None for e in art.plan.experts if e.device != "cpu")
+
+
+def test_fetched_experts_compute_the_same(model_dirs, hf_model, tmp_path):
+    """The fetch path (weights copied to the fast device for a big call) gives the reference's logits."""
+    import torch
+
+    import fiddlerc
+
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
+    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        for placed in model._placed:  # as a plan for a GPU machine would say: fetch from 3 tokens
+            placed.fetch_min_tokens = tuple(3 if cpu else None for cpu in placed.on_cpu)
+        got = model(ids)
+        stats = model.routing_stats()
+    with torch.no_grad():
+        torch.testing.assert_close(got, hf_model(src)(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+    assert stats["fetched"] > 0 and stats["cpu"] + stats["fetched"] + stats["fast"] == 2 * 12 * 2 * 2

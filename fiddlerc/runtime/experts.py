@@ -7,7 +7,8 @@ and gating stay Hugging Face's code). Per call:
 1. the routing indices cross to the host once;
 2. the tokens of cpu-tier experts are gathered and copied to the host, and the CPU worker starts
    on them (weights never move: only activations);
-3. meanwhile the fast device runs its resident experts;
+3. meanwhile the fast device runs its resident experts, and cpu-tier experts whose call is big
+   enough (the plan's `fetch_min_tokens`) get their weights copied to it for this call;
 4. the CPU results come back and everything is summed in expert order, as Hugging Face does.
 """
 
@@ -38,11 +39,11 @@ class ExpertWeights:
     w_out: torch.Tensor  # [H, I]
     b_out: torch.Tensor | None
 
-    def to(self, device: torch.device, dtype: torch.dtype) -> ExpertWeights:
-        """On its device in the compute dtype (no copy when both already match: stays memory-mapped)."""
+    def to(self, device: torch.device, dtype: torch.dtype | None) -> ExpertWeights:
+        """On a device, in a dtype (None: keep it); no copy when both already match: stays memory-mapped."""
 
         def move(t: torch.Tensor | None) -> torch.Tensor | None:
-            return None if t is None else t.to(device=device, dtype=dtype)
+            return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
         return ExpertWeights(
             tuple(move(t) for t in self.w_in),
@@ -94,6 +95,7 @@ class PlacedExperts(nn.Module):
         fast_device: torch.device,
         worker: CpuWorker,
         layer: int,
+        fetch_min_tokens: tuple[int | None, ...] | None = None,
     ) -> None:
         super().__init__()
         self.num_experts = len(weights)
@@ -103,6 +105,8 @@ class PlacedExperts(nn.Module):
         self.fast_device = fast_device
         self.worker = worker
         self.layer = layer
+        self.fetch_min_tokens = fetch_min_tokens or (None,) * self.num_experts  # the plan's execution policy
+        self.tokens_fetched = 0  # tokens of cpu-tier experts whose weights were copied to the fast device
         self.tokens_fast = 0  # routed (token, expert) pairs served by each tier, for routing_stats()
         self.tokens_cpu = 0
         self.expert_tokens = [0] * self.num_experts  # routed tokens per expert
@@ -111,11 +115,12 @@ class PlacedExperts(nn.Module):
         n_cpu = sum(self.on_cpu)
         return f"layer={self.layer}, experts={self.num_experts}, fast={self.num_experts - n_cpu} on {self.fast_device}, cpu={n_cpu}"
 
-    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _expert(self, e: int, x: torch.Tensor, w: torch.Tensor, weights: ExpertWeights | None = None) -> torch.Tensor:
         """Expert e on its tokens x [n, H] with their routing weights w [n, 1]."""
+        weights = weights or self.weights[e]
         if self.math.scale_input:
-            return run_expert(x * w, self.weights[e], self.math)
-        return run_expert(x, self.weights[e], self.math) * w
+            return run_expert(x * w, weights, self.math)
+        return run_expert(x, weights, self.math) * w
 
     def _run_cpu(self, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host)."""
@@ -136,10 +141,16 @@ class PlacedExperts(nn.Module):
             sel = order[starts[e] : starts[e + 1]]
             return sel // k, sel % k  # token index, top-k slot
 
-        cpu_hit = [e for e in hit if self.on_cpu[e]]
+        def fetch(e: int) -> bool:  # a big call of a cpu-tier expert: copy its weights rather than its tokens
+            threshold = self.fetch_min_tokens[e]
+            return threshold is not None and counts[e] >= threshold
+
+        fetched = [e for e in hit if self.on_cpu[e] and fetch(e)]
+        cpu_hit = [e for e in hit if self.on_cpu[e] and not fetch(e)]
         fast_hit = [e for e in hit if not self.on_cpu[e]]
         self.tokens_cpu += sum(counts[e] for e in cpu_hit)
         self.tokens_fast += sum(counts[e] for e in fast_hit)
+        self.tokens_fetched += sum(counts[e] for e in fetched)
         for e in hit:
             self.expert_tokens[e] += counts[e]
 
@@ -157,10 +168,11 @@ class PlacedExperts(nn.Module):
             future = self.worker.submit(self._run_cpu, jobs)
 
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for e in fast_hit:  # overlaps with the worker
+        for e in fast_hit + fetched:  # overlaps with the worker
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-            y = self._expert(e, hidden_states[tok_d], top_k_weights[tok_d, slot_d, None])
+            weights = self.weights[e] if not self.on_cpu[e] else self.weights[e].to(hidden_states.device, None)
+            y = self._expert(e, hidden_states[tok_d], top_k_weights[tok_d, slot_d, None], weights)
             outputs[e] = (tok_d, y)
 
         if future is not None:
