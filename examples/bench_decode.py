@@ -137,17 +137,20 @@ def main() -> None:
             )
         return time.perf_counter() - t
 
-    def run_ours_one() -> float:  # prefill + 1 token: subtracted to isolate decode
+    def run_ours_one(prompt=ids) -> float:  # prefill + 1 token: subtracted to isolate decode
         t = time.perf_counter()
-        model.generate(ids, max_new_tokens=1, ignore_eos=True)
+        model.generate(prompt, max_new_tokens=1, ignore_eos=True)
         return time.perf_counter() - t
 
+    long_ids = torch.randint(3, 8000, (1, 128), generator=torch.Generator().manual_seed(1))
+
     run_ours(), run_hf()  # warm up
-    ours, hf, ours_one = [], [], []
+    ours, hf, ours_one, prefill128 = [], [], [], []
     for _ in range(args.rounds):  # alternate, so machine noise hits both alike
         ours.append(run_ours())
         hf.append(run_hf())
         ours_one.append(run_ours_one())
+        prefill128.append(run_ours_one(long_ids))
     same = torch.equal(
         model.generate(ids, max_new_tokens=16, ignore_eos=True).cpu(),
         ref.generate(ids.to(args.device), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0).cpu(),
@@ -166,7 +169,7 @@ def main() -> None:
         print(f"{name}: {m['load_s']:.2f} s; peak RSS {m['peak_rss'] / 1e9:.2f} GB, of which {grown / 1e9:.2f} GB "
               f"({grown / weight_bytes:.2f}x weights) during load; after load {m['rss_after'] / 1e9:.2f} GB")  # fmt: skip
     from fiddlerc.calibrate import calibrate
-    from fiddlerc.cost import predict_decode
+    from fiddlerc.cost import predict_decode, predict_prefill
 
     hidden = bench_config().hidden_size
     inter = art.plan.moe_layers[0].bytes_per_expert // (3 * hidden * 4)  # fp32, gated experts
@@ -176,6 +179,12 @@ def main() -> None:
     print(
         f"decode per token: measured {measured_ms:.2f} ms, predicted {predicted.ms_per_token:.2f} ms on the calibrated "
         f"profile {profile.name} (error {predicted.ms_per_token / measured_ms - 1:+.0%})"
+    )
+    measured_prefill = 1e3 * statistics.median(prefill128)
+    predicted_prefill = predict_prefill(art.plan, profile, 128)
+    print(
+        f"prefill of 128 tokens (+1 token): measured {measured_prefill:.1f} ms, predicted {predicted_prefill:.1f} ms "
+        f"(error {predicted_prefill / measured_prefill - 1:+.0%})"
     )
     print(f"decode ({args.prompt} prompt + {args.new} new, median of {args.rounds}): fiddlerc {tps_ours:.1f} tok/s, "
           f"HF generate {tps_hf:.1f} tok/s, ratio {tps_ours / tps_hf:.2f}x; greedy tokens equal: {same}")  # fmt: skip
