@@ -108,7 +108,7 @@ def calibrate(
     """Measure (or read from the cache) this machine's profile for one expert shape."""
     threads = threads or torch.get_num_threads()
     cuda = torch.cuda.is_available()
-    key_text = json.dumps([platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda])
+    key_text = json.dumps(["v2", platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda])
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     path = cache_dir() / f"calibrated-{key}.json"
     if use_cache and path.is_file():
@@ -122,7 +122,8 @@ def calibrate(
         ms = _time_expert(hidden, inter, dtype, torch.device("cpu"), repeats)
         bw, tflops, err = fit_roofline(TOKEN_COUNTS, ms, expert_bytes, flops)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        cpu = CpuSpec(_cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory)
+        curve = tuple((n, round(t, 4)) for n, t in zip(TOKEN_COUNTS, ms, strict=True))
+        cpu = CpuSpec(_cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes)
         when = time.strftime("%Y-%m-%d")
         shown = ", ".join(f"{n}: {t:.2f}" for n, t in zip(TOKEN_COUNTS, ms, strict=True))
         sources = {

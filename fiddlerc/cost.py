@@ -30,6 +30,8 @@ class CostModel:
 
     def cpu_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
         cpu = self.profile.cpu
+        if cpu.expert_curve and expert_bytes == cpu.expert_curve_bytes:
+            return cpu.call_overhead_ms + _interpolate(cpu.expert_curve, n_tokens)
         flops = 2 * (expert_bytes // itemsize) * n_tokens
         return cpu.call_overhead_ms + max(expert_bytes / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
 
@@ -44,6 +46,16 @@ class CostModel:
         """Time to stream `n_bytes` of weights or cache once on the fast device."""
         bw = self.profile.gpu.mem_bw_gbps if self.profile.gpu is not None else self.profile.cpu.mem_bw_gbps
         return n_bytes / (bw * 1e6)
+
+
+def _interpolate(curve: tuple[tuple[int, float], ...], n: int) -> float:
+    """Piecewise-linear in n through measured (tokens, ms) points, extended by the end slopes."""
+    if len(curve) == 1:
+        return curve[0][1] * max(1.0, n / curve[0][0])
+    for (n0, t0), (n1, t1) in zip(curve, curve[1:], strict=False):
+        if n <= n1 or (n1, t1) == curve[-1]:
+            return max(0.0, t0 + (t1 - t0) * (n - n0) / (n1 - n0))
+    raise AssertionError("unreachable")
 
 
 @dataclass(frozen=True)

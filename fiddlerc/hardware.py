@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from fiddlerc.errors import OptionError
@@ -37,6 +37,10 @@ class CpuSpec:
     matmul_tflops: float
     call_overhead_ms: float
     memory_bytes: int
+    # Measured ms per expert call by token count, for experts of exactly `expert_curve_bytes` bytes
+    # (calibration writes it); the cost model interpolates it instead of using the roofline.
+    expert_curve: tuple[tuple[int, float], ...] = ()
+    expert_curve_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -62,11 +66,24 @@ def _spec(cls, data, where: str):
     if not isinstance(data, dict):
         raise OptionError(f"hardware profile {where}: expected an object")
     names = [f.name for f in fields(cls)]
-    if set(data) != set(names):
+    required = [f.name for f in fields(cls) if f.default is MISSING]
+    if not set(required) <= set(data) <= set(names):
         raise OptionError(f"hardware profile {where}: fields must be exactly {names}")
+    data = dict(data)
     for f in fields(cls):
+        if f.name not in data:
+            continue
         v = data[f.name]
-        if f.name == "name":
+        if f.name == "expert_curve":
+            ok = isinstance(v, (list, tuple)) and all(
+                isinstance(p, (list, tuple)) and len(p) == 2 and isinstance(p[0], int) and p[0] > 0
+                and isinstance(p[1], (int, float)) and math.isfinite(p[1]) and p[1] > 0
+                for p in v
+            ) and [p[0] for p in v] == sorted({p[0] for p in v})  # fmt: skip
+            data[f.name] = tuple((int(p[0]), float(p[1])) for p in v) if ok else v
+        elif f.name == "expert_curve_bytes":
+            ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
+        elif f.name == "name":
             ok = isinstance(v, str) and 0 < len(v) <= 100
         elif f.type in ("int",):
             ok = isinstance(v, int) and not isinstance(v, bool) and v > 0

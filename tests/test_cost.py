@@ -192,7 +192,14 @@ def test_fetch_thresholds_by_hand_and_in_the_plan(model_dirs, tmp_path):
     # CPU at 10 GFLOP/s: 1e8 flops per token = 10 ms per token; fetch costs 10 + 0.6 ms: pays from 2 tokens
     assert fetch_threshold(slow_cpu, 10**8, 2) == 2
     assert fetch_threshold(CostModel(HardwareProfile("c", "", CPU_, None, {})), 10**8, 2) is None  # CPU-only
-    art = fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=3, hardware="quadro-rtx6000-skylake48")
+    art = fiddlerc.compile(
+        model_dirs("mixtral"),
+        tmp_path / "out",
+        gpu_memory="1GiB",
+        context=64,
+        fast_experts=3,
+        hardware="quadro-rtx6000-skylake48",
+    )
     thresholds = {e.fetch_min_tokens for e in art.plan.experts if e.device == "cpu"}
     assert len(thresholds) == 1 and all(e.fetch_min_tokens is None for e in art.plan.experts if e.device != "cpu")
 
@@ -214,3 +221,23 @@ def test_fetched_experts_compute_the_same(model_dirs, hf_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(got, hf_model(src)(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert stats["fetched"] > 0 and stats["cpu"] + stats["fetched"] + stats["fast"] == 2 * 12 * 2 * 2
+
+
+def test_a_measured_curve_replaces_the_roofline_for_its_expert_size():
+    from dataclasses import replace
+
+    curve = ((1, 1.0), (4, 2.5), (8, 3.0), (16, 5.0))
+    cpu = replace(CPU_, expert_curve=curve, expert_curve_bytes=10**8)
+    m = CostModel(HardwareProfile("t", "", cpu, GPU, {}))
+    assert m.cpu_expert_ms(1, 10**8, 2) == pytest.approx(1.0)
+    assert m.cpu_expert_ms(2, 10**8, 2) == pytest.approx(1.5)  # between the measured points
+    assert m.cpu_expert_ms(6, 10**8, 2) == pytest.approx(2.75)
+    assert m.cpu_expert_ms(32, 10**8, 2) == pytest.approx(9.0)  # beyond: the last slope
+    assert m.cpu_expert_ms(1, 2 * 10**8, 2) == pytest.approx(2.0)  # another size: the roofline
+    from fiddlerc.hardware import profile_from_json
+
+    p = HardwareProfile("t", "", cpu, GPU, {})
+    assert profile_from_json(p.to_json()) == p
+    bad = p.to_json().replace('[\n    8,', '[\n    0,')
+    with pytest.raises(Exception, match="expert_curve"):
+        profile_from_json(bad)
