@@ -108,7 +108,9 @@ def calibrate(
     """Measure (or read from the cache) this machine's profile for one expert shape."""
     threads = threads or torch.get_num_threads()
     cuda = torch.cuda.is_available()
-    key_text = json.dumps(["v2", platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda])
+    key_text = json.dumps(
+        ["v2", platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda]
+    )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     path = cache_dir() / f"calibrated-{key}.json"
     if use_cache and path.is_file():

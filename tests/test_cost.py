@@ -238,6 +238,6 @@ def test_a_measured_curve_replaces_the_roofline_for_its_expert_size():
 
     p = HardwareProfile("t", "", cpu, GPU, {})
     assert profile_from_json(p.to_json()) == p
-    bad = p.to_json().replace('[\n    8,', '[\n    0,')
+    bad = p.to_json().replace("[\n    8,", "[\n    0,")
     with pytest.raises(Exception, match="expert_curve"):
         profile_from_json(bad)

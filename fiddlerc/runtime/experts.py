@@ -141,13 +141,15 @@ class PlacedExperts(nn.Module):
             sel = order[starts[e] : starts[e + 1]]
             return sel // k, sel % k  # token index, top-k slot
 
-        def fetch(e: int) -> bool:  # a big call of a cpu-tier expert: copy its weights rather than its tokens
+        fast_hit, cpu_hit, fetched = [], [], []
+        for e in hit:
             threshold = self.fetch_min_tokens[e]
-            return threshold is not None and counts[e] >= threshold
-
-        fetched = [e for e in hit if self.on_cpu[e] and fetch(e)]
-        cpu_hit = [e for e in hit if self.on_cpu[e] and not fetch(e)]
-        fast_hit = [e for e in hit if not self.on_cpu[e]]
+            if not self.on_cpu[e]:
+                fast_hit.append(e)
+            elif threshold is not None and counts[e] >= threshold:
+                fetched.append(e)  # a big call of a cpu-tier expert: copy its weights rather than its tokens
+            else:
+                cpu_hit.append(e)
         self.tokens_cpu += sum(counts[e] for e in cpu_hit)
         self.tokens_fast += sum(counts[e] for e in fast_hit)
         self.tokens_fetched += sum(counts[e] for e in fetched)
@@ -155,11 +157,13 @@ class PlacedExperts(nn.Module):
             self.expert_tokens[e] += counts[e]
 
         future = None
+        cpu_tokens = {}  # expert -> its token indices on the fast device, for the combine
         if cpu_hit:
             jobs = []
             for e in cpu_hit:
                 tok, slot = rows(e)
                 tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
+                cpu_tokens[e] = tok_d
                 x = hidden_states[tok_d].to("cpu", non_blocking=True)
                 w = top_k_weights[tok_d, slot_d, None].to("cpu", non_blocking=True)
                 jobs.append((e, x, w))
@@ -177,8 +181,7 @@ class PlacedExperts(nn.Module):
 
         if future is not None:
             for e, y in zip(cpu_hit, future.result(), strict=True):
-                tok, _ = rows(e)
-                outputs[e] = (tok.to(hidden_states.device), y.to(hidden_states.device, non_blocking=True))
+                outputs[e] = (cpu_tokens[e], y.to(hidden_states.device, non_blocking=True))
 
         final = torch.zeros_like(hidden_states)
         for e in hit:  # expert order, as Hugging Face accumulates
