@@ -169,21 +169,27 @@ def main() -> None:
         print(f"{name}: {m['load_s']:.2f} s; peak RSS {m['peak_rss'] / 1e9:.2f} GB, of which {grown / 1e9:.2f} GB "
               f"({grown / weight_bytes:.2f}x weights) during load; after load {m['rss_after'] / 1e9:.2f} GB")  # fmt: skip
     from fiddlerc.calibrate import calibrate
-    from fiddlerc.cost import predict_decode, predict_prefill
+    from fiddlerc.cost import predict_decode
+    from fiddlerc.simulate import Workload, simulate
 
     hidden = bench_config().hidden_size
     inter = art.plan.moe_layers[0].bytes_per_expert // (3 * hidden * 4)  # fp32, gated experts
-    profile, _ = calibrate(hidden, inter, torch.float32, threads=args.threads)
-    predicted = predict_decode(art.plan, profile, position=args.prompt + args.new // 2)
+    t0 = time.perf_counter()
+    profile, _ = calibrate(hidden, inter, torch.float32, config=bench_config(), threads=args.threads)
+    print(f"calibration: {time.perf_counter() - t0:.1f} s (0 if cached) -> {profile.name}")
     measured_ms = 1e3 * (statistics.median(ours) - statistics.median(ours_one)) / (args.new - 1)
+    run = simulate(art.plan, profile, Workload(args.prompt, args.new))
+    simulated_ms = run.decode_ms / (args.new - 1)
+    analytic = predict_decode(art.plan, profile, position=args.prompt + args.new // 2).ms_per_token
     print(
-        f"decode per token: measured {measured_ms:.2f} ms, predicted {predicted.ms_per_token:.2f} ms on the calibrated "
-        f"profile {profile.name} (error {predicted.ms_per_token / measured_ms - 1:+.0%})"
+        f"decode per token: measured {measured_ms:.2f} ms; simulated {simulated_ms:.2f} ms "
+        f"(error {simulated_ms / measured_ms - 1:+.0%}), closed form {analytic:.2f} ms "
+        f"(error {analytic / measured_ms - 1:+.0%}); busy {', '.join(f'{k} {v:.0f} ms' for k, v in run.busy_ms.items() if v)}"
     )
     measured_prefill = 1e3 * statistics.median(prefill128)
-    predicted_prefill = predict_prefill(art.plan, profile, 128)
+    predicted_prefill = simulate(art.plan, profile, Workload(128, 1)).prefill_ms
     print(
-        f"prefill of 128 tokens (+1 token): measured {measured_prefill:.1f} ms, predicted {predicted_prefill:.1f} ms "
+        f"prefill of 128 tokens (+1 token): measured {measured_prefill:.1f} ms, simulated {predicted_prefill:.1f} ms "
         f"(error {predicted_prefill / measured_prefill - 1:+.0%})"
     )
     print(f"decode ({args.prompt} prompt + {args.new} new, median of {args.rounds}): fiddlerc {tps_ours:.1f} tok/s, "

@@ -3,8 +3,9 @@
     python examples/paper_grid.py [--profile quadro-rtx6000-skylake48] [--env E1]
 
 Plans Mixtral-8x7B (bf16) at 24 GiB for the profile, then for each (input, output) cell of
-shared/data/fiddler-paper/results-v1.csv predicts output tokens / (prefill + decode time), batch 1,
-and prints predicted vs paper with the ratio. No weights are needed.
+shared/data/fiddler-paper/results-v1.csv simulates output tokens / (prefill + decode time), batch 1,
+and prints predicted vs paper with the ratio, and our simulated prefill beside the paper's
+implied one (its total time minus our simulated decode time). No weights are needed.
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import statistics
 from pathlib import Path
 
 from fiddlerc.api import plan
-from fiddlerc.cost import predict_generation
 from fiddlerc.hardware import load_profile
+from fiddlerc.simulate import Workload, simulate
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "tests" / "data" / "mixtral-8x7b-config.json"
@@ -37,14 +38,18 @@ def main() -> None:
     print(
         f"Mixtral-8x7B on {profile.name}: {n_fast} of {len(p.experts)} experts on the GPU (KV reserve for {context} tokens)"
     )
-    print(f"{'input':>5} {'output':>6} {'paper':>6} {'predicted':>9} {'ratio':>6}")
+    print(f"{'input':>5} {'output':>6} {'paper':>6} {'predicted':>9} {'ratio':>6}  {'prefill s: ours':>15} {'paper*':>6}")
     ratios = []
     for r in rows:
         i, o, paper = int(r["input_tokens"]), int(r["output_tokens"]), float(r["fiddler_tokens_per_s"])
-        pred = predict_generation(p, profile, i, o)
+        run = simulate(p, profile, Workload(i, o))
+        pred = run.tokens_per_s
         ratios.append(pred / paper)
+        # *the paper's prefill if its decode steps took as long as ours: its total time minus our decode time
+        paper_prefill = o / paper - run.decode_ms / 1000
         flag = "  <- off by more than 30 %" if abs(pred / paper - 1) > 0.3 else ""
-        print(f"{i:>5} {o:>6} {paper:>6.2f} {pred:>9.2f} {pred / paper:>6.2f}{flag}")
+        print(f"{i:>5} {o:>6} {paper:>6.2f} {pred:>9.2f} {pred / paper:>6.2f}  {run.prefill_ms / 1000:>15.2f} "
+              f"{paper_prefill:>6.1f}{flag}")  # fmt: skip
     print(f"mean paper {statistics.mean(float(r['fiddler_tokens_per_s']) for r in rows):.2f} tokens/s; "
           f"median ratio predicted/paper {statistics.median(ratios):.2f}")  # fmt: skip
 

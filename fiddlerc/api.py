@@ -49,7 +49,7 @@ def _profile(hardware: str | Path | None, model, dtype) -> HardwareProfile | Non
     from fiddlerc.calibrate import calibrate
 
     hidden, inter = expert_shape(model, dtype)
-    return calibrate(hidden, inter, dtype)[0]
+    return calibrate(hidden, inter, dtype, config=model.config)[0]
 
 
 def expert_shape(model, dtype) -> tuple[int, int]:
@@ -74,18 +74,20 @@ def plan(
     batch: int = 1,
     dtype: str | None = None,
     hardware: str | Path | None = None,
+    cpu_memory: str | int | None = None,
 ) -> Plan:
     """Plan a model from its config.json alone (no weights needed): the placement compile would make,
     priced on `hardware` (a profile name or file) when given."""
     folder = open_config(config_or_dir)
-    model, dtype_, options = _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware)
+    model, dtype_, options = _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory)
     return run_passes(capture(model), initial_plan(model, folder.config_json, dtype_, options), options)
 
 
-def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware):
+def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory):
     """The meta model, its compute dtype and the checked options: what planning and compiling share."""
     options = CompileOptions(
         gpu_budget_bytes=parse_size(gpu_memory),
+        cpu_memory_bytes=None if cpu_memory is None else parse_size(cpu_memory),
         fast_experts=fast_experts,
         context_tokens=context,
         batch_size=batch,
@@ -108,13 +110,18 @@ def compile(  # noqa: A001 - the verb users expect
     batch: int = 1,
     dtype: str | None = None,
     hardware: str | Path | None = None,
+    cpu_memory: str | int | None = None,
 ) -> Artifact:
     """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, manifest.json, report.txt).
 
     `hardware` (a profile name or file) prices the plan: its prediction goes into plan.json and the report.
+    `cpu_memory` is the host memory for the run (default: the profile's); CPU-tier weights beyond it
+    page from disk, which the plan records and the prediction prices.
     """
     folder = open_model_folder(model_dir)
-    model, compute_dtype, options = _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware)
+    model, compute_dtype, options = _prepare(
+        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory
+    )
     resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
     gm = capture(model)
     plan = run_passes(gm, initial_plan(model, folder.config_json, compute_dtype, options), options)

@@ -1,11 +1,19 @@
-"""Calibration: measure this machine for a model's expert shape and write a hardware profile.
+"""Calibration: measure this machine for a model and write a hardware profile.
 
 CPU: time one expert (the model's real shape and dtype) at 1..128 tokens, cycling through a pool of
 experts larger than the caches (reusing one expert looks 1.7x faster, DESIGN.md), and fit the
 roofline the cost model uses, flat then linear where the curve bends; the profile keeps the
-bandwidth and throughput it implies, the measurements, and the fit's worst relative error. With CUDA, the same for the GPU
-plus pinned host<->device copy bandwidth. Results are cached per machine and expert shape, so a
-second compile does not measure again.
+bandwidth and throughput it implies, the measurements, and the fit's worst relative error. With
+CUDA, the same for the GPU plus pinned host<->device copy bandwidth.
+
+Fixed costs: decode a width-reduced copy of the model (its own family and modeling code, hidden
+size 64, random weights, two layer counts) through fiddlerc's own compile and runtime; the
+difference per layer is the per-layer overhead (dispatch, launches, the routing sync), the rest the
+per-step overhead. A family whose config cannot be narrowed is measured on a Mixtral-shaped one.
+Disk: sequential read of a fresh file after dropping it from the page cache (paging estimates).
+
+Results are cached per machine, model family and expert shape, so a second compile does not
+measure again.
 """
 
 from __future__ import annotations
@@ -16,7 +24,9 @@ import logging
 import os
 import platform
 import statistics
+import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -89,6 +99,136 @@ def fit_roofline(token_counts, ms, expert_bytes: int, flops_per_token: int) -> t
     return round(bw, 3), round(tput, 4), error
 
 
+_NARROW = {  # config fields that set widths, and the width a calibration copy uses
+    "hidden_size": 64,
+    "intermediate_size": 32,
+    "moe_intermediate_size": 32,
+    "shared_expert_intermediate_size": 32,
+    "ffn_hidden_size": 32,
+    "head_dim": 16,
+    "q_lora_rank": 16,
+    "kv_lora_rank": 16,
+    "qk_nope_head_dim": 8,
+    "qk_rope_head_dim": 8,
+    "v_head_dim": 16,
+    "vocab_size": 256,
+}
+SPAN = 4  # layers between the two measured copies
+_MAX_NARROW_PARAMS = 50_000_000  # a narrowed copy bigger than this kept a width we did not narrow
+
+
+def narrow_config(config, layers: int):
+    """A copy of `config` with every width small and `layers` decoder layers; same family and routing."""
+    d = config.to_dict()
+    n_layers = config.num_hidden_layers
+    for key, width in _NARROW.items():
+        if isinstance(d.get(key), int) and not isinstance(d[key], bool) and d[key] > 0:
+            d[key] = min(d[key], width)
+    heads = d.get("num_attention_heads")
+    if isinstance(heads, int):
+        kv = d.get("num_key_value_heads") or heads
+        d["num_attention_heads"] = 4
+        d["num_key_value_heads"] = 4 if kv == heads else 2  # keep grouped-query attention grouped
+    if "kv_lora_rank" in d:  # MLA: head_dim and qk_head_dim are derived from the ranks
+        d.pop("head_dim", None)
+        d.pop("qk_head_dim", None)
+    for key, value in list(d.items()):  # per-layer lists (attention kinds, MoE pattern) follow the layer count
+        if isinstance(value, list) and len(value) == n_layers and key != "architectures":
+            d[key] = [value[i % n_layers] for i in range(layers)]
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(d.get(key), int) and d[key] >= d.get("vocab_size", 256):
+            d[key] = 0
+    d["num_hidden_layers"] = layers
+    d.pop("quantization_config", None)  # the copy has random full-precision weights
+    return type(config).from_dict(d)
+
+
+def _moe_prefix(config) -> int:
+    """How many leading decoder layers are dense (no MoE) in this family's config."""
+    for key in ("first_k_dense_replace", "first_k_dense"):
+        if isinstance(getattr(config, key, None), int):
+            return getattr(config, key)
+    return 0
+
+
+def _decode_ms(config, dtype: torch.dtype, device: str, threads: int, tokens: int = 48, rounds: int = 3) -> float:
+    """Median ms per decode step of a random-weight model of `config`, compiled and run by fiddlerc."""
+    from transformers.utils import logging as hf_logging
+
+    from fiddlerc.api import compile, load  # calibration measures our own compiler's runtime
+    from fiddlerc.demo import write_model
+    from fiddlerc.model_io import build_meta_model
+
+    n_params = sum(p.numel() for p in build_meta_model(config, dtype).parameters())
+    if n_params > _MAX_NARROW_PARAMS:
+        raise ValueError(f"the narrowed model still has {n_params} parameters")
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # save_pretrained's "Writing model shards" bar
+    try:
+        with tempfile.TemporaryDirectory(prefix="fiddlerc-calibrate-") as tmp:
+            src, out = write_model(config, Path(tmp) / "model", seed=0), Path(tmp) / "out"
+            options = {"context": tokens + 16, "dtype": str(dtype).removeprefix("torch.")}
+            n_experts = len(compile(src, out, "1TiB", **options).plan.experts)
+            compile(src, out, "1TiB", fast_experts=n_experts // 2, **options)  # half on each tier, as in a real run
+            ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
+            with load(out, device=device, num_threads=threads) as model:
+
+                def run(n: int) -> float:
+                    t0 = time.perf_counter()
+                    model.generate(ids, max_new_tokens=n, ignore_eos=True)
+                    return time.perf_counter() - t0
+
+                run(4)  # warm up
+                long = statistics.median(run(tokens + 1) for _ in range(rounds))
+                short = statistics.median(run(1) for _ in range(rounds))
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    return 1e3 * (long - short) / tokens
+
+
+def measure_overheads(config, dtype: torch.dtype, device: str, threads: int) -> tuple[float, float, str]:
+    """(per-layer ms, per-step ms, what was measured) of fiddlerc's decode on this machine."""
+    from transformers import MixtralConfig
+
+    what = f"a width-reduced {config.model_type} model"
+    try:
+        base = _moe_prefix(config) + 1
+        small, big = (_decode_ms(narrow_config(config, n), dtype, device, threads) for n in (base, base + SPAN))
+    except Exception as e:  # noqa: BLE001 - any family whose config cannot be narrowed falls back
+        log.info("calibrating overheads on a Mixtral-shaped model: %s cannot be narrowed (%s)", config.model_type, e)
+        ref = MixtralConfig(num_local_experts=8, num_experts_per_tok=2, tie_word_embeddings=False)
+        what, base = "a width-reduced Mixtral-shaped model (the family's own config could not be narrowed)", 1
+        small, big = (_decode_ms(narrow_config(ref, n), dtype, device, threads) for n in (base, base + SPAN))
+    per_layer = max(0.0, (big - small) / SPAN)
+    per_step = max(0.0, small - base * per_layer)
+    return round(per_layer, 4), round(per_step, 4), what
+
+
+def disk_gbps(folder: Path, n_bytes: int = 256 * 2**20) -> float:
+    """Sequential read bandwidth of a fresh file in `folder`, dropped from the page cache first."""
+    fd, name = tempfile.mkstemp(dir=folder, prefix=".fiddlerc-disk-")
+    try:
+        block = os.urandom(16 * 2**20)
+        with os.fdopen(fd, "wb") as fh:
+            for _ in range(n_bytes // len(block)):
+                fh.write(block)
+            fh.flush()
+            os.fsync(fh.fileno())
+        rd = os.open(name, os.O_RDONLY)
+        try:
+            if hasattr(os, "posix_fadvise"):
+                os.posix_fadvise(rd, 0, 0, os.POSIX_FADV_DONTNEED)
+            t0 = time.perf_counter()
+            while os.read(rd, len(block)):
+                pass
+            return round(n_bytes / (time.perf_counter() - t0) / 1e9, 3)
+        finally:
+            os.close(rd)
+    finally:
+        os.unlink(name)
+
+
 def _copy_gbps(n_bytes: int, to_device: bool) -> float:
     host = torch.empty(n_bytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
@@ -103,13 +243,22 @@ def _copy_gbps(n_bytes: int, to_device: bool) -> float:
 
 
 def calibrate(
-    hidden: int, inter: int, dtype: torch.dtype, *, threads: int | None = None, repeats: int = 5, use_cache: bool = True
+    hidden: int,
+    inter: int,
+    dtype: torch.dtype,
+    *,
+    config=None,
+    threads: int | None = None,
+    repeats: int = 5,
+    use_cache: bool = True,
 ) -> tuple[HardwareProfile, Path]:
-    """Measure (or read from the cache) this machine's profile for one expert shape."""
+    """Measure (or read from the cache) this machine's profile for one expert shape; with the
+    model's `config`, also the framework's fixed costs for its family."""
     threads = threads or torch.get_num_threads()
     cuda = torch.cuda.is_available()
+    family = None if config is None else config.model_type
     key_text = json.dumps(
-        ["v2", platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda]
+        ["v3", platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda, family]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     path = cache_dir() / f"calibrated-{key}.json"
@@ -125,7 +274,9 @@ def calibrate(
         bw, tflops, err = fit_roofline(TOKEN_COUNTS, ms, expert_bytes, flops)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         curve = tuple((n, round(t, 4)) for n, t in zip(TOKEN_COUNTS, ms, strict=True))
-        cpu = CpuSpec(_cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes)
+        cache_dir().mkdir(parents=True, exist_ok=True)
+        disk = disk_gbps(cache_dir())
+        cpu = CpuSpec(_cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes, disk_gbps=disk)
         when = time.strftime("%Y-%m-%d")
         shown = ", ".join(f"{n}: {t:.2f}" for n, t in zip(TOKEN_COUNTS, ms, strict=True))
         sources = {
@@ -135,6 +286,7 @@ def calibrate(
             ),
             "cpu.matmul_tflops": f"fiddlerc calibrate {when}: slope of the same measurements at the largest token counts",
             "cpu.memory_bytes": "this machine's physical memory",
+            "cpu.disk_gbps": f"fiddlerc calibrate {when}: a 256 MiB file in {cache_dir()}, read after dropping it from the page cache",
         }
         gpu = None
         if cuda:  # pragma: no cover - needs a GPU
@@ -154,6 +306,18 @@ def calibrate(
                 f"fiddlerc calibrate {when}: the same expert on the GPU, roofline fit error {gerr:.1%}"
             )
             sources["gpu.h2d_gbps"] = f"fiddlerc calibrate {when}: pinned 256 MiB copies"
+        if config is not None:  # the fixed costs land on the fast tier: the GPU when there is one
+            layer_ms, step_ms, what = measure_overheads(config, dtype, "cuda" if cuda else "cpu", threads)
+            tier = "gpu" if gpu is not None else "cpu"
+            if gpu is not None:  # pragma: no cover - needs a GPU
+                gpu = replace(gpu, layer_overhead_ms=layer_ms, step_overhead_ms=step_ms)
+            else:
+                cpu = replace(cpu, layer_overhead_ms=layer_ms, step_overhead_ms=step_ms)
+            sources[f"{tier}.layer_overhead_ms"] = (
+                f"fiddlerc calibrate {when}: decode of {what} through fiddlerc, {threads} threads: "
+                "ms per step difference per added layer"
+            )
+            sources[f"{tier}.step_overhead_ms"] = f"fiddlerc calibrate {when}: the same measurement, the rest of a step"
         log.info("calibrated in %.1f s", time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old_threads)

@@ -12,10 +12,14 @@ from fiddlerc import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+CPU_MEMORY_HELP = (
+    "host memory for the run, e.g. 64GiB (default: the hardware profile's); "
+    "CPU-tier weights beyond it page from disk, and the prediction says so"
+)
 
 
 def _planning_options(args: argparse.Namespace) -> dict:
-    keys = ("fast_experts", "context", "batch", "dtype", "hardware")
+    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -137,10 +141,20 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         raise OptionError("plan needs CONFIG_OR_DIR and --gpu-memory (or --list-hardware)")
     from fiddlerc.api import plan
+    from fiddlerc.hardware import load_profile
     from fiddlerc.report import report_text
+    from fiddlerc.simulate import Workload, simulate
 
     p = plan(args.model, args.gpu_memory, **_planning_options(args))
     print(report_text(p), end="")
+    work = Workload(args.prompt_tokens, args.output_tokens, batch=args.batch)
+    run = simulate(p, load_profile(args.hardware), work)
+    busy = ", ".join(f"{name} {ms / 1000:.1f} s" for name, ms in run.busy_ms.items())
+    print(
+        f"simulated on {p.target.hardware} (prompt {work.prompt_tokens}, output {work.output_tokens}, batch {work.batch}): "
+        f"prefill {run.prefill_ms / 1000:.2f} s, decode {run.decode_tokens_per_s:.2f} tokens/s, "
+        f"end to end {run.tokens_per_s:.2f} tokens/s; busy {busy}"
+    )
     return 0
 
 
@@ -155,9 +169,9 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     dtype = parse_dtype(args.dtype) if args.dtype else checkpoint_dtype(folder, config)
     hidden, inter = expert_shape(build_meta_model(config, dtype), dtype)
     t0 = time.perf_counter()
-    profile, path = calibrate(hidden, inter, dtype, threads=args.threads, use_cache=not args.force)
+    profile, path = calibrate(hidden, inter, dtype, config=config, threads=args.threads, use_cache=not args.force)
     print(f"{profile.name}: {profile.description} ({time.perf_counter() - t0:.1f} s)")
-    for key in ("cpu.mem_bw_gbps", "gpu.mem_bw_gbps", "gpu.h2d_gbps"):
+    for key in ("cpu.mem_bw_gbps", "gpu.mem_bw_gbps", "gpu.h2d_gbps", "cpu.layer_overhead_ms", "gpu.layer_overhead_ms"):
         if key in profile.sources:
             print(f"  {key}: {profile.sources[key]}")
     print(f"written to {path}; compile with --hardware auto (or --hardware {path})")
@@ -203,6 +217,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="price the plan on a hardware profile: a name (plan --list-hardware), a JSON file, or auto (this machine, calibrated)",
     )
+    c.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("report", help="show the placement of a compiled model and why")
@@ -232,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--context", type=int, default=4096)
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    pl.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
+    pl.add_argument("--prompt-tokens", type=int, default=128, help="simulated workload: prompt length (default 128)")
+    pl.add_argument("--output-tokens", type=int, default=256, help="simulated workload: tokens generated (default 256)")
     pl.set_defaults(func=_cmd_plan)
 
     cal = sub.add_parser("calibrate", help="measure this machine for a model's expert shape (cached)")

@@ -1,17 +1,26 @@
-"""The latency model and a decode simulator over a plan and a hardware profile.
+"""The latency model: what one expert call, one layer's fixed costs and one decode step cost on a
+hardware profile. The discrete-event simulator (fiddlerc.simulate) plays whole runs over these costs.
 
 An expert call reads its weights once and does 2 flops per weight per token; whichever takes
 longer bounds it (a roofline): `t(n) = overhead + max(bytes / bandwidth, n * flops / throughput)`.
 That is flat while memory-bound (decode, small n) and the Fiddler paper's `a + b*n` once
-compute-bound; calibration fits the two pieces where the curve bends. The fast tier uses the GPU's
-numbers; on a CPU-only profile it is the CPU itself, and the two tiers' work adds up instead of
-overlapping (they share the cores and the memory bus).
+compute-bound; calibration measures the curve and the cost model interpolates it for that expert
+size. The fast tier uses the GPU's numbers; on a CPU-only profile it is the CPU itself, and the
+two tiers' work adds up instead of overlapping (they share the cores and the memory bus).
+Beyond weight reads, the framework costs a fixed time per decoder layer (kernel launches, the
+per-layer host sync, Python dispatch) and per decode step; calibration measures both on a
+width-reduced copy of the model.
+
+When the CPU-tier weights do not fit in host memory (`Memory.paged_fraction`), that fraction of a
+CPU expert's reads comes from disk instead (uniform access over memory-mapped weights: the page
+cache holds a random `budget / needed` share of them).
 
 Decode of one sequence, per MoE layer: the dense part (attention, norms, router) runs on the fast
 device, then the fast-tier experts and the CPU worker's experts run at the same time; the layer
-takes the longer of the two. Activation copies are left out: a token's hidden state is kilobytes
-(the Fiddler paper measured < 0.1 ms against ~6 ms for a CPU expert). With uniform routing the number of a token's k experts that sit on
-the CPU follows a hypergeometric law, so the expected layer time is computed exactly.
+takes the longer of the two. Activation copies are left out here: a token's hidden state is
+kilobytes (the Fiddler paper measured < 0.1 ms against ~6 ms for a CPU expert); the simulator
+prices them. With uniform routing the number of a token's k experts that sit on the CPU follows a
+hypergeometric law, so the expected layer time is computed exactly.
 """
 
 from __future__ import annotations
@@ -19,33 +28,85 @@ from __future__ import annotations
 from dataclasses import dataclass
 from math import comb
 
+from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
-from fiddlerc.options import parse_dtype
+from fiddlerc.options import format_size, parse_dtype
 from fiddlerc.plan import CPU, Plan
 
 
 @dataclass(frozen=True)
 class CostModel:
     profile: HardwareProfile
+    page_fraction: float = 0.0  # share of CPU-tier weight reads that come from disk (host memory too small)
+
+    @classmethod
+    def for_plan(cls, plan: Plan, profile: HardwareProfile) -> CostModel:
+        """The cost model of `profile` with the plan's host-memory paging."""
+        paged = plan.memory.paged_fraction if plan.memory is not None else 0.0
+        if paged > 0 and profile.cpu.disk_gbps <= 0:
+            raise OptionError(
+                f"the plan pages {paged:.0%} of the CPU-tier weights from disk (host memory "
+                f"{format_size(plan.memory.host_budget_bytes or 0)} < {format_size(plan.memory.host_bytes or 0)} needed), "
+                f"but hardware profile {profile.name!r} has no cpu.disk_gbps: add it, or raise --cpu-memory"
+            )
+        return cls(profile, paged)
 
     def cpu_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
         cpu = self.profile.cpu
+        paging = self.paging_ms(expert_bytes)
         if cpu.expert_curve and expert_bytes == cpu.expert_curve_bytes:
-            return cpu.call_overhead_ms + _interpolate(cpu.expert_curve, n_tokens)
+            return cpu.call_overhead_ms + _interpolate(cpu.expert_curve, n_tokens) + paging
         flops = 2 * (expert_bytes // itemsize) * n_tokens
-        return cpu.call_overhead_ms + max(expert_bytes / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
+        compute = max(expert_bytes / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
+        return cpu.call_overhead_ms + compute + paging
 
     def fast_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
         gpu = self.profile.gpu
-        if gpu is None:
+        if gpu is None:  # CPU-only: the fast tier is the CPU (and pages like it)
             return self.cpu_expert_ms(n_tokens, expert_bytes, itemsize)
         flops = 2 * (expert_bytes // itemsize) * n_tokens
         return gpu.call_overhead_ms + max(expert_bytes / (gpu.mem_bw_gbps * 1e6), flops / (gpu.matmul_tflops * 1e9))
+
+    def paging_ms(self, expert_bytes: int) -> float:
+        """Expected disk time of reading one CPU-tier expert when host memory is short."""
+        return self.page_fraction * expert_bytes / (self.profile.cpu.disk_gbps * 1e6) if self.page_fraction else 0.0
+
+    def fetch_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
+        """Copy a CPU-tier expert's weights (paged in first if need be) to the GPU and compute it there
+        (inf without a GPU)."""
+        gpu = self.profile.gpu
+        if gpu is None:
+            return float("inf")  # nowhere to fetch to on a CPU-only machine
+        copy = self.paging_ms(expert_bytes) + self.h2d_ms(expert_bytes)
+        return copy + self.fast_expert_ms(n_tokens, expert_bytes, itemsize)
+
+    def h2d_ms(self, n_bytes: int) -> float:
+        gpu = self.profile.gpu
+        return 0.0 if gpu is None else n_bytes / (gpu.h2d_gbps * 1e6)
+
+    def d2h_ms(self, n_bytes: int) -> float:
+        gpu = self.profile.gpu
+        return 0.0 if gpu is None else n_bytes / (gpu.d2h_gbps * 1e6)
 
     def fast_read_ms(self, n_bytes: int) -> float:
         """Time to stream `n_bytes` of weights or cache once on the fast device."""
         bw = self.profile.gpu.mem_bw_gbps if self.profile.gpu is not None else self.profile.cpu.mem_bw_gbps
         return n_bytes / (bw * 1e6)
+
+    def dense_ms(self, n_bytes: int, n_tokens: int, itemsize: int) -> float:
+        """The dense weights' roofline on the fast device for a call of n tokens."""
+        tput = self.profile.gpu.matmul_tflops if self.profile.gpu is not None else self.profile.cpu.matmul_tflops
+        return max(self.fast_read_ms(n_bytes), 2 * (n_bytes // itemsize) * n_tokens / (tput * 1e9))
+
+    @property
+    def layer_overhead_ms(self) -> float:
+        fast = self.profile.gpu or self.profile.cpu
+        return fast.layer_overhead_ms
+
+    @property
+    def step_overhead_ms(self) -> float:
+        fast = self.profile.gpu or self.profile.cpu
+        return fast.step_overhead_ms
 
 
 def _interpolate(curve: tuple[tuple[int, float], ...], n: int) -> float:
@@ -61,7 +122,7 @@ def _interpolate(curve: tuple[tuple[int, float], ...], n: int) -> float:
 @dataclass(frozen=True)
 class DecodePrediction:
     ms_per_token: float
-    dense_ms: float  # embeddings, attention, norms, lm_head and the KV cache read, per token
+    dense_ms: float  # embeddings, attention, norms, lm_head, the KV cache read and fixed overheads, per token
     fast_expert_ms: float  # expected busy time of the fast tier's experts, per token
     cpu_expert_ms: float  # expected busy time of the CPU worker, per token
 
@@ -81,17 +142,19 @@ def _layer_ms(k: int, n_fast: int, n_cpu: int, t_fast: float, t_cpu: float, shar
     return expected
 
 
-def predict_decode(
-    plan: Plan, profile: HardwareProfile, position: int | None = None, hidden_bytes: int = 0
-) -> DecodePrediction:
+def predict_decode(plan: Plan, profile: HardwareProfile, position: int | None = None) -> DecodePrediction:
     """Expected time per generated token of one sequence at a given position (default: half the context)."""
     assert plan.memory is not None
-    model = CostModel(profile)
+    model = CostModel.for_plan(plan, profile)
     itemsize = parse_dtype(plan.model.dtype).itemsize
     t = plan.target
     pos = t.context_tokens // 2 if position is None else position
     kv_per_token = plan.memory.kv_reserve_bytes // (t.context_tokens * t.batch_size)
-    dense = model.fast_read_ms(plan.memory.dense_bytes + kv_per_token * pos)
+    dense = (
+        model.fast_read_ms(plan.memory.dense_bytes + kv_per_token * pos)
+        + model.step_overhead_ms
+        + plan.model.num_layers * model.layer_overhead_ms
+    )
     fast_total = cpu_total = layers = 0.0
     for ml in plan.moe_layers:
         placement = plan.placement(ml.layer)
@@ -103,15 +166,6 @@ def predict_decode(
         fast_total += share * (ml.num_experts - n_cpu) * t_fast
         cpu_total += share * n_cpu * t_cpu
     return DecodePrediction(dense + layers, dense, fast_total, cpu_total)
-
-
-@dataclass(frozen=True)
-class ExpertChoice:
-    """Where one non-resident expert runs for a call with n tokens, and why."""
-
-    on_gpu: bool  # True: its weights are copied to the GPU for this call; False: computed on the CPU
-    cpu_ms: float
-    fetch_ms: float  # copy + GPU compute
 
 
 def choose_layer(model: CostModel, resident_ms: float, calls: list[tuple[float, float]]) -> tuple[float, list[bool]]:
@@ -131,42 +185,3 @@ def choose_layer(model: CostModel, resident_ms: float, calls: list[tuple[float, 
             break
         fetched[i], gpu, cpu, best = True, g, c, span
     return best, fetched
-
-
-def predict_prefill(plan: Plan, profile: HardwareProfile, n_tokens: int) -> float:
-    """Expected prefill time (ms) of one prompt: dense part as a roofline over all tokens, then per MoE
-    layer each expert sees its expected share of the n*k routed tokens and the execution policy picks
-    CPU or weight fetch for each non-resident expert."""
-    assert plan.memory is not None
-    model = CostModel(profile)
-    itemsize = parse_dtype(plan.model.dtype).itemsize
-    dense_flops = 2 * (plan.memory.dense_bytes // itemsize) * n_tokens
-    tput = profile.gpu.matmul_tflops if profile.gpu is not None else profile.cpu.matmul_tflops
-    total = max(model.fast_read_ms(plan.memory.dense_bytes), dense_flops / (tput * 1e9))
-    gpu = profile.gpu
-    for ml in plan.moe_layers:
-        per_expert = max(1, round(n_tokens * ml.top_k / ml.num_experts))
-        placement = plan.placement(ml.layer)
-        resident = sum(model.fast_expert_ms(per_expert, ml.bytes_per_expert, itemsize) for d in placement if d != CPU)
-        calls = []
-        for d in placement:
-            if d == CPU:
-                cpu_ms = model.cpu_expert_ms(per_expert, ml.bytes_per_expert, itemsize)
-                fetch_ms = (
-                    ml.bytes_per_expert / (gpu.h2d_gbps * 1e6)
-                    + model.fast_expert_ms(per_expert, ml.bytes_per_expert, itemsize)
-                    if gpu is not None
-                    else float("inf")  # nowhere to fetch to on a CPU-only machine
-                )
-                calls.append((cpu_ms, fetch_ms))
-        layer_ms, _ = choose_layer(model, resident, calls)
-        total += layer_ms
-    return total
-
-
-def predict_generation(plan: Plan, profile: HardwareProfile, input_tokens: int, output_tokens: int) -> float:
-    """Output tokens / (prefill + decode time) for one sequence, the Fiddler paper's metric."""
-    ms = predict_prefill(plan, profile, input_tokens)
-    for i in range(1, output_tokens):  # the first output token comes from the prefill
-        ms += predict_decode(plan, profile, position=input_tokens + i).ms_per_token
-    return output_tokens / (ms / 1000.0)

@@ -27,6 +27,10 @@ class GpuSpec:
     h2d_gbps: float  # pinned host-to-device copy bandwidth
     d2h_gbps: float  # pinned device-to-host copy bandwidth
     call_overhead_ms: float  # fixed cost of one expert call (launches, sync)
+    # Fixed costs of the framework when this is the fast tier, beyond reading weights: per decoder
+    # layer (kernel launches, the per-layer host sync, dispatch) and per decode step.
+    layer_overhead_ms: float = 0.0
+    step_overhead_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +45,10 @@ class CpuSpec:
     # (calibration writes it); the cost model interpolates it instead of using the roofline.
     expert_curve: tuple[tuple[int, float], ...] = ()
     expert_curve_bytes: int = 0
+    # As GpuSpec's, for a CPU-only machine (where the fast tier is the CPU itself).
+    layer_overhead_ms: float = 0.0
+    step_overhead_ms: float = 0.0
+    disk_gbps: float = 0.0  # sequential read from the disk holding the weights (paging); 0: unknown
 
 
 @dataclass(frozen=True)

@@ -275,6 +275,7 @@ class CompiledModel:
         self.config = meta_model.config
         if device.type == "cuda":
             _check_gpu_memory(self.plan, device)
+        _check_host_memory(self.plan, device)
         self._worker = CpuWorker(num_threads)
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
@@ -399,6 +400,34 @@ def _check_gpu_memory(plan: Plan, device: torch.device) -> None:
         raise BudgetError(
             f"the plan puts {format_size(need)} on {device} but only {format_size(free)} is free there: "
             "free the GPU, or recompile with a smaller --gpu-memory"
+        )
+
+
+def available_host_memory() -> int | None:
+    """Bytes the kernel says a new workload can use without swapping (Linux MemAvailable), if known."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _check_host_memory(plan: Plan, device: torch.device) -> None:
+    """Warn when the weights this run reads from host memory exceed what the host has free: they are
+    memory-mapped, so the run still works, paging from disk at disk speed."""
+    mem = plan.memory
+    need = mem.expert_bytes.get(CPU, 0)
+    if device.type == "cpu":  # everything runs from host memory
+        need = mem.dense_bytes + mem.kv_reserve_bytes + sum(mem.expert_bytes.values())
+    free = available_host_memory()
+    if free is not None and need > free:
+        log.warning(
+            "this run reads %s of weights from host memory but only %s is available: it will page from disk "
+            "and run at disk speed; free memory, or recompile with a larger --gpu-memory (fewer CPU experts)",
+            format_size(need),
+            format_size(free),
         )
 
 

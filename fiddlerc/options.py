@@ -90,6 +90,7 @@ class CompileOptions:
     dtype: str | None = None  # None: the checkpoint's dtype
     target_device: str = "cuda:0"
     hardware: HardwareProfile | None = None  # prices the plan (predict_speed); None: no prediction
+    cpu_memory_bytes: int | None = None  # host memory for the run (--cpu-memory); None: the profile's, if any
 
     def __post_init__(self) -> None:
         if self.gpu_budget_bytes < 0:

@@ -46,6 +46,7 @@ def initial_plan(model: torch.nn.Module, config_json: dict, dtype: torch.dtype, 
             dtype=dtype_name(dtype),
             num_layers=cfg.num_hidden_layers,
             config_sha256=config_sha256(config_json),
+            hidden_size=cfg.hidden_size,
         ),
         target=Target(
             device=options.target_device,

@@ -30,6 +30,7 @@ class ModelInfo:
     dtype: str  # compute dtype of the compiled model
     num_layers: int
     config_sha256: str  # of the config the plan was made for
+    hidden_size: int = 0  # width of the activations that cross between the tiers (0: unknown)
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,17 @@ class Memory:
     dense_bytes: int  # embeddings, attention, norms, routers, shared experts, lm_head
     kv_reserve_bytes: int
     expert_bytes: dict[str, int] = field(default_factory=dict)  # device -> bytes of experts placed there
+    # Host memory: what the run keeps there (CPU-tier experts; every weight and the KV cache when the
+    # target is CPU-only) and what the host has for it (--cpu-memory). None: not checked.
+    host_bytes: int | None = None
+    host_budget_bytes: int | None = None
+
+    @property
+    def paged_fraction(self) -> float:
+        """Share of host-resident weight reads that come from disk because host memory is short."""
+        if not self.host_bytes or self.host_budget_bytes is None or self.host_budget_bytes >= self.host_bytes:
+            return 0.0
+        return 1.0 - self.host_budget_bytes / self.host_bytes
 
     @property
     def free_bytes(self) -> int:
@@ -237,6 +249,7 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
     )
     _check(m.dtype in _DTYPES, f"model.dtype must be one of {_DTYPES}")
     _check(_is_int(m.num_layers, 1), "model.num_layers must be a positive integer")
+    _check(_is_int(m.hidden_size), "model.hidden_size must be a non-negative integer")
     _check(
         isinstance(m.config_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", m.config_sha256)),
         "model.config_sha256 must be a sha256",
@@ -337,6 +350,10 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             "memory byte counts must be non-negative integers",
         )
         _check(mem.budget_bytes == t.budget_bytes, "memory.budget_bytes must equal target.budget_bytes")
+        _check(
+            all(x is None or _is_int(x) for x in (mem.host_bytes, mem.host_budget_bytes)),
+            "memory.host_bytes and host_budget_bytes must be null or non-negative integers",
+        )
         _check(isinstance(mem.expert_bytes, dict), "memory.expert_bytes must be an object")
         for dev, b in mem.expert_bytes.items():
             _check(

@@ -24,6 +24,7 @@ def report_text(plan: Plan) -> str:
         f"  experts on {t.device:<7}{format_size(gpu_experts):>12}",
         f"  free              {format_size(mem.free_bytes):>12}",
         f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}",
+        *_host_lines(mem),
         "",
         f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
     ]
@@ -55,3 +56,15 @@ def report_text(plan: Plan) -> str:
             f"{pr.fast_expert_ms:.1f} ms fast tier / {pr.cpu_expert_ms:.1f} ms CPU)"
         )
     return "\n".join(lines) + "\n"
+
+
+def _host_lines(mem) -> list[str]:
+    if mem.host_bytes is None or mem.host_budget_bytes is None:
+        return []
+    line = (
+        f"host memory         {format_size(mem.host_bytes):>12}  of {format_size(mem.host_budget_bytes)} (--cpu-memory)"
+    )
+    if mem.paged_fraction > 0:
+        return [line, f"  PAGES FROM DISK: {mem.paged_fraction:.0%} of the host-resident weight reads miss memory "
+                f"(predictions include it); raise --cpu-memory or --gpu-memory"]  # fmt: skip
+    return [line]

@@ -89,7 +89,19 @@ def test_plan_from_config_alone_predicts_tokens_per_second(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "experts on cuda:0" in out
     assert re.search(r"predicted decode on quadro-rtx6000-skylake48 .*: \d+\.\d+ tokens/s", out)
+    assert re.search(r"simulated on .*prefill \d+\.\d+ s, decode \d+\.\d+ tokens/s.*busy gpu .* cpu", out)
+    assert "PAGES FROM DISK" not in out
     assert main(["plan", str(config)]) == 2  # no budget
+    # host memory too small for the CPU-tier experts: the plan says it pages, and the speed drops
+    args = ["plan", str(config), "--gpu-memory", "24GiB", "--context", "512", "--output-tokens", "16"]
+    assert main([*args, "--cpu-memory", "40GiB"]) == 0
+    paged = capsys.readouterr().out
+    assert "PAGES FROM DISK" in paged and "of 40.00 GiB (--cpu-memory)" in paged
+
+    def speed(text):
+        return float(re.search(r"predicted decode .*: (\d+\.\d+) tokens/s", text).group(1))
+
+    assert speed(paged) < speed(out) / 2
 
 
 def test_calibrate_then_compile_with_auto(tiny_with_tokenizer, tmp_path, monkeypatch, capsys):

@@ -90,6 +90,23 @@ def test_mixtral_8x7b_on_the_papers_machine_from_config_alone():
     assert 2.5 < pred.tokens_per_s < 4.0  # the paper measured about 3.2 tokens/s at long outputs
 
 
+def test_deepseek_v3_from_config_alone_pages_on_a_1_tib_host():
+    """DeepSeek-V3 (61 layers, 3 dense, 256 routed experts top-8; config.json from deepseek-ai's model
+    card, fp8 quantization left out, so planned in bf16: 1.3 TB) on the H100 server profile."""
+    from fiddlerc.api import plan as plan_model
+    from fiddlerc.hardware import load_profile
+
+    config = Path(__file__).parent / "data" / "deepseek-v3-config.json"
+    p = plan_model(config, "80GiB", hardware="h100-server")
+    assert len(p.moe_layers) == 58 and len(p.experts) == 58 * 256
+    assert p.moe_layers[0].bytes_per_expert == 3 * 7168 * 2048 * 2
+    mem = p.memory
+    assert mem.host_budget_bytes == load_profile("h100-server").cpu.memory_bytes  # the profile's memory
+    assert mem.host_bytes == mem.expert_bytes["cpu"] > mem.host_budget_bytes and 0.1 < mem.paged_fraction < 0.2
+    roomy = plan_model(config, "80GiB", hardware="h100-server", cpu_memory="2TiB")
+    assert roomy.memory.paged_fraction == 0 and roomy.prediction.decode_ms_per_token < p.prediction.decode_ms_per_token
+
+
 def test_compile_records_the_profile_and_its_prediction(model_dirs, tmp_path):
     import json
 
@@ -152,6 +169,42 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [1.0] * len(cal.TOKEN_COUNTS))
     again, path2 = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
     assert (again, path2) == (profile, path) and not calls  # read from the cache, not measured
+    assert profile.cpu.disk_gbps > 0 and "page cache" in profile.sources["cpu.disk_gbps"]
+
+
+@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
+def test_narrowed_configs_keep_the_family_and_fit_in_memory(name):
+    """Overhead calibration runs a narrow copy of the user's model: same family, routing and expert
+    count, a few layers, every width small, so even DeepSeek-V3's copy is a few MB."""
+    import torch
+    from transformers import AutoConfig
+
+    from fiddlerc.calibrate import narrow_config
+    from fiddlerc.capture import capture, moe_sites
+    from fiddlerc.model_io import build_meta_model
+
+    full = AutoConfig.from_pretrained(Path(__file__).parent / "data" / f"{name}-config.json")
+    small = narrow_config(full, 5)
+    assert (small.model_type, small.num_hidden_layers, small.hidden_size) == (full.model_type, 5, 64)
+    model = build_meta_model(small, torch.float32)
+    assert sum(p.numel() for p in model.parameters()) < 20_000_000
+    sites = moe_sites(capture(model).graph)
+    assert len(sites) == 5 - getattr(full, "first_k_dense_replace", 0)
+    assert {len(s.experts) for s in sites} == {getattr(full, "n_routed_experts", None) or full.num_local_experts}
+
+
+def test_overheads_are_measured_on_the_runtime_and_fall_back_for_other_families():
+    import torch
+    from transformers import LlamaConfig
+
+    from fiddlerc.calibrate import measure_overheads
+    from tests.conftest import tiny_config
+
+    layer_ms, step_ms, what = measure_overheads(tiny_config("qwen2_moe"), torch.float32, "cpu", 1)
+    assert layer_ms > 0 and step_ms >= 0 and what == "a width-reduced qwen2_moe model"
+    dense = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
+    layer_ms, _, what = measure_overheads(dense, torch.float32, "cpu", 1)  # nothing to place: not an MoE
+    assert layer_ms > 0 and "Mixtral-shaped" in what
 
 
 def test_layer_policy_minimises_the_makespan_by_hand():
@@ -169,29 +222,26 @@ def test_layer_policy_minimises_the_makespan_by_hand():
     assert choose_layer(cpu_only, 1.0, [(2.0, float("inf"))]) == (3.0, [False])
 
 
-def test_prefill_and_generation_metric():
-    from fiddlerc.cost import predict_generation, predict_prefill
-
-    p = plan(["cpu"] * 4)
-    prefill = predict_prefill(p, profile(), 8)
-    assert prefill > 0
-    # one output token comes from the prefill alone; each further one adds a decode step
-    assert predict_generation(p, profile(), 8, 1) == pytest.approx(1000.0 / prefill)
-    two = predict_generation(p, profile(), 8, 2)
-    step = predict_decode(p, profile(), position=9).ms_per_token
-    assert two == pytest.approx(2 / ((prefill + step) / 1000.0))
-
-
 def test_fetch_thresholds_by_hand_and_in_the_plan(model_dirs, tmp_path):
     import fiddlerc
-    from fiddlerc.passes.plan_execution import fetch_threshold
+    from fiddlerc.passes.plan_execution import fetch_thresholds
 
     m = CostModel(profile())  # copy 1e8 B at 10 GB/s = 10 ms; GPU 0.6 ms; CPU 1 ms: compute-bound CPU needed
+    assert fetch_thresholds(m, 0, 1, 10**8, 2) == [None]  # the CPU never gets slower than a copy here
+    # CPU at 10 GFLOP/s: 1e8 flops per token = 10 ms per token; a fetch costs 10 + 0.6 ms
     slow_cpu = CostModel(HardwareProfile("t", "", CpuSpec("c", 1, 100.0, 0.01, 0.0, 1), GPU, {}))
-    assert fetch_threshold(m, 10**8, 2) is None  # the CPU never gets slower than a copy here
-    # CPU at 10 GFLOP/s: 1e8 flops per token = 10 ms per token; fetch costs 10 + 0.6 ms: pays from 2 tokens
-    assert fetch_threshold(slow_cpu, 10**8, 2) == 2
-    assert fetch_threshold(CostModel(HardwareProfile("c", "", CPU_, None, {})), 10**8, 2) is None  # CPU-only
+    assert fetch_thresholds(slow_cpu, 0, 1, 10**8, 2) == [2]  # 10.6 < 20 ms from 2 tokens
+    # Two cpu-tier experts: the first is fetched from 2 tokens, the second only from 3 (both fetched:
+    # GPU 21.2 ms, which must beat max(10.6, 10n)). A rule comparing each expert's own times would
+    # say [2, 2]: at 2 tokens the layer would take 21.2 ms instead of 20. At 1 token the makespan
+    # alone would fetch one (max(10.6, 10) < 20), but the lookup cannot tell that call from a decode
+    # step whose only CPU expert it is, where the fetch loses (10.6 > 10): a call is fetched only
+    # where the fetch also beats that expert on the CPU.
+    assert fetch_thresholds(slow_cpu, 0, 2, 10**8, 2) == [2, 3]
+    # A GPU busy with 20 resident experts (0.6 ms each = 12 ms) fetches later: max(22.6, 0) < 10n from 3
+    assert fetch_thresholds(slow_cpu, 20, 1, 10**8, 2) == [3]
+    cpu_only = CostModel(HardwareProfile("c", "", CPU_, None, {}))
+    assert fetch_thresholds(cpu_only, 0, 3, 10**8, 2) == [None] * 3  # nothing to fetch to
     art = fiddlerc.compile(
         model_dirs("mixtral"),
         tmp_path / "out",
@@ -200,8 +250,15 @@ def test_fetch_thresholds_by_hand_and_in_the_plan(model_dirs, tmp_path):
         fast_experts=3,
         hardware="quadro-rtx6000-skylake48",
     )
-    thresholds = {e.fetch_min_tokens for e in art.plan.experts if e.device == "cpu"}
-    assert len(thresholds) == 1 and all(e.fetch_min_tokens is None for e in art.plan.experts if e.device != "cpu")
+    from fiddlerc.hardware import load_profile
+
+    model = CostModel(load_profile("quadro-rtx6000-skylake48"))
+    for ml in art.plan.moe_layers:  # the plan holds the policy's table, cpu-tier experts in expert order
+        mine = sorted((e for e in art.plan.experts if e.layer == ml.layer), key=lambda e: e.expert)
+        cpu = [e.fetch_min_tokens for e in mine if e.device == "cpu"]
+        assert cpu == fetch_thresholds(model, len(mine) - len(cpu), len(cpu), ml.bytes_per_expert, 4)
+        assert all(e.fetch_min_tokens is None for e in mine if e.device != "cpu")
+    assert any(e.fetch_min_tokens is not None for e in art.plan.experts)
 
 
 def test_fetched_experts_compute_the_same(model_dirs, hf_model, tmp_path):
@@ -241,3 +298,21 @@ def test_a_measured_curve_replaces_the_roofline_for_its_expert_size():
     bad = p.to_json().replace("[\n    8,", "[\n    0,")
     with pytest.raises(Exception, match="expert_curve"):
         profile_from_json(bad)
+
+
+def test_loading_warns_when_host_memory_is_short(model_dirs, tmp_path, monkeypatch, caplog):
+    import logging
+
+    import fiddlerc
+    from fiddlerc import loader
+
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    monkeypatch.setattr(loader, "available_host_memory", lambda: 1000)
+    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader"):
+        fiddlerc.load(tmp_path / "out", device="cpu").close()
+    assert "will page from disk" in caplog.text
+    caplog.clear()
+    monkeypatch.setattr(loader, "available_host_memory", lambda: 2**40)
+    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader"):
+        fiddlerc.load(tmp_path / "out", device="cpu").close()
+    assert "page from disk" not in caplog.text

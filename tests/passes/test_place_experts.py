@@ -106,3 +106,22 @@ def test_placement_is_a_brute_force_optimum_of_predicted_time(n_fit, profile_nam
         experts = tuple(replace(p, device="cuda:0" if (p.layer, p.expert) in chosen else CPU) for p in ours.experts)
         other = ours.with_(experts=experts)
         assert predict_decode(other, profile).ms_per_token >= best - 1e-9
+
+
+def test_priced_placement_states_the_saving_and_the_host_memory():
+    from fiddlerc.hardware import load_profile
+
+    gpu_box = load_profile("quadro-rtx6000-skylake48")
+    plan = place_experts(
+        _NoGraph, before(budget=700), CompileOptions(gpu_budget_bytes=700, hardware=gpu_box, cpu_memory_bytes=250)
+    )
+    fast = [e for e in plan.experts if e.device == "cuda:0"]
+    assert len(fast) == 2 and all("ms/token on the fast tier" in e.reason for e in plan.experts)
+    # host memory holds the cpu-tier experts: 6 x 100 B against 250 B
+    assert (plan.memory.host_bytes, plan.memory.host_budget_bytes) == (600, 250)
+    assert plan.memory.paged_fraction == pytest.approx(1 - 250 / 600)
+    # a CPU-only target keeps everything in host memory; the budget defaults to the profile's memory
+    cpu_box = load_profile("cpu-2core")
+    plan = place_experts(_NoGraph, before(budget=700), CompileOptions(gpu_budget_bytes=700, hardware=cpu_box))
+    assert plan.memory.host_bytes == 400 + 100 + 8 * 100
+    assert plan.memory.host_budget_bytes == cpu_box.cpu.memory_bytes and plan.memory.paged_fraction == 0
