@@ -38,7 +38,9 @@ def main() -> None:
     print(
         f"Mixtral-8x7B on {profile.name}: {n_fast} of {len(p.experts)} experts on the GPU (KV reserve for {context} tokens)"
     )
-    print(f"{'input':>5} {'output':>6} {'paper':>6} {'predicted':>9} {'ratio':>6}  {'prefill s: ours':>15} {'paper*':>6}")
+    print(
+        f"{'input':>5} {'output':>6} {'paper':>6} {'predicted':>9} {'ratio':>6}  {'prefill s: ours':>15} {'paper*':>6}"
+    )
     ratios = []
     for r in rows:
         i, o, paper = int(r["input_tokens"]), int(r["output_tokens"]), float(r["fiddler_tokens_per_s"])
