@@ -37,6 +37,7 @@ from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, profile_from_js
 log = logging.getLogger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
+LINEAR = 1.9  # time ratio per doubling of the tokens that counts as compute-bound
 POOL_BYTES = 512 * 2**20  # cycle through this much expert weight: larger than any cache
 
 
@@ -55,8 +56,14 @@ def _cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-def _time_expert(hidden: int, inter: int, dtype: torch.dtype, device: torch.device, repeats: int) -> list[float]:
-    """Median ms per expert call at each of TOKEN_COUNTS; weights cycle through a pool larger than the caches."""
+def _time_expert(
+    hidden: int, inter: int, dtype: torch.dtype, device: torch.device, repeats: int
+) -> list[tuple[int, float]]:
+    """(tokens, median ms) per expert call for TOKEN_COUNTS; weights cycle through a pool larger than
+    the caches. Once two doublings of the tokens have each doubled the time, the call is compute-bound
+    and linear from there (the cost model extends the last slope), so larger counts are not timed:
+    that keeps a big expert whose small calls are already compute-bound (bf16 without native support)
+    from taking minutes."""
     expert_bytes = 3 * hidden * inter * dtype.itemsize
     pool = min(max(2, -(-POOL_BYTES // expert_bytes)), 64)
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -65,7 +72,7 @@ def _time_expert(hidden: int, inter: int, dtype: torch.dtype, device: torch.devi
         [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes] for _ in range(pool)
     ]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    medians = []
+    curve: list[tuple[int, float]] = []
     k = 0
     for n in TOKEN_COUNTS:
         x = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
@@ -78,8 +85,10 @@ def _time_expert(hidden: int, inter: int, dtype: torch.dtype, device: torch.devi
             F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
-        medians.append(statistics.median(times[1:]))  # the first call warms up
-    return medians
+        curve.append((n, statistics.median(times[1:])))  # the first call warms up
+        if len(curve) >= 4 and all(curve[-i][1] >= LINEAR * curve[-i - 1][1] for i in (1, 2)):
+            break
+    return curve
 
 
 def fit_roofline(token_counts, ms, expert_bytes: int, flops_per_token: int) -> tuple[float, float, float]:
@@ -270,15 +279,15 @@ def calibrate(
     try:
         t0 = time.perf_counter()
         expert_bytes, flops = 3 * hidden * inter * dtype.itemsize, 2 * 3 * hidden * inter
-        ms = _time_expert(hidden, inter, dtype, torch.device("cpu"), repeats)
-        bw, tflops, err = fit_roofline(TOKEN_COUNTS, ms, expert_bytes, flops)
+        measured = _time_expert(hidden, inter, dtype, torch.device("cpu"), repeats)
+        bw, tflops, err = fit_roofline([n for n, _ in measured], [t for _, t in measured], expert_bytes, flops)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        curve = tuple((n, round(t, 4)) for n, t in zip(TOKEN_COUNTS, ms, strict=True))
+        curve = tuple((n, round(t, 4)) for n, t in measured)
         cache_dir().mkdir(parents=True, exist_ok=True)
         disk = disk_gbps(cache_dir())
         cpu = CpuSpec(_cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes, disk_gbps=disk)
         when = time.strftime("%Y-%m-%d")
-        shown = ", ".join(f"{n}: {t:.2f}" for n, t in zip(TOKEN_COUNTS, ms, strict=True))
+        shown = ", ".join(f"{n}: {t:.2f}" for n, t in measured)
         sources = {
             "cpu.mem_bw_gbps": (
                 f"fiddlerc calibrate {when}: a {hidden}x{inter} {dtype} expert on {threads} threads, "
@@ -291,7 +300,7 @@ def calibrate(
         gpu = None
         if cuda:  # pragma: no cover - needs a GPU
             gms = _time_expert(hidden, inter, dtype, torch.device("cuda"), repeats)
-            gbw, gtf, gerr = fit_roofline(TOKEN_COUNTS, gms, expert_bytes, flops)
+            gbw, gtf, gerr = fit_roofline([n for n, _ in gms], [t for _, t in gms], expert_bytes, flops)
             props = torch.cuda.get_device_properties(0)
             gpu = GpuSpec(
                 props.name[:100],

@@ -166,7 +166,7 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     assert profile.cpu.mem_bw_gbps > 0 and profile.cpu.matmul_tflops > 0
     assert load_profile(path) == profile  # a calibrated profile is an ordinary profile file
     calls = []
-    monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [1.0] * len(cal.TOKEN_COUNTS))
+    monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [(1, 1.0), (2, 1.0)])
     again, path2 = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
     assert (again, path2) == (profile, path) and not calls  # read from the cache, not measured
     assert profile.cpu.disk_gbps > 0 and "page cache" in profile.sources["cpu.disk_gbps"]
