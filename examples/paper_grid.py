@@ -33,7 +33,7 @@ def main() -> None:
     profile = load_profile(args.profile)
     rows = [r for r in csv.DictReader(open(args.results)) if r["env"] == args.env]
     context = max(int(r["input_tokens"]) + int(r["output_tokens"]) for r in rows)
-    p = plan(CONFIG, "24GiB", context=context, dtype="bfloat16")
+    p = plan(CONFIG, "24GiB", context=context, dtype="bfloat16", hardware=args.profile)
     n_fast = sum(e.device != "cpu" for e in p.experts)
     print(
         f"Mixtral-8x7B on {profile.name}: {n_fast} of {len(p.experts)} experts on the GPU (KV reserve for {context} tokens)"
