@@ -25,6 +25,7 @@ from fiddlerc.model_io import (
 from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_size
 from fiddlerc.pipeline import initial_plan, run_passes
 from fiddlerc.plan import Plan, plan_to_json
+from fiddlerc.popularity import load_popularity
 from fiddlerc.report import report_text
 
 __all__ = ["compile", "load", "plan"]
@@ -75,17 +76,21 @@ def plan(
     dtype: str | None = None,
     hardware: str | Path | None = None,
     cpu_memory: str | int | None = None,
+    popularity: str | Path | None = None,
 ) -> Plan:
     """Plan a model from its config.json alone (no weights needed): the placement compile would make,
     priced on `hardware` (a profile name or file) when given."""
     folder = open_config(config_or_dir)
-    model, dtype_, options = _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory)
+    model, dtype_, options = _prepare(
+        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity
+    )
     return run_passes(capture(model), initial_plan(model, folder.config_json, dtype_, options), options)
 
 
-def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory):
+def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity):
     """The meta model, its compute dtype and the checked options: what planning and compiling share."""
     options = CompileOptions(
+        popularity=None if popularity is None else load_popularity(popularity),
         gpu_budget_bytes=parse_size(gpu_memory),
         cpu_memory_bytes=None if cpu_memory is None else parse_size(cpu_memory),
         fast_experts=fast_experts,
@@ -111,16 +116,19 @@ def compile(  # noqa: A001 - the verb users expect
     dtype: str | None = None,
     hardware: str | Path | None = None,
     cpu_memory: str | int | None = None,
+    popularity: str | Path | None = None,
 ) -> Artifact:
     """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, manifest.json, report.txt).
 
     `hardware` (a profile name or file) prices the plan: its prediction goes into plan.json and the report.
     `cpu_memory` is the host memory for the run (default: the profile's); CPU-tier weights beyond it
-    page from disk, which the plan records and the prediction prices.
+    page from disk, which the plan records and the prediction prices. `popularity` is a JSON of
+    measured routing counts (`fiddlerc profile`, or the Fiddler repository's format): placement
+    weighs each expert by it instead of assuming uniform routing.
     """
     folder = open_model_folder(model_dir)
     model, compute_dtype, options = _prepare(
-        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory
+        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity
     )
     resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
     gm = capture(model)

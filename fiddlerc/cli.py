@@ -12,6 +12,7 @@ from fiddlerc import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+POPULARITY_HELP = "measured routing counts (fiddlerc profile's JSON) to place by instead of uniform routing"
 CPU_MEMORY_HELP = (
     "host memory for the run, e.g. 64GiB (default: the hardware profile's); "
     "CPU-tier weights beyond it page from disk, and the prediction says so"
@@ -19,7 +20,7 @@ CPU_MEMORY_HELP = (
 
 
 def _planning_options(args: argparse.Namespace) -> dict:
-    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory")
+    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory", "popularity")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -74,23 +75,13 @@ def _generate_text(
     return shown, len(new), time.perf_counter() - t0
 
 
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    from fiddlerc.errors import ModelFolderError
-
-    try:
-        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
-    except (OSError, ValueError) as e:
-        raise ModelFolderError(f"{folder} has no usable tokenizer ({e}); use the Python API with token ids") from None
-
-
 def _cmd_run(args: argparse.Namespace) -> int:
     from fiddlerc.api import load
+    from fiddlerc.model_io import load_tokenizer
 
     model = load(args.out, device=args.device, model_dir=args.model)
     try:
-        tokenizer = _tokenizer(model.artifact.folder.path)
+        tokenizer = load_tokenizer(model.artifact.folder.path)
         _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
         stats = model.routing_stats()
         print(
@@ -105,6 +96,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fiddlerc.api import compile, load
     from fiddlerc.demo import demo_config, write_model
+    from fiddlerc.model_io import load_tokenizer
     from fiddlerc.report import report_text
 
     root = Path(args.dir)
@@ -117,7 +109,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     print(report_text(art.plan))
     model = load(out_dir, device=args.device)
     try:
-        tokenizer = _tokenizer(model_dir)
+        tokenizer = load_tokenizer(model_dir)
         print(f"prompt: {args.prompt!r}\ncompletion (random weights, so gibberish): ", end="")
         _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, 0.0, None)
         stats = model.routing_stats()
@@ -178,6 +170,26 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_profile(args: argparse.Namespace) -> int:
+    from fiddlerc.profiling import profile_model
+
+    t0 = time.perf_counter()
+    run = profile_model(
+        args.model_dir,
+        args.data,
+        args.out,
+        max_tokens=args.max_tokens,
+        decode_tokens=args.decode_tokens,
+        threads=args.threads,
+    )
+    how = "interrupted: kept the counts of" if run.interrupted else "profiled"
+    print(
+        f"{how} {run.documents} documents ({run.tokens} prompt tokens) in {time.perf_counter() - t0:.1f} s "
+        f"-> {run.path}; compile with --popularity {run.path}"
+    )
+    return EXIT_INTERRUPTED if run.interrupted else 0
+
+
 def _cmd_architectures(args: argparse.Namespace) -> int:
     from fiddlerc.families import supported_text
 
@@ -218,6 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="price the plan on a hardware profile: a name (plan --list-hardware), a JSON file, or auto (this machine, calibrated)",
     )
     c.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
+    c.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("report", help="show the placement of a compiled model and why")
@@ -248,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--batch", type=int, default=1)
     pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     pl.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
+    pl.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
     pl.add_argument("--prompt-tokens", type=int, default=128, help="simulated workload: prompt length (default 128)")
     pl.add_argument("--output-tokens", type=int, default=256, help="simulated workload: tokens generated (default 256)")
     pl.set_defaults(func=_cmd_plan)
@@ -258,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     cal.add_argument("--force", action="store_true", help="measure again even if cached")
     cal.set_defaults(func=_cmd_calibrate)
+
+    pr = sub.add_parser("profile", help="count where the routers send tokens on your text (expert popularity)")
+    pr.add_argument("model_dir")
+    pr.add_argument("--data", required=True, help="text, one document per line, or a JSON list of prompts")
+    pr.add_argument("-o", "--out", required=True, help="popularity JSON to write (compile --popularity reads it)")
+    pr.add_argument("--max-tokens", type=int, default=None, help="stop after this many prompt tokens")
+    pr.add_argument(
+        "--decode-tokens", type=int, default=0, help="also generate N tokens per document, counted as decode"
+    )
+    pr.add_argument("--threads", type=int, default=None)
+    pr.set_defaults(func=_cmd_profile)
 
     a = sub.add_parser("architectures", help="list the MoE families checked end to end")
     a.set_defaults(func=_cmd_architectures)

@@ -131,12 +131,22 @@ class DecodePrediction:
         return 1000.0 / self.ms_per_token
 
 
-def _layer_ms(k: int, n_fast: int, n_cpu: int, t_fast: float, t_cpu: float, shared: bool) -> float:
-    """Expected time of one MoE layer for one token whose k experts are drawn uniformly without replacement."""
-    total = comb(n_fast + n_cpu, k)
+def _layer_ms(
+    k: int, n_fast: int, n_cpu: int, t_fast: float, t_cpu: float, shared: bool, cpu_share: float | None
+) -> float:
+    """Expected time of one MoE layer for one token. Uniform routing (`cpu_share` None): the token's k
+    experts are drawn without replacement, so the number on the CPU is hypergeometric. Measured
+    popularity: each pick lands on the CPU tier with probability `cpu_share` (its share of the use),
+    binomially (weighted draws without replacement have no closed form; the simulator samples them)."""
+    feasible = range(max(0, k - n_fast), min(k, n_cpu) + 1)  # j of the k experts on the CPU
+    if cpu_share is None:
+        probs = [comb(n_cpu, j) * comb(n_fast, k - j) / comb(n_fast + n_cpu, k) for j in feasible]
+    else:
+        probs = [comb(k, j) * cpu_share**j * (1 - cpu_share) ** (k - j) for j in feasible]
+        total = sum(probs) or 1.0
+        probs = [p / total for p in probs]  # no more than n_cpu picks can land on the CPU tier
     expected = 0.0
-    for j in range(max(0, k - n_fast), min(k, n_cpu) + 1):  # j of the k experts on the CPU
-        p = comb(n_cpu, j) * comb(n_fast, k - j) / total
+    for j, p in zip(feasible, probs, strict=True):
         fast, cpu = (k - j) * t_fast, j * t_cpu
         expected += p * (fast + cpu if shared else max(fast, cpu))
     return expected
@@ -156,15 +166,21 @@ def predict_decode(plan: Plan, profile: HardwareProfile, position: int | None = 
         + plan.model.num_layers * model.layer_overhead_ms
     )
     fast_total = cpu_total = layers = 0.0
+    by_layer: dict[int, list] = {ml.layer: [] for ml in plan.moe_layers}
+    for e in plan.experts:
+        by_layer[e.layer].append(e)
     for ml in plan.moe_layers:
-        placement = plan.placement(ml.layer)
-        n_cpu = sum(1 for d in placement if d == CPU)
+        mine = by_layer[ml.layer]
+        n_cpu = sum(1 for e in mine if e.device == CPU)
         t_fast = model.fast_expert_ms(1, ml.bytes_per_expert, itemsize)
         t_cpu = model.cpu_expert_ms(1, ml.bytes_per_expert, itemsize)
-        layers += _layer_ms(ml.top_k, ml.num_experts - n_cpu, n_cpu, t_fast, t_cpu, profile.cpu_only)
-        share = ml.top_k / ml.num_experts
-        fast_total += share * (ml.num_experts - n_cpu) * t_fast
-        cpu_total += share * n_cpu * t_cpu
+        use = sum(e.expected_use for e in mine) or 1.0
+        cpu_use = sum(e.expected_use for e in mine if e.device == CPU) / use  # share of the picks
+        uniform = len({round(e.expected_use, 6) for e in mine}) <= 1
+        share = None if uniform else cpu_use
+        layers += _layer_ms(ml.top_k, ml.num_experts - n_cpu, n_cpu, t_fast, t_cpu, profile.cpu_only, share)
+        fast_total += ml.top_k * (1 - cpu_use) * t_fast
+        cpu_total += ml.top_k * cpu_use * t_cpu
     return DecodePrediction(dense + layers, dense, fast_total, cpu_total)
 
 

@@ -429,3 +429,16 @@ class WeightReader:
 
     def close(self) -> None:
         self._handles.clear()
+
+
+def load_tokenizer(folder: str | Path):
+    """The model folder's own tokenizer (never remote code)."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
+    except (OSError, ValueError) as e:
+        raise ModelFolderError(
+            f"{folder} has no usable tokenizer ({e}): add the model's tokenizer files, or use the Python API "
+            "with token ids"
+        ) from None

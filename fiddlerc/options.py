@@ -10,6 +10,7 @@ import torch
 
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
+from fiddlerc.popularity import Popularity
 
 _UNITS = {
     "": 1,
@@ -91,6 +92,7 @@ class CompileOptions:
     target_device: str = "cuda:0"
     hardware: HardwareProfile | None = None  # prices the plan (predict_speed); None: no prediction
     cpu_memory_bytes: int | None = None  # host memory for the run (--cpu-memory); None: the profile's, if any
+    popularity: Popularity | None = None  # measured routing counts (--popularity); None: uniform
 
     def __post_init__(self) -> None:
         if self.gpu_budget_bytes < 0:

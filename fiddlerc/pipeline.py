@@ -54,6 +54,8 @@ def initial_plan(model: torch.nn.Module, config_json: dict, dtype: torch.dtype, 
             context_tokens=options.context_tokens,
             batch_size=options.batch_size,
             fast_experts=options.fast_experts,
+            popularity=options.popularity.name if options.popularity else None,
+            popularity_sha256=options.popularity.sha256 if options.popularity else None,
         ),
     )
 

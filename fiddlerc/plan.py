@@ -44,6 +44,8 @@ class Target:
     fast_experts: int | None  # user override: best N experts on the GPU
     hardware: str | None = None  # hardware profile the plan was priced with (name), if any
     hardware_sha256: str | None = None
+    popularity: str | None = None  # measured expert popularity the placement used (file name), if any
+    popularity_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -277,6 +279,15 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             or (isinstance(t.hardware_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", t.hardware_sha256)))
         ),
         "target.hardware must be a profile name with its sha256, or both null",
+    )
+    _check(
+        (t.popularity is None) == (t.popularity_sha256 is None)
+        and (t.popularity is None or (_is_text(t.popularity) and 0 < len(t.popularity) <= 200))
+        and (
+            t.popularity_sha256 is None
+            or (isinstance(t.popularity_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", t.popularity_sha256)))
+        ),
+        "target.popularity must be a file name with its sha256, or both null",
     )
     if plan.prediction is not None:
         pr = plan.prediction

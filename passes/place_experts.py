@@ -3,10 +3,12 @@
 Objective: the minimal predicted decode time per token under the memory left after the dense
 weights and the KV reserve. An expert on the fast tier saves `use * (t_cpu(1) - t_fast(1))` per
 token, where `use` is its expected share of its layer's routed tokens (uniform until profiling
-exists: top_k / num_experts) and the times come from the cost model of `options.hardware`.
+exists: top_k / num_experts; measured with `--popularity`) and the times come from the cost
+model of `options.hardware`.
 Experts are taken in order of that saving per byte (the knapsack greedy, exact when experts are
 one size, as they are within a model), ties broken round-robin over layers so every layer gets a
-similar share, and placed while they fit. Without a profile, or on a CPU-only one where both
+similar share, and placed while they fit. With measured popularity the skewed layers' busy experts
+rank first, so those layers get more of the fast tier. Without a profile, or on a CPU-only one where both
 tiers are the CPU, the saving is taken as proportional to the bytes read, so the order is by
 expected use. `--fast-experts N` takes the best N instead and fails if they do not fit.
 
@@ -14,7 +16,8 @@ Host memory: the bytes the run keeps in host memory (the CPU-tier experts; every
 CPU-only target) against `--cpu-memory` (default: the profile's memory). More than fits is not an
 error: the weights are memory-mapped, so the run pages from disk, and the cost model prices that.
 
-Reads: `plan.moe_layers`, `plan.memory`, `options.fast_experts`, `options.hardware`, `options.cpu_memory_bytes`.
+Reads: `plan.moe_layers`, `plan.memory`, `options.fast_experts`, `options.hardware`, `options.cpu_memory_bytes`,
+`options.popularity`.
 Writes: `plan.experts`, `plan.memory.expert_bytes`, `plan.memory.host_bytes`/`host_budget_bytes`;
 `node.meta["fiddlerc"]["device"]` on expert nodes.
 """
@@ -35,11 +38,15 @@ from fiddlerc.plan import CPU, ExpertPlacement, Plan
 def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
     assert plan.memory is not None, "account_memory must run before place_experts"
     fast = plan.target.device
+    pop = options.popularity
+    if pop is not None:
+        pop.check_against(plan.moe_layers)
     candidates = []  # (saving per byte, use, saving ms/token, expert, layer, bytes)
-    for ml in plan.moe_layers:
+    for row, ml in enumerate(plan.moe_layers):
         saved = _saving_ms(options, ml.bytes_per_expert, parse_dtype(plan.model.dtype).itemsize)
+        uses = pop.use(row, ml.top_k) if pop is not None else (ml.top_k / ml.num_experts,) * ml.num_experts
         for e in range(ml.num_experts):
-            use = ml.top_k / ml.num_experts
+            use = uses[e]
             per_byte = use * saved / ml.bytes_per_expert if saved is not None else use
             candidates.append(
                 (per_byte, use, use * saved if saved is not None else None, e, ml.layer, ml.bytes_per_expert)
@@ -61,7 +68,7 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
     placements = []
     for rank, (_, use, saving, e, layer, nbytes) in enumerate(candidates, start=1):
         by = f"saves {saving:.3f} ms/token on the fast tier, " if saving is not None else ""
-        head = f"rank {rank}/{len(candidates)}: {by}expected use {use:.3f}"
+        head = f"rank {rank}/{len(candidates)}: {by}expected use {use:.3f} ({'measured' if pop else 'uniform'})"
         if want is not None:
             on_fast = rank <= want
             why = f"{head}, within --fast-experts {want}" if on_fast else f"{head}, beyond --fast-experts {want}"

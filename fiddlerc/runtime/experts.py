@@ -110,6 +110,7 @@ class PlacedExperts(nn.Module):
         self.tokens_fast = 0  # routed (token, expert) pairs served by each tier, for routing_stats()
         self.tokens_cpu = 0
         self.expert_tokens = [0] * self.num_experts  # routed tokens per expert
+        self.observer: Callable[[int, torch.Tensor], None] | None = None  # sees (layer, picks [T, k]) per call
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -132,6 +133,8 @@ class PlacedExperts(nn.Module):
         k = top_k_index.shape[1]
         # [T*k] flat routing on the host: the one synchronisation of this layer.
         flat = top_k_index.reshape(-1).to("cpu")
+        if self.observer is not None:  # profiling: which experts each token picked
+            self.observer(self.layer, flat.view(-1, k))
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()
         hit = [e for e, c in enumerate(counts) if c]

@@ -1,0 +1,146 @@
+"""`fiddlerc profile`: run text through a model on the CPU and count where its routers send tokens.
+
+The model is compiled into a temporary folder with every expert on the fast tier and run by
+fiddlerc's own runtime on the CPU (the same numerics the tests hold equal to Hugging Face), with
+an observer on each MoE layer's placed experts. Each document is one sequence: its tokens are the
+prefill; with `decode_tokens` the model then generates that many tokens greedily, counted apart as
+decode. Ctrl-C stops early and keeps what was counted (the file says `"interrupted": true`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from fiddlerc.errors import OptionError
+from fiddlerc.popularity import RoutingCounter
+
+
+@dataclass(frozen=True)
+class ProfileRun:
+    path: Path
+    documents: int  # documents run (all of them unless interrupted or the token budget ran out)
+    tokens: int  # prompt tokens run
+    interrupted: bool
+
+
+def read_documents(path: str | Path) -> list[str]:
+    """A JSON list of prompts, or plain text with one document per line (blank lines skipped)."""
+    p = Path(path)
+    if not p.is_file():
+        raise OptionError(f"data file {p} does not exist: give text with one document per line, or a JSON list")
+    text = p.read_text(encoding="utf-8", errors="replace")
+    docs: list[str] | None = None
+    if text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError:
+            data = None
+        if isinstance(data, list) and all(isinstance(d, str) for d in data):
+            docs = data
+    if docs is None:
+        docs = text.splitlines()
+    docs = [d for d in docs if d.strip()]
+    if not docs:
+        raise OptionError(f"data file {p} holds no text: one document per line, or a JSON list of strings")
+    return docs
+
+
+class _Progress:
+    """One self-overwriting line on stderr when it is a terminal; silent otherwise."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self.total, self.enabled, self.t0, self.last = total, enabled and sys.stderr.isatty(), time.time(), 0.0
+
+    def update(self, docs: int, tokens: int, force: bool = False) -> None:
+        now = time.time()
+        if self.enabled and (force or now - self.last > 0.2):
+            self.last = now
+            rate = tokens / max(now - self.t0, 1e-9)
+            sys.stderr.write(f"\rprofiling: {docs}/{self.total} documents, {tokens} tokens, {rate:.0f} tokens/s ")
+            sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.enabled:
+            sys.stderr.write("\n")
+
+
+def profile_model(
+    model_dir: str | Path,
+    data: str | Path,
+    out: str | Path,
+    *,
+    max_tokens: int | None = None,
+    decode_tokens: int = 0,
+    threads: int | None = None,
+    progress: bool = True,
+) -> ProfileRun:
+    """Count routing decisions over the documents in `data` and write them to `out` (popularity JSON)."""
+    from fiddlerc.api import compile, load  # profiling runs the compiler's own runtime
+    from fiddlerc.model_io import load_tokenizer, open_model_folder
+
+    if max_tokens is not None and max_tokens <= 0:
+        raise OptionError(f"--max-tokens must be positive, got {max_tokens}")
+    if decode_tokens < 0:
+        raise OptionError(f"--decode-tokens must be >= 0, got {decode_tokens}")
+    folder = open_model_folder(model_dir)
+    tokenizer = load_tokenizer(folder.path)
+    docs = read_documents(data)
+    limit = int(folder.config_json.get("max_position_embeddings") or 4096)
+    encoded = [tokenizer.encode(d)[: max(1, limit - decode_tokens)] for d in docs]
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="fiddlerc-profile-") as tmp:
+        context = max(len(ids) for ids in encoded) + decode_tokens
+        art = compile(folder.path, Path(tmp) / "all-fast", "1024TiB", context=context)  # every expert on the fast tier
+        moe = art.plan.moe_layers
+        counter = RoutingCounter(tuple(ml.layer for ml in moe), tuple(ml.num_experts for ml in moe))
+        bar = _Progress(len(encoded), progress)
+        done = tokens = 0
+        interrupted = False
+        with load(Path(tmp) / "all-fast", device="cpu", num_threads=threads) as model:
+            for placed in model._placed:
+                placed.observer = counter
+            try:
+                for ids in encoded:
+                    if max_tokens is not None and tokens >= max_tokens:
+                        break
+                    ids = ids[: max_tokens - tokens] if max_tokens is not None else ids
+                    counter.new_sequence()
+                    batch = torch.tensor([ids])
+                    if decode_tokens:
+                        model.generate(batch, max_new_tokens=decode_tokens, ignore_eos=True)
+                    else:
+                        model(batch)
+                    done, tokens = done + 1, tokens + len(ids)
+                    bar.update(done, tokens)
+            except KeyboardInterrupt:
+                interrupted = True
+            finally:
+                bar.update(done, tokens, force=True)
+                bar.close()
+    raw = Path(data).read_bytes()
+    source = {
+        "data": Path(data).name,
+        "data_sha256": hashlib.sha256(raw).hexdigest(),
+        "documents": done,
+        "max_tokens": max_tokens,
+        "decode_tokens": decode_tokens,
+    }
+    info = {
+        "architecture": art.plan.model.architecture,
+        "model_type": art.plan.model.model_type,
+        "config_sha256": art.plan.model.config_sha256,
+    }
+    tmp_out = out.with_name(f".{out.name}.tmp")
+    tmp_out.write_text(counter.to_json(source, interrupted, info))
+    os.replace(tmp_out, out)
+    return ProfileRun(out, done, tokens, interrupted)

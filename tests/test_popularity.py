@@ -1,0 +1,197 @@
+"""Expert popularity: profiling counts, the shared Mixtral measurements, and placement by popularity."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from fiddlerc.errors import OptionError
+from fiddlerc.popularity import coverage, load_popularity, popularity_from_json
+
+SHARED = Path(__file__).parent / "data" / "mixtral-8x7b-popularity"
+MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+FAVOURITE = {1: 5, 2: 3}  # decoder layer -> the expert its router is biased towards
+DOCS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Mixture-of-experts models send each token to a few experts.",
+    "fiddlerc compiles them for a GPU that is too small.",
+]
+
+
+@pytest.fixture(scope="module")
+def biased(tmp_path_factory):
+    """A tiny DeepSeek-V3 (layer 0 dense, layers 1-2 MoE, 8 experts top-2) whose load-balancing bias
+    makes one expert per MoE layer win every token, with a byte tokenizer; and a data file."""
+    from transformers import AutoModelForCausalLM
+
+    from fiddlerc.demo import byte_tokenizer
+    from tests.conftest import tiny_config
+
+    root = tmp_path_factory.mktemp("biased")
+    config = tiny_config("deepseek_v3")
+    config.vocab_size = 258
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config)
+    with torch.no_grad():
+        for layer, expert in FAVOURITE.items():
+            bias = model.model.layers[layer].mlp.gate.e_score_correction_bias
+            bias.zero_()
+            bias[expert] = 5.0  # sigmoid scores are in (0, 1): +5 wins the group and the top-k
+    model.save_pretrained(root / "model")
+    byte_tokenizer().save_pretrained(root / "model")
+    data = root / "docs.txt"
+    data.write_text("\n".join(DOCS) + "\n")
+    return root / "model", data
+
+
+def hand_count(model_dir, data):
+    """Hugging Face's own routing: the top-k indices its experts modules are called with."""
+    from transformers import AutoModelForCausalLM
+
+    from fiddlerc.model_io import load_tokenizer
+
+    ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    counts = {layer: [0] * 8 for layer in FAVOURITE}
+
+    def hook(layer):
+        def pre(module, args):
+            for e in args[1].reshape(-1).tolist():
+                counts[layer][e] += 1
+
+        return pre
+
+    for layer in FAVOURITE:
+        ref.model.layers[layer].mlp.experts.register_forward_pre_hook(hook(layer))
+    tok = load_tokenizer(model_dir)
+    with torch.no_grad():
+        for line in Path(data).read_text().splitlines():
+            ref(input_ids=torch.tensor([tok.encode(line)]))
+    return [counts[layer] for layer in sorted(FAVOURITE)]
+
+
+def test_profile_counts_equal_a_hand_count(biased, tmp_path):
+    from fiddlerc.profiling import profile_model
+
+    model_dir, data = biased
+    run = profile_model(model_dir, data, tmp_path / "p.json", progress=False)
+    doc = json.loads(run.path.read_text())
+    assert (run.documents, run.interrupted, doc["interrupted"]) == (3, False, False)
+    assert doc["layers"] == [1, 2] and doc["top_k"] == 2
+    assert doc["expert_popularity"] == hand_count(model_dir, data)
+    tokens = doc["total_input_tokens"]
+    for row, layer in enumerate(doc["layers"]):
+        counts = doc["expert_popularity"][row]
+        assert sum(counts) == 2 * tokens and counts[FAVOURITE[layer]] == tokens  # every token picks it
+        co = doc["coselection"][row]
+        assert all(co[i][i] == 0 and co[i] == [co[j][i] for j in range(8)] for i in range(8))  # symmetric
+        assert [sum(r) for r in co] == counts  # top-2: each pick co-occurs with exactly one other
+    assert doc["phases"]["decode"] == {"tokens": 0, "expert_popularity": [[0] * 8, [0] * 8]}
+
+
+def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
+    from fiddlerc.profiling import profile_model
+
+    model_dir, data = biased
+    doc = json.loads(profile_model(model_dir, data, tmp_path / "p.json", decode_tokens=3).path.read_text())
+    assert doc["generated_tokens"] == 3 * 2  # generating 3 tokens takes 2 decode steps after the prefill
+    prefill, decode = doc["phases"]["prefill"], doc["phases"]["decode"]
+    assert prefill["tokens"] == doc["total_input_tokens"] and decode["tokens"] == 6
+    assert decode["expert_popularity"][0][FAVOURITE[1]] == 6
+    both = zip(prefill["expert_popularity"], decode["expert_popularity"], strict=True)
+    assert [[p + d for p, d in zip(a, b, strict=True)] for a, b in both] == doc["expert_popularity"]
+    short = profile_model(model_dir, data, tmp_path / "q.json", max_tokens=10)
+    assert (short.tokens, json.loads(short.path.read_text())["total_input_tokens"]) == (10, 10)
+
+
+def test_ctrl_c_keeps_what_was_counted(biased, tmp_path, monkeypatch):
+    from fiddlerc import loader
+    from fiddlerc.cli import main
+
+    model_dir, data = biased
+    calls = []
+    real = loader.CompiledModel.__call__
+
+    def interrupted_on_the_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(loader.CompiledModel, "__call__", interrupted_on_the_second)
+    assert main(["profile", str(model_dir), "--data", str(data), "-o", str(tmp_path / "p.json")]) == 130
+    doc = json.loads((tmp_path / "p.json").read_text())
+    assert doc["interrupted"] is True and doc["source"]["documents"] == 1
+    assert sum(doc["expert_popularity"][0]) == 2 * doc["total_input_tokens"] > 0
+
+
+def test_placement_moves_the_popular_experts_to_the_gpu(biased, tmp_path):
+    import fiddlerc
+    from fiddlerc.profiling import profile_model
+
+    model_dir, data = biased
+    pop = profile_model(model_dir, data, tmp_path / "p.json").path
+    uniform = fiddlerc.compile(model_dir, tmp_path / "u", gpu_memory="1GiB", context=64, fast_experts=2)
+    placed = fiddlerc.compile(model_dir, tmp_path / "o", gpu_memory="1GiB", context=64, fast_experts=2, popularity=pop)
+    fast = {(e.layer, e.expert) for e in placed.plan.experts if e.device != "cpu"}
+    assert fast == set(FAVOURITE.items())
+    assert fast != {(e.layer, e.expert) for e in uniform.plan.experts if e.device != "cpu"}
+    assert placed.plan.target.popularity == "p.json" and len(placed.plan.target.popularity_sha256) == 64
+    assert all("(measured)" in e.reason for e in placed.plan.experts)
+    with fiddlerc.load(tmp_path / "o", device="cpu") as model:  # and it runs
+        model(torch.tensor([[5, 6, 7]]))
+        assert model.routing_stats()["hit_rate"] >= 0.5  # the favourite is one of each token's two picks
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in SHARED.glob("*.json")))
+def test_the_shared_mixtral_measurements_load(name):
+    pop = load_popularity(SHARED / name)
+    assert len(pop.counts) == 32 and {len(r) for r in pop.counts} == {8}
+    assert len({sum(r) for r in pop.counts}) == 1  # every layer routes the same tokens, two picks each
+    assert abs(sum(pop.use(0, 2)) - 2) < 1e-9
+
+
+@pytest.mark.parametrize("variant", ["original", "instruct"])
+def test_a_profile_of_one_subject_covers_more_of_another_than_uniform_placement(variant):
+    """Mixtral-8x7B from its config, 24 GiB, the best 56 experts (what the paper fits beside the dense
+    weights): placed from the US-history profile, it serves more of the computer-science prompts'
+    routed tokens than uniform placement, each layer normalised by its own total."""
+    from fiddlerc.api import plan
+
+    history = SHARED / f"mixtral_8x7b_{variant}-high_school_us_history.json"
+    cs = load_popularity(SHARED / f"mixtral_8x7b_{variant}-college_computer_science.json")
+    layers = list(range(32))
+
+    def fast(p):
+        return {(e.layer, e.expert): e.device != "cpu" for e in p.experts}
+
+    uniform = plan(MIXTRAL, "24GiB", context=512, fast_experts=56)
+    profiled = plan(MIXTRAL, "24GiB", context=512, fast_experts=56, popularity=history)
+    got, base = coverage(fast(profiled), cs.counts, layers), coverage(fast(uniform), cs.counts, layers)
+    assert got > base and got > 56 / 256
+    own = coverage(fast(profiled), load_popularity(history).counts, layers)
+    assert 0.25 < own < 0.29  # the shared data's README: the best 56 take about 26-28 % of their own tokens
+
+
+def test_popularity_from_another_model_or_malformed_is_a_clear_error(tmp_path):
+    from fiddlerc.api import plan
+
+    two_layers = tmp_path / "two.json"
+    two_layers.write_text(json.dumps({"total_input_tokens": 4, "expert_popularity": [[1] * 8, [1] * 8]}))
+    with pytest.raises(OptionError, match="has 2 MoE layers, the model has 32"):
+        plan(MIXTRAL, "24GiB", context=512, popularity=two_layers)
+    four = tmp_path / "four.json"
+    four.write_text(json.dumps({"expert_popularity": [[1] * 4] * 32}))
+    with pytest.raises(OptionError, match="layer 0 has counts for 4 experts, the model has 8"):
+        plan(MIXTRAL, "24GiB", context=512, popularity=four)
+    with pytest.raises(OptionError, match="does not exist"):
+        load_popularity(tmp_path / "missing.json")
+    for text, message in [
+        ("{", "not valid JSON"),
+        ("[]", "must be an object"),
+        ('{"expert_popularity": [[1, -2]]}', "non-negative integers"),
+        ('{"expert_popularity": [[1, 2]], "layers": [0, 1]}', "one decoder layer per row"),
+        ('{"expert_popularity": [[1, 2]], "total_input_tokens": "many"}', "total_input_tokens"),
+    ]:
+        with pytest.raises(OptionError, match=message):
+            popularity_from_json(text, "x.json")
