@@ -39,9 +39,14 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 def _cmd_report(args: argparse.Namespace) -> int:
     from fiddlerc.loader import verify_artifact
-    from fiddlerc.report import report_json, report_text
+    from fiddlerc.report import report_html, report_json, report_text
 
     art, _ = verify_artifact(args.out, args.model)
+    if args.format == "html":
+        path = Path(args.output) if args.output else art.path / "report.html"
+        path.write_text(report_html(art.plan), encoding="utf-8")
+        print(f"wrote {path}")
+        return 0
     print(report_json(art.plan) if args.format == "json" else report_text(art.plan), end="")
     return 0
 
@@ -142,6 +147,11 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     work = Workload(args.prompt_tokens, args.output_tokens, batch=args.batch)
     run = simulate(p, load_profile(args.hardware), work)
     busy = ", ".join(f"{name} {ms / 1000:.1f} s" for name, ms in run.busy_ms.items())
+    if args.html:
+        from fiddlerc.report import report_html
+
+        Path(args.html).write_text(report_html(p), encoding="utf-8")
+        print(f"wrote {args.html}")
     print(
         f"simulated on {p.target.hardware} (prompt {work.prompt_tokens}, output {work.output_tokens}, batch {work.batch}): "
         f"prefill {run.prefill_ms / 1000:.2f} s, decode {run.decode_tokens_per_s:.2f} tokens/s, "
@@ -235,7 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("report", help="show the placement of a compiled model and why")
     r.add_argument("out")
-    r.add_argument("--format", choices=["text", "json"], default="text")
+    r.add_argument("--format", choices=["text", "json", "html"], default="text")
+    r.add_argument("-o", "--output", default=None, help="with --format html: where to write (default OUT/report.html)")
     r.add_argument("--model", default=None, help="model folder, if it moved since compiling")
     r.set_defaults(func=_cmd_report)
 
@@ -262,6 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     pl.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     pl.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
+    pl.add_argument("--html", default=None, metavar="FILE", help="also write the HTML report of the plan there")
     pl.add_argument("--prompt-tokens", type=int, default=128, help="simulated workload: prompt length (default 128)")
     pl.add_argument("--output-tokens", type=int, default=256, help="simulated workload: tokens generated (default 256)")
     pl.set_defaults(func=_cmd_plan)

@@ -99,6 +99,10 @@ class Prediction:
     fast_expert_ms: float
     cpu_expert_ms: float
     position: int  # sequence position the prediction is for
+    # A simulated decode at that position (fiddlerc.simulate): ms per token and each resource's busy
+    # ms per token (gpu, cpu, h2d, d2h); the report splits the time into GPU, CPU, transfers and idle.
+    simulated_ms_per_token: float = 0.0
+    busy_ms: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -292,7 +296,18 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
     if plan.prediction is not None:
         pr = plan.prediction
         _check(t.hardware is not None, "a prediction needs target.hardware")
-        numbers = (pr.decode_ms_per_token, pr.dense_ms, pr.fast_expert_ms, pr.cpu_expert_ms)
+        _check(
+            isinstance(pr.busy_ms, dict) and set(pr.busy_ms) <= {"gpu", "cpu", "h2d", "d2h"},
+            "prediction.busy_ms must map gpu, cpu, h2d, d2h to milliseconds",
+        )
+        numbers = (
+            pr.decode_ms_per_token,
+            pr.dense_ms,
+            pr.fast_expert_ms,
+            pr.cpu_expert_ms,
+            pr.simulated_ms_per_token,
+            *pr.busy_ms.values(),
+        )
         _check(
             all(
                 isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in numbers

@@ -2,7 +2,8 @@
 
 Reads: the whole plan and `options.hardware` (a profile, or None to skip).
 Writes: `plan.target.hardware`/`hardware_sha256` and `plan.prediction` (decode, batch 1, at half
-the reserved context). No graph annotation.
+the reserved context): the closed form, and a short simulated decode there whose per-resource busy
+times the report shows. No graph annotation.
 """
 
 from __future__ import annotations
@@ -14,6 +15,9 @@ import torch.fx
 from fiddlerc.cost import predict_decode
 from fiddlerc.options import CompileOptions
 from fiddlerc.plan import Plan, Prediction
+from fiddlerc.simulate import Workload, simulate
+
+SIM_STEPS = 32  # decode steps simulated for the plan's time split
 
 
 def predict_speed(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
@@ -22,6 +26,9 @@ def predict_speed(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
         return plan
     position = plan.target.context_tokens // 2
     pred = predict_decode(plan, profile, position)
+    run = simulate(plan, profile, Workload(max(1, position - SIM_STEPS // 2), SIM_STEPS + 1))
+    prefill = simulate(plan, profile, Workload(max(1, position - SIM_STEPS // 2), 1))
+    per_token = {k: round((v - prefill.busy_ms[k]) / SIM_STEPS, 4) for k, v in run.busy_ms.items()}
     return plan.with_(
         target=replace(plan.target, hardware=profile.name, hardware_sha256=profile.sha256()),
         prediction=Prediction(
@@ -30,5 +37,7 @@ def predict_speed(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
             fast_expert_ms=round(pred.fast_expert_ms, 4),
             cpu_expert_ms=round(pred.cpu_expert_ms, 4),
             position=position,
+            simulated_ms_per_token=round(run.decode_ms / SIM_STEPS, 4),
+            busy_ms=per_token,
         ),
     )
