@@ -22,7 +22,7 @@ from fiddlerc.model_io import (
     open_model_folder,
     resolve_sources,
 )
-from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_size
+from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_gpu_memory, parse_size
 from fiddlerc.pipeline import initial_plan, run_passes
 from fiddlerc.plan import Plan, plan_to_json
 from fiddlerc.popularity import load_popularity
@@ -89,9 +89,12 @@ def plan(
 
 def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity):
     """The meta model, its compute dtype and the checked options: what planning and compiling share."""
+    gpus = parse_gpu_memory(gpu_memory)
     options = CompileOptions(
         popularity=None if popularity is None else load_popularity(popularity),
-        gpu_budget_bytes=parse_size(gpu_memory),
+        target_device=gpus[0][0],
+        gpu_budget_bytes=gpus[0][1],
+        more_gpus=tuple(gpus[1:]),
         cpu_memory_bytes=None if cpu_memory is None else parse_size(cpu_memory),
         fast_experts=fast_experts,
         context_tokens=context,

@@ -150,7 +150,7 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         f"FIDDLERC_VERSION = {__version__!r}",
         f"DEVICES = {devices!r}",
         "# PLACEMENT[layer][expert] is an index into DEVICES. Experts on 'cpu' run on the CPU worker,",
-        "# the others on the fast device; only activations move between them.",
+        "# the others on their GPU; only activations move between them.",
         *_placement_table(plan, devices),
         "",
         "",

@@ -181,6 +181,7 @@ def bind_weights(
     def fused(key: str) -> torch.Tensor:  # one memory map per fused [E, ...] tensor
         return reader.get(key)
 
+    devices = device_map(plan, fast)
     hidden = getattr(model.config, "hidden_size", None)
     layouts = {ml.layer: find_layout(model.get_submodule(ml.block), hidden) for ml in plan.moe_layers}
     for ml in plan.moe_layers:
@@ -225,7 +226,7 @@ def bind_weights(
             return fused(src.key)
 
         weights = [
-            layout.weights(block, e, parts, whole).to(torch.device(CPU) if dev == CPU else fast, dtype)
+            layout.weights(block, e, parts, whole).to(devices[dev], dtype)
             for e, dev in enumerate(plan.placement(ml.layer))
         ]
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
@@ -240,6 +241,24 @@ def bind_weights(
             f"weights {leftover[:3]} were not bound: the model folder does not match the plan; recompile"
         )
     return placed
+
+
+def device_map(plan: Plan, fast: torch.device) -> dict[str, torch.device]:
+    """The plan's devices on this machine: its first GPU on `fast`; further GPUs on the CUDA devices
+    of the same names (which must exist), or all on the CPU when `fast` is the CPU."""
+    out = {CPU: torch.device(CPU), plan.target.device: fast}
+    for name in plan.target.more_gpus:
+        if fast.type == CPU:
+            out[name] = fast
+            continue
+        index = int(name.split(":")[1])
+        if index >= torch.cuda.device_count():
+            raise OptionError(
+                f"the plan places experts on {name}, but this machine has {torch.cuda.device_count()} GPU(s): "
+                "recompile for this machine's GPUs, or load with device='cpu'"
+            )
+        out[name] = torch.device("cuda", index)
+    return out
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:
@@ -392,15 +411,20 @@ class CompiledModel:
 
 
 def _check_gpu_memory(plan: Plan, device: torch.device) -> None:
-    """Refuse to start when the GPU has less free memory than the plan puts on it."""
+    """Refuse to start when a GPU has less free memory than the plan puts on it."""
     mem = plan.memory
-    need = mem.dense_bytes + mem.kv_reserve_bytes + sum(b for d, b in mem.expert_bytes.items() if d != CPU)
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > free:
-        raise BudgetError(
-            f"the plan puts {format_size(need)} on {device} but only {format_size(free)} is free there: "
-            "free the GPU, or recompile with a smaller --gpu-memory"
-        )
+    for name, dev in device_map(plan, device).items():
+        if dev.type != "cuda":
+            continue
+        need = mem.expert_bytes.get(name, 0)
+        if name == plan.target.device:
+            need += mem.dense_bytes + mem.kv_reserve_bytes
+        free, _ = torch.cuda.mem_get_info(dev)
+        if need > free:
+            raise BudgetError(
+                f"the plan puts {format_size(need)} on {dev} but only {format_size(free)} is free there: "
+                "free the GPU, or recompile with a smaller --gpu-memory"
+            )
 
 
 def available_host_memory() -> int | None:

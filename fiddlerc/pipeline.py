@@ -51,6 +51,7 @@ def initial_plan(model: torch.nn.Module, config_json: dict, dtype: torch.dtype, 
         target=Target(
             device=options.target_device,
             budget_bytes=options.gpu_budget_bytes,
+            more_gpus=dict(options.more_gpus),
             context_tokens=options.context_tokens,
             batch_size=options.batch_size,
             fast_experts=options.fast_experts,

@@ -46,6 +46,11 @@ class Target:
     hardware_sha256: str | None = None
     popularity: str | None = None  # measured expert popularity the placement used (file name), if any
     popularity_sha256: str | None = None
+    more_gpus: dict[str, int] = field(default_factory=dict)  # further GPUs holding experts only: device -> budget
+
+    def gpus(self) -> tuple[str, ...]:
+        """Every GPU of the target, the one with the dense weights first."""
+        return (self.device, *self.more_gpus)
 
 
 @dataclass(frozen=True)
@@ -75,6 +80,7 @@ class Memory:
     # target is CPU-only) and what the host has for it (--cpu-memory). None: not checked.
     host_bytes: int | None = None
     host_budget_bytes: int | None = None
+    gpu: str = "cuda:0"  # the GPU `budget_bytes` is for (the target's first: dense weights and KV live there)
 
     @property
     def paged_fraction(self) -> float:
@@ -85,9 +91,8 @@ class Memory:
 
     @property
     def free_bytes(self) -> int:
-        """What the GPU budget has left after dense weights, KV reserve and GPU experts."""
-        gpu_experts = sum(b for d, b in self.expert_bytes.items() if d != CPU)
-        return self.budget_bytes - self.dense_bytes - self.kv_reserve_bytes - gpu_experts
+        """What the budget of `gpu` has left after dense weights, KV reserve and the experts on it."""
+        return self.budget_bytes - self.dense_bytes - self.kv_reserve_bytes - self.expert_bytes.get(self.gpu, 0)
 
 
 @dataclass(frozen=True)
@@ -109,7 +114,7 @@ class Prediction:
 class ExpertPlacement:
     layer: int
     expert: int
-    device: str  # "cpu" or the target device
+    device: str  # "cpu" or one of the target's GPUs
     bytes: int
     expected_use: float  # expected fraction of the layer's routed tokens (top_k / num_experts if uniform)
     reason: str
@@ -351,7 +356,7 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         _check(_is_int(e.expert) and e.expert < layers[e.layer].num_experts, f"{where}: expert index out of range")
         _check((e.layer, e.expert) not in seen, f"{where} placed twice")
         seen.add((e.layer, e.expert))
-        _check(e.device in (CPU, t.device), f"{where}: device must be 'cpu' or {t.device!r}")
+        _check(e.device == CPU or e.device in t.gpus(), f"{where}: device must be 'cpu' or one of {list(t.gpus())}")
         _check(
             _is_int(e.bytes) and e.bytes == layers[e.layer].bytes_per_expert,
             f"{where}: bytes must equal the layer's bytes_per_expert",
@@ -375,7 +380,10 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             all(_is_int(x) for x in (mem.budget_bytes, mem.dense_bytes, mem.kv_reserve_bytes)),
             "memory byte counts must be non-negative integers",
         )
-        _check(mem.budget_bytes == t.budget_bytes, "memory.budget_bytes must equal target.budget_bytes")
+        _check(
+            mem.budget_bytes == t.budget_bytes and mem.gpu == t.device,
+            "memory.budget_bytes and memory.gpu must be target.budget_bytes and target.device",
+        )
         _check(
             all(x is None or _is_int(x) for x in (mem.host_bytes, mem.host_budget_bytes)),
             "memory.host_bytes and host_budget_bytes must be null or non-negative integers",
@@ -383,7 +391,7 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         _check(isinstance(mem.expert_bytes, dict), "memory.expert_bytes must be an object")
         for dev, b in mem.expert_bytes.items():
             _check(
-                isinstance(dev, str) and dev in (CPU, t.device) and _is_int(b),
+                isinstance(dev, str) and (dev == CPU or dev in t.gpus()) and _is_int(b),
                 f"memory.expert_bytes[{dev!r}] is invalid",
             )
         if plan.experts:
@@ -395,6 +403,8 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
                 "memory.expert_bytes does not match the experts' placement",
             )
             _check(mem.free_bytes >= 0, "experts on the GPU exceed the budget")
+            for dev, budget in t.more_gpus.items():
+                _check(mem.expert_bytes.get(dev, 0) <= budget, f"experts on {dev} exceed its budget")
 
     if complete:
         _check(plan.memory is not None, "memory accounting is missing")

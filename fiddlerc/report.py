@@ -16,7 +16,8 @@ def report_json(plan: Plan) -> str:
 def report_text(plan: Plan) -> str:
     m, t, mem = plan.model, plan.target, plan.memory
     assert mem is not None
-    gpu_experts = sum(b for d, b in mem.expert_bytes.items() if d != CPU)
+    gpu_experts = mem.expert_bytes.get(t.device, 0)
+    gpus = " + ".join(t.gpus())
     lines = [
         f"fiddlerc plan for {m.architecture} ({m.model_type}, {m.dtype}, {m.num_layers} layers)",
         f"target {t.device}: budget {format_size(t.budget_bytes)}; placed by "
@@ -25,10 +26,14 @@ def report_text(plan: Plan) -> str:
         f"  KV-cache reserve  {format_size(mem.kv_reserve_bytes):>12}  ({t.context_tokens} tokens x {t.batch_size} sequence(s))",
         f"  experts on {t.device:<7}{format_size(gpu_experts):>12}",
         f"  free              {format_size(mem.free_bytes):>12}",
+        *(
+            f"target {dev}: budget {format_size(budget)}, experts {format_size(mem.expert_bytes.get(dev, 0))}"
+            for dev, budget in t.more_gpus.items()
+        ),
         f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}",
         *_host_lines(mem),
         "",
-        f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
+        f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on GPU' if t.more_gpus else 'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
     ]
     total_use = fast_use = 0.0
     for ml in plan.moe_layers:
@@ -46,7 +51,7 @@ def report_text(plan: Plan) -> str:
     n_fast = sum(1 for e in plan.experts if e.device != CPU)
     lines += [
         "",
-        f"{n_fast} of {len(plan.experts)} experts on {t.device}; expected share of routed tokens served there: "
+        f"{n_fast} of {len(plan.experts)} experts on {gpus}; expected share of routed tokens served there: "
         f"{(fast_use / total_use if total_use else 0):.1%}",
         "per-expert decisions and reasons: fiddlerc report OUT --format json",
     ]
@@ -191,7 +196,7 @@ def report_html(plan: Plan) -> str:
     """One self-contained page (inline CSS and SVG, no scripts, no network): heatmap, memory, time, decisions."""
     m, t, mem = plan.model, plan.target, plan.memory
     assert mem is not None
-    fast_bytes = sum(b for d, b in mem.expert_bytes.items() if d != CPU)
+    fast_bytes = mem.expert_bytes.get(t.device, 0)
     n_fast = sum(1 for e in plan.experts if e.device != CPU)
     source = f"measured popularity {_esc(t.popularity)}" if t.popularity else "uniform routing (no --popularity)"
     parts = [
@@ -203,7 +208,7 @@ def report_html(plan: Plan) -> str:
         f'<p class="sub">{_esc(m.model_type)}, {_esc(m.dtype)}, {m.num_layers} layers, {len(plan.moe_layers)} MoE layers; '
         f"target {_esc(t.device)} with {_esc(format_size(t.budget_bytes))}; KV reserve for {t.context_tokens} tokens x "
         f"{t.batch_size}; placed by {source}; hardware profile {_esc(t.hardware or 'none')}</p>",
-        f"<p>{n_fast} of {len(plan.experts)} experts on {_esc(t.device)}.</p>",
+        f"<p>{n_fast} of {len(plan.experts)} experts on {_esc(' + '.join(t.gpus()))}.</p>",
         "<h2>Memory</h2>",
         _stacked_bar(
             [
@@ -220,6 +225,21 @@ def report_html(plan: Plan) -> str:
                 (f"experts on {t.device} {format_size(fast_bytes)}", _MEMORY_COLOURS["fast"]),
                 (f"headroom {format_size(mem.free_bytes)}", _MEMORY_COLOURS["free"]),
             ]
+        ),
+        *(
+            f"<p>{_esc(dev)}: {_esc(format_size(mem.expert_bytes.get(dev, 0)))} of experts in a budget of "
+            f"{_esc(format_size(budget))}.</p>"
+            + _stacked_bar(
+                [
+                    (
+                        f"experts {format_size(mem.expert_bytes.get(dev, 0))}",
+                        mem.expert_bytes.get(dev, 0),
+                        _MEMORY_COLOURS["fast"],
+                    ),
+                    ("free", budget - mem.expert_bytes.get(dev, 0), _MEMORY_COLOURS["free"]),
+                ]
+            )
+            for dev, budget in t.more_gpus.items()
         ),
         f"<p>Experts on the CPU: {_esc(format_size(mem.expert_bytes.get(CPU, 0)))} (host memory, memory-mapped).</p>",
     ]
@@ -259,7 +279,7 @@ def report_html(plan: Plan) -> str:
         parts.append(f"<p>The fast device waits {split['idle']:.2f} ms per token (idle).</p>")
     parts += [
         "<h2>Experts</h2>",
-        f"<p>Rows are MoE layers, columns experts; red outline: on {_esc(t.device)}. Colour: expected share "
+        f"<p>Rows are MoE layers, columns experts; red outline: on {_esc(' or '.join(t.gpus()))}. Colour: expected share "
         "of the layer's routed tokens against uniform routing.</p>",
         _legend(
             [

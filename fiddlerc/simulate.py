@@ -6,7 +6,8 @@ It plays the schedule the runtime (fiddlerc.runtime.experts) executes, priced by
 thread:
 
     gpu  the fast device: each layer's dense part (with the per-layer overhead), resident experts,
-         fetched experts, the per-step overhead
+         fetched experts, the per-step overhead (a multi-GPU plan's GPUs share this one queue: a
+         conservative bound, as their experts could run at the same time)
     cpu  the CPU worker: CPU-tier experts
     h2d  host-to-device copies: weights of fetched experts, the CPU experts' outputs
     d2h  device-to-host copies: the activations the CPU experts need

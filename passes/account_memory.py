@@ -45,4 +45,6 @@ def account_memory(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions
             f"KV-cache reserve ({format_size(kv)} for {options.context_tokens} tokens x {options.batch_size} "
             f"sequence(s)): give at least {format_size(dense + kv)} ({dense + kv} bytes), or lower --context/--batch"
         )
-    return plan.with_(memory=Memory(budget_bytes=budget, dense_bytes=dense, kv_reserve_bytes=kv))
+    return plan.with_(
+        memory=Memory(budget_bytes=budget, dense_bytes=dense, kv_reserve_bytes=kv, gpu=plan.target.device)
+    )

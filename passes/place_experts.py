@@ -12,6 +12,10 @@ rank first, so those layers get more of the fast tier. Without a profile, or on 
 tiers are the CPU, the saving is taken as proportional to the bytes read, so the order is by
 expected use. `--fast-experts N` takes the best N instead and fails if they do not fit.
 
+Several GPUs (`--gpu-memory cuda:0=20GiB,cuda:1=10GiB`; the first holds the dense weights and the
+KV reserve, the others experts only): the same objective, solved as a min-cost flow over networkx
+(`assign_by_flow`), exact since a model's experts are one size.
+
 Host memory: the bytes the run keeps in host memory (the CPU-tier experts; everything on a
 CPU-only target) against `--cpu-memory` (default: the profile's memory). More than fits is not an
 error: the weights are memory-mapped, so the run pages from disk, and the cost model prices that.
@@ -53,35 +57,39 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
             )
     candidates.sort(key=lambda c: (-c[0], -c[1], c[3], c[4]))
 
-    free = plan.memory.free_bytes
     want = options.fast_experts
+    gpus = plan.target.gpus()
+    free = {fast: plan.memory.free_bytes, **plan.target.more_gpus}  # bytes each GPU has for experts
     if want is not None:
         if want > len(candidates):
             raise BudgetError(f"--fast-experts {want} asks for more experts than the model has ({len(candidates)})")
         need = sum(c[5] for c in candidates[:want])
-        if need > free:
+        if need > sum(free.values()):
+            where = fast if len(gpus) == 1 else " + ".join(gpus)
             raise BudgetError(
-                f"--fast-experts {want} needs {format_size(need)} on {fast}, but the budget leaves "
-                f"{format_size(free)} after dense weights and KV reserve: raise --gpu-memory or lower --fast-experts"
+                f"--fast-experts {want} needs {format_size(need)} on {where}, but the budget leaves "
+                f"{format_size(sum(free.values()))} after dense weights and KV reserve: raise --gpu-memory or lower --fast-experts"
             )
 
+    if len(gpus) > 1:
+        flow = assign_by_flow([c[2] if c[2] is not None else c[1] for c in candidates], candidates, free, gpus, want)
     placements = []
     for rank, (_, use, saving, e, layer, nbytes) in enumerate(candidates, start=1):
         by = f"saves {saving:.3f} ms/token on the fast tier, " if saving is not None else ""
         head = f"rank {rank}/{len(candidates)}: {by}expected use {use:.3f} ({'measured' if pop else 'uniform'})"
-        if want is not None:
-            on_fast = rank <= want
-            why = f"{head}, within --fast-experts {want}" if on_fast else f"{head}, beyond --fast-experts {want}"
+        if len(gpus) > 1:
+            device = flow[rank - 1]
+            why = f"{head}, min-cost flow over {', '.join(gpus)} and the CPU: {device}"
+        elif want is not None:
+            device = fast if rank <= want else CPU
+            why = f"{head}, within --fast-experts {want}" if rank <= want else f"{head}, beyond --fast-experts {want}"
         else:
-            on_fast = nbytes <= free
-            why = (
-                f"{head}, fits ({format_size(free)} free)"
-                if on_fast
-                else f"{head}, over budget ({format_size(free)} free)"
-            )
-        if on_fast:
-            free -= nbytes
-        placements.append(ExpertPlacement(layer, e, fast if on_fast else CPU, nbytes, round(use, 6), why))
+            device = fast if nbytes <= free[fast] else CPU
+            shown = format_size(free[fast])
+            why = f"{head}, fits ({shown} free)" if device != CPU else f"{head}, over budget ({shown} free)"
+            if device != CPU:
+                free[fast] -= nbytes
+        placements.append(ExpertPlacement(layer, e, device, nbytes, round(use, 6), why))
     placements.sort(key=lambda p: (p.layer, p.expert))
 
     expert_bytes: dict[str, int] = {}
@@ -103,6 +111,49 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
         host_budget = hw.cpu.memory_bytes
     memory = replace(mem, expert_bytes=ordered, host_bytes=host, host_budget_bytes=host_budget)
     return plan.with_(experts=tuple(placements), memory=memory)
+
+
+def assign_by_flow(
+    scores: list[float], candidates: list, free: dict[str, int], gpus: tuple[str, ...], limit: int | None
+) -> list[str]:
+    """Device of each candidate (in rank order) that maximises the summed score of GPU-placed ones,
+    each GPU holding `free[gpu] // size` experts (at most `limit` on all GPUs together): a min-cost flow
+    source -> expert -> (GPU | cpu) -> sink over networkx, exact because experts are one size. Ties go
+    to the better-ranked expert and to the GPU named first. Every GPU scores an expert alike (a profile
+    has one GPU spec), so no optimum uses an expert ranked below the S-th, S the GPU slots: those stay
+    on the CPU without entering the network (DeepSeek-V3's 14848 experts: seconds instead of minutes)."""
+    import networkx as nx
+
+    sizes = {c[5] for c in candidates}
+    if len(sizes) != 1:
+        raise BudgetError(
+            "placing experts over several GPUs needs experts of one size; this model's differ: use one GPU"
+        )
+    size = sizes.pop()
+    k = len(gpus)
+    slots = {g: max(0, free[g]) // size for g in gpus}
+    reachable = sum(slots.values()) if limit is None else min(limit, sum(slots.values()))
+    n = min(len(scores), reachable)  # candidates come in rank order: the rest cannot reach a GPU
+    # Integer costs, in lexicographic order: score first, then better-ranked experts onto GPUs, then
+    # better-ranked experts onto the GPUs named first.
+    pick = n * n * k + 1  # one step of rank outweighs every device preference together
+    scale = n * (n * pick + n * k) + 1  # one unit of score outweighs every tie-break together
+    g = nx.DiGraph()
+    g.add_node("source", demand=-n)
+    g.add_node("sink", demand=n)
+    g.add_edge("gpus", "sink", capacity=reachable, weight=0)
+    g.add_edge("cpu", "sink", capacity=n, weight=0)
+    for gpu in gpus:
+        g.add_edge(("gpu", gpu), "gpus", capacity=slots[gpu], weight=0)
+    for i, score in enumerate(scores[:n]):
+        g.add_edge("source", ("expert", i), capacity=1, weight=0)
+        g.add_edge(("expert", i), "cpu", capacity=1, weight=0)
+        for d, gpu in enumerate(gpus):
+            tie = i * pick + (n - i) * d
+            g.add_edge(("expert", i), ("gpu", gpu), capacity=1, weight=-round(score * 1e6) * scale + tie)
+    flow = nx.min_cost_flow(g)
+    placed = [next((gpu for gpu in gpus if flow[("expert", i)][("gpu", gpu)]), CPU) for i in range(n)]
+    return placed + [CPU] * (len(scores) - n)
 
 
 def _saving_ms(options: CompileOptions, expert_bytes: int, itemsize: int) -> float | None:

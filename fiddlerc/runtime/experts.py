@@ -179,7 +179,12 @@ class PlacedExperts(nn.Module):
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
             weights = self.weights[e] if not self.on_cpu[e] else self.weights[e].to(hidden_states.device, None)
-            y = self._expert(e, hidden_states[tok_d], top_k_weights[tok_d, slot_d, None], weights)
+            x, w = hidden_states[tok_d], top_k_weights[tok_d, slot_d, None]
+            home = weights.w_out.device  # another GPU of a multi-GPU plan: activations go there and back
+            if home != x.device:
+                y = self._expert(e, x.to(home), w.to(home), weights).to(x.device)
+            else:
+                y = self._expert(e, x, w, weights)
             outputs[e] = (tok_d, y)
 
         if future is not None:
