@@ -84,7 +84,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from fiddlerc.api import load
     from fiddlerc.model_io import load_tokenizer
 
-    model = load(args.out, device=args.device, model_dir=args.model)
+    model = load(args.out, device=args.device, model_dir=args.model, trace=args.trace)
     try:
         tokenizer = load_tokenizer(model.artifact.folder.path)
         _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
@@ -95,6 +95,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         )
     finally:
         model.close()
+    if args.trace:
+        print(f"trace written to {args.trace} (open in https://ui.perfetto.dev or chrome://tracing)", file=sys.stderr)
     return 0
 
 
@@ -145,7 +147,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     p = plan(args.model, args.gpu_memory, **_planning_options(args))
     print(report_text(p), end="")
     work = Workload(args.prompt_tokens, args.output_tokens, batch=args.batch)
-    run = simulate(p, load_profile(args.hardware), work)
+    run = simulate(p, load_profile(args.hardware), work, trace=bool(args.trace))
+    if args.trace:
+        Path(args.trace).write_text(run.trace_json())
+        print(f"wrote the simulated schedule to {args.trace} (open in https://ui.perfetto.dev)")
     busy = ", ".join(f"{name} {ms / 1000:.1f} s" for name, ms in run.busy_ms.items())
     if args.html:
         from fiddlerc.report import report_html
@@ -258,6 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     g.add_argument("--model", default=None, help="model folder, if it moved since compiling")
+    g.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the run there")
     g.set_defaults(func=_cmd_run)
 
     pl = sub.add_parser("plan", help="plan a model from its config alone and predict its decode speed")
@@ -274,6 +280,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     pl.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
     pl.add_argument("--html", default=None, metavar="FILE", help="also write the HTML report of the plan there")
+    pl.add_argument(
+        "--trace", default=None, metavar="FILE", help="write the simulated schedule as a Chrome/Perfetto trace"
+    )
     pl.add_argument("--prompt-tokens", type=int, default=128, help="simulated workload: prompt length (default 128)")
     pl.add_argument("--output-tokens", type=int, default=256, help="simulated workload: tokens generated (default 256)")
     pl.set_defaults(func=_cmd_plan)

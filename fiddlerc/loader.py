@@ -10,6 +10,7 @@ import functools
 import hashlib
 import json
 import logging
+import re
 import threading
 import weakref
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ from fiddlerc.plan import CPU, Plan, plan_from_json
 from fiddlerc.quant import Mxfp4Source, dequantize_mxfp4
 from fiddlerc.runtime.experts import PlacedExperts
 from fiddlerc.runtime.generate import generate as _generate
+from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
 log = logging.getLogger(__name__)
@@ -243,6 +245,23 @@ def bind_weights(
     return placed
 
 
+_ATTENTION = re.compile(r"\.layers\.(\d+)\.(?:[A-Za-z_]+\.)?(self_attn|attention|attn)$")
+
+
+def _trace_attention(model: nn.Module, tracer: Tracer) -> None:
+    """A slice on the main track for each decoder layer's attention call."""
+    for name, module in model.named_modules():
+        m = _ATTENTION.search(name)
+        if m is None:
+            continue
+        label = f"L{m.group(1)} attention"
+        starts: list[float] = []
+        module.register_forward_pre_hook(lambda mod, args, starts=starts: starts.append(tracer.now_us()))
+        module.register_forward_hook(
+            lambda mod, args, out, starts=starts, label=label: tracer.add(label, MAIN, starts.pop(), tracer.now_us())
+        )
+
+
 def device_map(plan: Plan, fast: torch.device) -> dict[str, torch.device]:
     """The plan's devices on this machine: its first GPU on `fast`; further GPUs on the CUDA devices
     of the same names (which must exist), or all on the CPU when `fast` is the CPU."""
@@ -286,7 +305,12 @@ class CompiledModel:
     """A loaded, placed model: call it for logits, `generate` for tokens."""
 
     def __init__(
-        self, artifact: Artifact, meta_model: nn.Module, device: torch.device, num_threads: int | None = None
+        self,
+        artifact: Artifact,
+        meta_model: nn.Module,
+        device: torch.device,
+        num_threads: int | None = None,
+        trace: str | Path | None = None,
     ) -> None:
         self.artifact = artifact
         self.plan = artifact.plan
@@ -304,6 +328,13 @@ class CompiledModel:
             self._finalizer()
             raise
         self.hf_model = meta_model
+        self.tracer: Tracer | None = None
+        self._trace_path = Path(trace) if trace is not None else None
+        if trace is not None:
+            self.tracer = Tracer()
+            _trace_attention(meta_model, self.tracer)
+            for placed in self._placed:
+                placed.tracer = self.tracer
         module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
         self._forward = module.CompiledForward(meta_model, meta_model.config)
         self._cache_class = cache_class(meta_model)
@@ -400,8 +431,12 @@ class CompiledModel:
         return {"layers": layers, **summary(*totals)}
 
     def close(self) -> None:
-        """Stop the CPU worker thread (also done when the model is garbage-collected)."""
+        """Stop the CPU worker thread (also done when the model is garbage-collected); write the trace
+        if one was asked for."""
         self._finalizer()
+        if self.tracer is not None and self._trace_path is not None:
+            self.tracer.save(self._trace_path)
+            self._trace_path = None
 
     def __enter__(self) -> CompiledModel:
         return self
@@ -464,9 +499,14 @@ def _as_ids(value) -> tuple[int, ...]:
 
 
 def load(
-    out_dir: str | Path, device: str | None = None, model_dir: str | Path | None = None, num_threads: int | None = None
+    out_dir: str | Path,
+    device: str | None = None,
+    model_dir: str | Path | None = None,
+    num_threads: int | None = None,
+    trace: str | Path | None = None,
 ) -> CompiledModel:
-    """Verify a compiled folder and load it onto this machine's devices."""
+    """Verify a compiled folder and load it onto this machine's devices. With `trace`, record a
+    Chrome/Perfetto timeline of every call and write it there on `close()`."""
     fast = resolve_device(device)
     artifact, meta_model = verify_artifact(out_dir, model_dir)
-    return CompiledModel(artifact, meta_model, fast, num_threads)
+    return CompiledModel(artifact, meta_model, fast, num_threads, trace)

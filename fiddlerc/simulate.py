@@ -33,6 +33,7 @@ from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
 from fiddlerc.options import parse_dtype
 from fiddlerc.plan import CPU, ExpertPlacement, MoeLayer, Plan
+from fiddlerc.runtime.trace import chrome_trace
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
 
@@ -56,8 +57,9 @@ class Timeline:
     cpu_only: bool
     free_at: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RESOURCES, 0.0))
     busy: dict[str, float] = field(default_factory=lambda: dict.fromkeys(RESOURCES, 0.0))
+    events: list[tuple[str, str, float, float]] | None = None  # (name, resource, start ms, ms) when tracing
 
-    def add(self, resource: str, duration: float, after: float = 0.0) -> float:
+    def add(self, resource: str, duration: float, after: float = 0.0, name: str = "") -> float:
         """Issue `duration` ms of work on `resource` that may start once `after` (ms) has passed."""
         if self.cpu_only and resource == "gpu":
             resource = "cpu"
@@ -66,6 +68,8 @@ class Timeline:
         start = max(self.free_at[resource], after)
         self.free_at[resource] = start + duration
         self.busy[resource] += duration
+        if self.events is not None and duration > 0:
+            self.events.append((name, resource, start, duration))
         return start + duration
 
 
@@ -75,6 +79,14 @@ class Simulation:
     prefill_ms: float
     decode_ms: float  # all decode steps (output_tokens - 1 of them)
     busy_ms: dict[str, float]  # per resource, over the whole run
+    events: tuple[tuple[str, str, float, float], ...] = ()  # (name, resource, start ms, ms) with trace=True
+
+    def trace_json(self) -> str:
+        """The predicted schedule as a Chrome/Perfetto trace, in the runtime trace's format."""
+        tracks = {"gpu": "fast device (predicted)", "cpu": "CPU worker (predicted)",
+                  "h2d": "copies to device (predicted)", "d2h": "copies to host (predicted)"}  # fmt: skip
+        slices = [(name, tracks[res], start * 1000, ms * 1000, {}) for name, res, start, ms in self.events]
+        return chrome_trace(slices, list(tracks.values()), "fiddlerc simulate")
 
     @property
     def total_ms(self) -> float:
@@ -123,6 +135,7 @@ def play_layer(
     tl: Timeline,
     model: CostModel,
     plan: Plan,
+    layer: int,
     moe: LayerPlan | None,
     counts: np.ndarray | None,
     n_tokens: int,
@@ -136,7 +149,7 @@ def play_layer(
     mem = plan.memory
     assert mem is not None
     dense = model.layer_overhead_ms + model.dense_ms(mem.dense_bytes // plan.model.num_layers, n_tokens, itemsize)
-    routed = tl.add("gpu", dense + model.fast_read_ms(kv_bytes), after)
+    routed = tl.add("gpu", dense + model.fast_read_ms(kv_bytes), after, f"L{layer} dense")
     if moe is None or counts is None:
         return routed
     nbytes = moe.layer.bytes_per_expert
@@ -146,20 +159,22 @@ def play_layer(
         n = int(counts[e])
         threshold = moe.fetch_min_tokens[e]
         if not moe.on_cpu[e]:
-            tl.add("gpu", model.fast_expert_ms(n, nbytes, itemsize), routed)
+            tl.add("gpu", model.fast_expert_ms(n, nbytes, itemsize), routed, f"L{layer} E{e} fast")
         elif threshold is not None and n >= threshold:
-            fetched.append(n)
+            fetched.append((int(e), n))
         else:
-            cpu_calls.append(n)
+            cpu_calls.append((int(e), n))
     done = routed
     if cpu_calls:
-        sent = tl.add("d2h", model.d2h_ms(sum(cpu_calls) * row_bytes), routed)
-        for n in cpu_calls:
-            cpu_done = tl.add("cpu", model.cpu_expert_ms(n, nbytes, itemsize), sent)
-        done = tl.add("h2d", model.h2d_ms(sum(cpu_calls) * row_bytes), cpu_done)
-    for n in fetched:  # weights copied on the h2d queue, computed on the GPU once they are there
-        copied = tl.add("h2d", model.fetch_ms(n, nbytes, itemsize) - model.fast_expert_ms(n, nbytes, itemsize), routed)
-        done = max(done, tl.add("gpu", model.fast_expert_ms(n, nbytes, itemsize), copied))
+        rows = sum(n for _, n in cpu_calls)
+        sent = tl.add("d2h", model.d2h_ms(rows * row_bytes), routed, f"L{layer} to host")
+        for e, n in cpu_calls:
+            cpu_done = tl.add("cpu", model.cpu_expert_ms(n, nbytes, itemsize), sent, f"L{layer} E{e} cpu")
+        done = tl.add("h2d", model.h2d_ms(rows * row_bytes), cpu_done, f"L{layer} from host")
+    for e, n in fetched:  # weights copied on the h2d queue, computed on the GPU once they are there
+        copy_ms = model.fetch_ms(n, nbytes, itemsize) - model.fast_expert_ms(n, nbytes, itemsize)
+        copied = tl.add("h2d", copy_ms, routed, f"L{layer} E{e} weights to device")
+        done = max(done, tl.add("gpu", model.fast_expert_ms(n, nbytes, itemsize), copied, f"L{layer} E{e} fetched"))
     return max(done, tl.free_at["cpu" if tl.cpu_only else "gpu"])  # the combine waits for both tiers
 
 
@@ -171,29 +186,32 @@ def _route(rng: np.random.Generator, use: np.ndarray, k: int, rows: int) -> np.n
     return np.bincount(picks.ravel(), minlength=use.size)
 
 
-def simulate(plan: Plan, profile: HardwareProfile, workload: Workload, *, seed: int = 0) -> Simulation:
-    """Play prefill and every decode step of `workload` under `plan` on `profile`."""
+def simulate(
+    plan: Plan, profile: HardwareProfile, workload: Workload, *, seed: int = 0, trace: bool = False
+) -> Simulation:
+    """Play prefill and every decode step of `workload` under `plan` on `profile` (`trace`: keep every
+    task for `Simulation.trace_json`)."""
     assert plan.memory is not None and plan.experts, "simulate needs a complete plan"
     model = CostModel.for_plan(plan, profile)
     rng = np.random.default_rng(seed)
     t = plan.target
     kv_per_token_layer = plan.memory.kv_reserve_bytes // (t.context_tokens * t.batch_size * plan.model.num_layers)
     moe = LayerPlan.of(plan)
-    tl = Timeline(profile.cpu_only)
+    tl = Timeline(profile.cpu_only, events=[] if trace else None)
 
     def step(rows: int, positions: int, start: float) -> float:
         """One forward over `rows` new rows per sequence-beam, with `positions` cached tokens each."""
-        now = tl.add("gpu", model.step_overhead_ms, start)
+        now = tl.add("gpu", model.step_overhead_ms, start, "step")
         seqs = workload.batch * workload.beams if rows == 1 else workload.batch
         for layer in range(plan.model.num_layers):
             lp = moe.get(layer)
             counts = None if lp is None else _route(rng, lp.use, lp.layer.top_k, rows * seqs)
             kv = kv_per_token_layer * seqs * (positions + rows)
-            now = play_layer(tl, model, plan, lp, counts, rows * seqs, kv, now)
+            now = play_layer(tl, model, plan, layer, lp, counts, rows * seqs, kv, now)
         return now
 
     prefill = step(workload.prompt_tokens, 0, 0.0)
     end = prefill
     for i in range(1, workload.output_tokens):
         end = step(1, workload.prompt_tokens + i - 1, end)
-    return Simulation(workload, prefill, end - prefill, dict(tl.busy))
+    return Simulation(workload, prefill, end - prefill, dict(tl.busy), tuple(tl.events or ()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import accumulate
 
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
 
@@ -111,6 +113,7 @@ class PlacedExperts(nn.Module):
         self.tokens_cpu = 0
         self.expert_tokens = [0] * self.num_experts  # routed tokens per expert
         self.observer: Callable[[int, torch.Tensor], None] | None = None  # sees (layer, picks [T, k]) per call
+        self.tracer: Tracer | None = None  # records a timeline when set (fiddlerc.runtime.trace)
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -123,11 +126,24 @@ class PlacedExperts(nn.Module):
             return run_expert(x * w, weights, self.math)
         return run_expert(x, weights, self.math) * w
 
+    def _span(self, name: str, track: str = MAIN, **args):
+        return self.tracer.span(f"L{self.layer} {name}", track, **args) if self.tracer is not None else nullcontext()
+
     def _run_cpu(self, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
         """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host)."""
-        return [self._expert(e, x, w) for e, x, w in jobs]
+        out = []
+        for e, x, w in jobs:
+            with self._span(f"E{e} cpu", WORKER, tokens=x.shape[0]):
+                out.append(self._expert(e, x, w))
+        return out
 
     def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        with self._span("moe", tokens=hidden_states.shape[0]):
+            return self._forward(hidden_states, top_k_index, top_k_weights)
+
+    def _forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
         k = top_k_index.shape[1]
@@ -163,36 +179,44 @@ class PlacedExperts(nn.Module):
         cpu_tokens = {}  # expert -> its token indices on the fast device, for the combine
         if cpu_hit:
             jobs = []
-            for e in cpu_hit:
-                tok, slot = rows(e)
-                tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-                cpu_tokens[e] = tok_d
-                x = hidden_states[tok_d].to("cpu", non_blocking=True)
-                w = top_k_weights[tok_d, slot_d, None].to("cpu", non_blocking=True)
-                jobs.append((e, x, w))
-            if hidden_states.device.type == "cuda":
-                torch.cuda.current_stream(hidden_states.device).synchronize()  # host copies complete
+            with self._span("to host", COPIES):
+                for e in cpu_hit:
+                    tok, slot = rows(e)
+                    tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
+                    cpu_tokens[e] = tok_d
+                    x = hidden_states[tok_d].to("cpu", non_blocking=True)
+                    w = top_k_weights[tok_d, slot_d, None].to("cpu", non_blocking=True)
+                    jobs.append((e, x, w))
+                if hidden_states.device.type == "cuda":
+                    torch.cuda.current_stream(hidden_states.device).synchronize()  # host copies complete
             future = self.worker.submit(self._run_cpu, jobs)
 
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e in fast_hit + fetched:  # overlaps with the worker
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-            weights = self.weights[e] if not self.on_cpu[e] else self.weights[e].to(hidden_states.device, None)
+            weights = self.weights[e]
+            if self.on_cpu[e]:  # fetched: this call copies the weights
+                with self._span(f"E{e} weights to device", COPIES):
+                    weights = weights.to(hidden_states.device, None)
             x, w = hidden_states[tok_d], top_k_weights[tok_d, slot_d, None]
             home = weights.w_out.device  # another GPU of a multi-GPU plan: activations go there and back
-            if home != x.device:
-                y = self._expert(e, x.to(home), w.to(home), weights).to(x.device)
-            else:
-                y = self._expert(e, x, w, weights)
+            with self._span(f"E{e} {'fetched' if self.on_cpu[e] else 'fast'}", tokens=x.shape[0]):
+                if home != x.device:
+                    y = self._expert(e, x.to(home), w.to(home), weights).to(x.device)
+                else:
+                    y = self._expert(e, x, w, weights)
             outputs[e] = (tok_d, y)
 
         if future is not None:
-            for e, y in zip(cpu_hit, future.result(), strict=True):
+            with self._span("wait for CPU"):
+                results = future.result()
+            for e, y in zip(cpu_hit, results, strict=True):
                 outputs[e] = (cpu_tokens[e], y.to(hidden_states.device, non_blocking=True))
 
-        final = torch.zeros_like(hidden_states)
-        for e in hit:  # expert order, as Hugging Face accumulates
-            tok, y = outputs[e]
-            final.index_add_(0, tok, y.to(final.dtype))
+        with self._span("combine"):
+            final = torch.zeros_like(hidden_states)
+            for e in hit:  # expert order, as Hugging Face accumulates
+                tok, y = outputs[e]
+                final.index_add_(0, tok, y.to(final.dtype))
         return final
