@@ -52,11 +52,17 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _generate_text(
-    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int | None
+    model, tokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int | None, num_beams: int = 1
 ) -> tuple[str, int, float]:
     import torch
 
     ids = torch.tensor([tokenizer.encode(prompt)])
+    if num_beams > 1:  # the best beam is known only at the end: no streaming
+        t0 = time.perf_counter()
+        out = model.generate(ids, max_new_tokens=max_new_tokens, num_beams=num_beams)
+        text = tokenizer.decode(out[0, ids.shape[1] :].tolist(), skip_special_tokens=True)
+        print(text)
+        return text, out.shape[1] - ids.shape[1], time.perf_counter() - t0
     shown = ""
     new: list[int] = []
 
@@ -87,7 +93,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     model = load(args.out, device=args.device, model_dir=args.model, trace=args.trace)
     try:
         tokenizer = load_tokenizer(model.artifact.folder.path)
-        _, n, secs = _generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed)
+        _, n, secs = _generate_text(
+            model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.seed, args.num_beams
+        )
         stats = model.routing_stats()
         print(
             f"[{n} tokens in {secs:.2f} s, {n / secs if secs else 0:.1f} tokens/s; fast-tier hit rate {stats['hit_rate']:.1%}]",
@@ -261,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-new-tokens", type=int, default=32)
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--num-beams", type=int, default=1, help="beam search with N beams (as Hugging Face's)")
     g.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     g.add_argument("--model", default=None, help="model folder, if it moved since compiling")
     g.add_argument("--trace", default=None, metavar="FILE", help="write a Chrome/Perfetto trace of the run there")

@@ -38,6 +38,7 @@ from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
 from fiddlerc.quant import Mxfp4Source, dequantize_mxfp4
 from fiddlerc.runtime.experts import PlacedExperts
+from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
@@ -393,10 +394,32 @@ class CompiledModel:
         ignore_eos: bool = False,
         seed: int | None = None,
         on_token=None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
     ) -> torch.Tensor:
-        """Prompt + new tokens [B, T + n]: greedy unless do_sample; stops at EOS unless ignore_eos."""
+        """Prompt + new tokens [B, T + n]: greedy unless do_sample, beam search with num_beams > 1 (as
+        Hugging Face's, with its length_penalty and early_stopping); stops at EOS unless ignore_eos."""
         self._check_input(input_ids, max_new_tokens)
         eos = () if ignore_eos else (_as_ids(eos_token_id) if eos_token_id is not None else self.eos_token_ids)
+        if num_beams > 1:
+            if do_sample or on_token is not None:
+                raise OptionError("beam search is deterministic here: drop do_sample and on_token, or use num_beams=1")
+            if max_new_tokens < 1:
+                raise OptionError("beam search needs max_new_tokens >= 1")
+            with self._lock:
+                return _beam_search(
+                    self._run,
+                    self.new_cache,
+                    input_ids.to(self.device),
+                    None if attention_mask is None else attention_mask.to(self.device),
+                    max_new_tokens,
+                    num_beams,
+                    eos_token_ids=eos,
+                    pad_token_id=self.pad_token_id,
+                    length_penalty=length_penalty,
+                    early_stopping=early_stopping,
+                )
         with self._lock:
             out = _generate(
                 self._run,

@@ -98,3 +98,76 @@ def test_load_without_cuda_warns_and_runs_on_cpu(model_dirs, tmp_path, caplog):
         assert m.device.type == "cpu"
         assert m.plan.target.device == "cuda:0"  # the plan keeps its target
     assert "no CUDA device" in caplog.text
+
+
+@pytest.mark.parametrize("num_beams,batch", [(2, 1), (3, 2), (4, 1)])
+def test_beam_search_equals_hugging_face(model_dirs, hf_model, num_beams, batch, tmp_path):
+    """Token for token against HF generate(num_beams=...), with EOS disabled (runs to the length limit)."""
+    from tests.conftest import hf_greedy
+
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+    ids = _ids(batch=batch, length=6, seed=0)  # a prompt whose beams and greedy path differ
+    ref = hf_model(src)
+    with fiddlerc.load(tmp_path / "out", device="cpu") as m:
+        ours = m.generate(ids, max_new_tokens=7, num_beams=num_beams, ignore_eos=True)
+    with torch.no_grad():
+        config = ref.generation_config
+        old = (config.num_beams,)
+        config.num_beams = num_beams
+        try:
+            theirs = hf_greedy(ref, ids, torch.ones_like(ids), 7)
+        finally:
+            (config.num_beams,) = old
+    assert torch.equal(ours, theirs)
+    assert not torch.equal(ours, hf_greedy(ref, ids, torch.ones_like(ids), 7))  # and not what greedy makes
+
+
+def test_beam_search_with_an_eos_that_is_reached_equals_hugging_face(model_dirs, hf_model, tmp_path):
+    """Finished hypotheses, length penalty and early stop: make a token the beams produce the EOS."""
+    import copy
+
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+    ids = _ids(batch=2, length=5, seed=11)
+    ref = hf_model(src)
+
+    def hf(eos, **kw):
+        config = copy.deepcopy(ref.generation_config)
+        config.eos_token_id, config.pad_token_id, config.do_sample, config.num_beams = eos, 0, False, 3
+        for k, v in kw.items():
+            setattr(config, k, v)
+        with torch.no_grad():
+            return ref.generate(
+                input_ids=ids, attention_mask=torch.ones_like(ids), generation_config=config, max_new_tokens=8
+            )
+
+    free = hf(10**9)
+    eos = int(free[0, 5 + 2])  # the third token the best beam of the first prompt makes
+    outs = []
+    with fiddlerc.load(tmp_path / "out", device="cpu") as m:
+        for kw in ({}, {"length_penalty": 0.0}, {"length_penalty": -1.0}, {"early_stopping": True}):
+            theirs = hf(eos, **kw)
+            ours = m.generate(ids, max_new_tokens=8, num_beams=3, eos_token_id=eos, **kw)
+            assert torch.equal(ours, theirs), kw
+            outs.append(ours)
+    assert any(o.shape != free.shape or not torch.equal(o, free) for o in outs)  # the EOS changed the search
+
+
+def test_beam_search_refuses_sampling(model):
+    with pytest.raises(fiddlerc.errors.OptionError, match="beam search"):
+        model.generate(_ids(), max_new_tokens=3, num_beams=2, do_sample=True)
+
+
+def test_beam_search_on_a_left_padded_batch_equals_hugging_face(model, model_dirs, hf_model):
+    import copy
+
+    ref = hf_model(model_dirs("mixtral"))
+    ids = _ids(batch=2, length=6, seed=0)
+    mask = torch.ones_like(ids)
+    mask[1, :2], ids[1, :2] = 0, 0
+    config = copy.deepcopy(ref.generation_config)
+    config.eos_token_id, config.pad_token_id, config.do_sample, config.num_beams = 10**9, 0, False, 3
+    with torch.no_grad():
+        theirs = ref.generate(input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=8)
+    assert torch.equal(model.generate(ids, mask, max_new_tokens=8, num_beams=3, ignore_eos=True), theirs)

@@ -75,3 +75,98 @@ def generate(
         position_ids = position_ids[:, -1:] + 1
         logits = forward(token[:, None], cache, attention_mask, position_ids)[:, -1, :]
     return out
+
+
+@torch.no_grad()
+def beam_search(
+    forward: Forward,
+    new_cache: Callable[[], object],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    num_beams: int,
+    *,
+    eos_token_ids: Sequence[int] = (),
+    pad_token_id: int = 0,
+    length_penalty: float = 1.0,
+    early_stopping: bool = False,
+) -> torch.Tensor:
+    """Beam search with Hugging Face `generate(num_beams=...)`'s rules, so both return the same tokens:
+    each step keeps the best `max(2, 1 + n_eos) * num_beams` continuations of all beams by summed log
+    probability; those among the first `num_beams` that end (EOS or the length limit) become finished
+    hypotheses scored `logprob / generated_length ** length_penalty`; the best `num_beams` unfinished
+    ones run on, with the KV cache reordered to follow them; the search stops when no running beam can
+    beat the worst finished one (HF's default heuristic), or at the length limit. Returns the best
+    finished hypothesis per prompt [B, T + n], shorter ones filled as HF fills them."""
+    if max_new_tokens < 1 or num_beams < 1:
+        raise ValueError("beam search needs max_new_tokens >= 1 and num_beams >= 1")
+    device = input_ids.device
+    batch, prompt_len = input_ids.shape
+    max_length = prompt_len + max_new_tokens
+    eos = torch.tensor(list(eos_token_ids), dtype=torch.long, device=device)
+    keep = max(2, 1 + len(eos_token_ids)) * num_beams
+    first_beams = torch.arange(keep, device=device) < num_beams
+    fill = (pad_token_id or eos_token_ids[0]) if eos_token_ids else -1
+
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    mask = attention_mask.to(device=device, dtype=torch.long).repeat_interleave(num_beams, dim=0)
+    ids = input_ids.repeat_interleave(num_beams, dim=0)
+    position_ids = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    cache = new_cache()
+    logits = forward(ids, cache, mask, position_ids)[:, -1, :]
+
+    running = torch.full((batch, num_beams, max_length), fill, dtype=torch.long, device=device)
+    running[:, :, :prompt_len] = ids.view(batch, num_beams, prompt_len)
+    running_scores = torch.zeros((batch, num_beams), device=device)
+    running_scores[:, 1:] = -1e9  # the beams start identical: expand only the first
+    done_seqs = running.clone()
+    done_scores = torch.full((batch, num_beams), -1e9, device=device)
+    done_len = torch.zeros((batch, num_beams), dtype=torch.long, device=device)  # generated tokens
+    is_done = torch.zeros((batch, num_beams), dtype=torch.bool, device=device)
+    can_improve = torch.ones((batch, 1), dtype=torch.bool, device=device)
+    offsets = torch.arange(batch, device=device)[:, None] * num_beams
+    cur = prompt_len
+    while True:
+        vocab = logits.shape[-1]
+        logp = torch.log_softmax(logits.float(), dim=-1).view(batch, num_beams, vocab) + running_scores[:, :, None]
+        top_lp, top_idx = torch.topk(logp.view(batch, -1), k=keep)
+        origin, token = top_idx // vocab, top_idx % vocab
+        cand = torch.take_along_dim(running, origin[:, :, None], dim=1)
+        cand[:, :, cur] = token
+        ends = torch.isin(token, eos) if eos.numel() else torch.zeros_like(token, dtype=torch.bool)
+        ends = ends | (cur + 1 >= max_length)
+
+        # the best unfinished continuations run on
+        live_lp = top_lp - 1e9 * ends.float()
+        nxt = torch.topk(live_lp, k=num_beams).indices
+        running = torch.take_along_dim(cand, nxt[:, :, None], dim=1)
+        running_scores = torch.take_along_dim(live_lp, nxt, dim=1)
+        beam_idx = (torch.take_along_dim(origin, nxt, dim=1) + offsets).view(-1)
+
+        # finished hypotheses: merge the new ones and keep the best num_beams
+        just = ends & first_beams[None, :]
+        score = top_lp / ((cur + 1 - prompt_len) ** length_penalty)
+        score = score - 1e9 * (is_done.all(-1, keepdim=True) & early_stopping).float()
+        score = score - 1e9 * (~can_improve).float() - 1e9 * (~just).float()
+        merged_scores = torch.cat([done_scores, score], dim=1)
+        best = torch.topk(merged_scores, k=num_beams).indices
+        done_seqs = torch.take_along_dim(torch.cat([done_seqs, cand], dim=1), best[:, :, None], dim=1)
+        done_scores = torch.take_along_dim(merged_scores, best, dim=1)
+        new_len = torch.full_like(token, cur + 1 - prompt_len)
+        done_len = torch.take_along_dim(torch.cat([done_len, new_len], dim=1), best, dim=1)
+        is_done = torch.take_along_dim(torch.cat([is_done, just], dim=1), best, dim=1)
+
+        cur += 1
+        best_possible = running_scores[:, :1] / ((cur - prompt_len) ** length_penalty)
+        worst_done = torch.where(is_done, done_scores.min(dim=1, keepdim=True).values, -1e9)
+        can_improve = can_improve & (best_possible > worst_done).any(dim=-1, keepdim=True)
+        if not bool(can_improve.any()) or (bool(is_done.all()) and early_stopping) or bool(ends.all()):
+            break
+        cache.reorder_cache(beam_idx)
+        mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], dim=-1)
+        position_ids = position_ids[:, -1:] + 1
+        logits = forward(running[:, :, cur - 1].reshape(-1, 1), cache, mask, position_ids)[:, -1, :]
+
+    out_len = prompt_len + int(done_len[:, 0].max())
+    return done_seqs[:, 0, :out_len]
