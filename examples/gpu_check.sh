@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # GPU checks for a CUDA machine without network (the device tool's H100/H200): install without
-# dependencies, run the whole suite (GPU tests included), then the decode benchmark on cuda:0.
+# dependencies, run the whole suite (GPU tests included), then the decode and schedule benchmarks on cuda:0.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1
@@ -9,3 +9,4 @@ python3 -c "import torch, transformers; print('torch', torch.__version__, 'trans
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
 python3 -m pytest -q -p no:cacheprovider -n 8 tests 2>&1 | tail -25
 python3 examples/bench_decode.py --dir /tmp/fiddlerc-bench --device cuda:0 --threads "${THREADS:-8}" --rounds 3
+python3 examples/bench_schedule.py --dir /tmp/fiddlerc-bench --device cuda:0 --threads "${THREADS:-8}" --rounds 3

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from itertools import accumulate
+from math import prod as math_prod
 
 import torch
 import torch.nn.functional as F
@@ -114,6 +115,7 @@ class PlacedExperts(nn.Module):
         self.expert_tokens = [0] * self.num_experts  # routed tokens per expert
         self.observer: Callable[[int, torch.Tensor], None] | None = None  # sees (layer, picks [T, k]) per call
         self.tracer: Tracer | None = None  # records a timeline when set (fiddlerc.runtime.trace)
+        self._pinned: dict[str, torch.Tensor] = {}  # staging buffers for GPU <-> CPU-worker activations
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -129,13 +131,37 @@ class PlacedExperts(nn.Module):
     def _span(self, name: str, track: str = MAIN, **args):
         return self.tracer.span(f"L{self.layer} {name}", track, **args) if self.tracer is not None else nullcontext()
 
-    def _run_cpu(self, jobs: list[tuple[int, torch.Tensor, torch.Tensor]]) -> list[torch.Tensor]:
-        """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host)."""
-        out = []
+    def _run_cpu(
+        self,
+        jobs: list[tuple[int, torch.Tensor, torch.Tensor]],
+        ready: torch.cuda.Event | None = None,
+        out: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Worker side: each job is (expert, tokens [n, H] on host, routing weights [n, 1] on host).
+        With a GPU: `ready` marks the end of the copies into the pinned inputs (the worker waits for
+        it, the main thread does not), and the results go into the pinned `out` rows, job after job."""
+        if ready is not None:
+            ready.synchronize()
+        results, row = [], 0
         for e, x, w in jobs:
             with self._span(f"E{e} cpu", WORKER, tokens=x.shape[0]):
-                out.append(self._expert(e, x, w))
-        return out
+                y = self._expert(e, x, w)
+            if out is not None:
+                out[row : row + y.shape[0]].copy_(y)
+                y = out[row : row + y.shape[0]]
+            results.append(y)
+            row += y.shape[0]
+        return results
+
+    def _staging(self, name: str, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A pinned host buffer of this layer, grown as needed and reused. Safe to reuse: the next call
+        of this layer starts with the routing copy, which waits for the copies of the previous one."""
+        need = math_prod(shape)
+        buf = self._pinned.get(name)
+        if buf is None or buf.dtype != dtype or buf.numel() < need:
+            buf = torch.empty(max(need, 2 * (buf.numel() if buf is not None else 0)), dtype=dtype, pin_memory=True)
+            self._pinned[name] = buf
+        return buf[:need].view(shape)
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -177,19 +203,33 @@ class PlacedExperts(nn.Module):
 
         future = None
         cpu_tokens = {}  # expert -> its token indices on the fast device, for the combine
+        host_out = None
         if cpu_hit:
-            jobs = []
+            dev = hidden_states.device
             with self._span("to host", COPIES):
-                for e in cpu_hit:
-                    tok, slot = rows(e)
-                    tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-                    cpu_tokens[e] = tok_d
-                    x = hidden_states[tok_d].to("cpu", non_blocking=True)
-                    w = top_k_weights[tok_d, slot_d, None].to("cpu", non_blocking=True)
-                    jobs.append((e, x, w))
-                if hidden_states.device.type == "cuda":
-                    torch.cuda.current_stream(hidden_states.device).synchronize()  # host copies complete
-            future = self.worker.submit(self._run_cpu, jobs)
+                picked = [rows(e) for e in cpu_hit]
+                for e, (tok, _) in zip(cpu_hit, picked, strict=True):
+                    cpu_tokens[e] = tok.to(dev)
+                if dev.type == "cuda":  # one gather, one async copy into pinned memory, an event for the worker
+                    tok_d = torch.cat([cpu_tokens[e] for e in cpu_hit])
+                    slot_d = torch.cat([slot for _, slot in picked]).to(dev)
+                    xs, ws = hidden_states[tok_d], top_k_weights[tok_d, slot_d, None]
+                    host_x = self._staging("x", tuple(xs.shape), xs.dtype)
+                    host_w = self._staging("w", tuple(ws.shape), ws.dtype)
+                    host_x.copy_(xs, non_blocking=True)
+                    host_w.copy_(ws, non_blocking=True)
+                    host_out = self._staging("y", tuple(xs.shape), xs.dtype)
+                    ready = torch.cuda.Event()
+                    ready.record(torch.cuda.current_stream(dev))
+                    bounds = [0, *accumulate(len(tok) for tok, _ in picked)]
+                    jobs = [(e, host_x[a:b], host_w[a:b]) for e, a, b in zip(cpu_hit, bounds, bounds[1:], strict=False)]
+                    future = self.worker.submit(self._run_cpu, jobs, ready, host_out)
+                else:  # the fast device is the CPU: the worker reads the activations where they are
+                    jobs = [
+                        (e, hidden_states[tok], top_k_weights[tok, slot, None])
+                        for e, (tok, slot) in zip(cpu_hit, picked, strict=True)
+                    ]
+                    future = self.worker.submit(self._run_cpu, jobs)
 
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         for e in fast_hit + fetched:  # overlaps with the worker
@@ -211,8 +251,12 @@ class PlacedExperts(nn.Module):
         if future is not None:
             with self._span("wait for CPU"):
                 results = future.result()
+            if host_out is not None:  # one async copy back from pinned memory
+                back = host_out.to(hidden_states.device, non_blocking=True)
+                bounds = [0, *accumulate(y.shape[0] for y in results)]
+                results = [back[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
             for e, y in zip(cpu_hit, results, strict=True):
-                outputs[e] = (cpu_tokens[e], y.to(hidden_states.device, non_blocking=True))
+                outputs[e] = (cpu_tokens[e], y)
 
         with self._span("combine"):
             final = torch.zeros_like(hidden_states)
