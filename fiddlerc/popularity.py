@@ -6,7 +6,8 @@ measurements (shared/data/mixtral-8x7b-popularity/), so those files load as they
     {"total_input_tokens": N, "expert_popularity": [[count per expert] per MoE layer]}
 
 `fiddlerc profile` writes a superset: the decoder layer of each row (`layers`), `top_k`, the split
-by phase (`phases`: prompt tokens vs generated tokens), co-selection counts per layer (`coselection`:
+by phase (`phases`: prompt tokens vs generated tokens, each also by position bucket,
+`position_buckets`), co-selection counts per layer (`coselection`:
 how many tokens picked both expert i and expert j), what was run (`source`) and whether the run
 was interrupted. Readers need only the core; everything is checked, and a mismatch with the model
 names the layer and the sizes.
@@ -16,12 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import json
+from bisect import bisect_right
 from dataclasses import dataclass
 from pathlib import Path
 
 from fiddlerc.errors import OptionError
 
 FORMAT = "fiddlerc-popularity/1"
+POSITION_BOUNDS = (0, 16, 64, 256, 1024, 4096)  # position buckets: [0, 16), [16, 64), ..., [4096, inf)
 
 
 @dataclass(frozen=True)
@@ -99,7 +102,9 @@ def load_popularity(path: str | Path) -> Popularity:
 
 @dataclass
 class RoutingCounter:
-    """Counts routing decisions as the placed experts report them (`PlacedExperts.observer`)."""
+    """Counts routing decisions as the placed experts report them (`PlacedExperts.observer`), one
+    sequence at a time: per phase (prompt tokens vs generated ones), per position bucket within
+    each phase, and co-selection within a token."""
 
     layers: tuple[int, ...]
     num_experts: tuple[int, ...]
@@ -110,22 +115,30 @@ class RoutingCounter:
         self.counts = {ph: [[0] * n for n in self.num_experts] for ph in ("prefill", "decode")}
         self.tokens = {"prefill": 0, "decode": 0}
         self.cosel = [[[0] * n for _ in range(n)] for n in self.num_experts]
-        self._seen: set[int] = set()
+        buckets = len(POSITION_BOUNDS)
+        self.by_position = {
+            ph: [[[0] * n for n in self.num_experts] for _ in range(buckets)] for ph in ("prefill", "decode")
+        }
+        self._next_position: dict[int, int] = {}
 
     def new_sequence(self) -> None:
-        """The next call of each layer is a prompt's prefill; later ones are decode steps."""
-        self._seen = set()
+        """The next call of each layer is a prompt's prefill at position 0; later ones are decode steps."""
+        self._next_position = {}
 
     def __call__(self, layer: int, picks) -> None:
         """`picks` [tokens, k]: the experts each token was routed to, on the host."""
-        phase = "decode" if layer in self._seen else "prefill"
-        self._seen.add(layer)
+        phase = "decode" if layer in self._next_position else "prefill"
+        start = self._next_position.get(layer, 0)
+        self._next_position[layer] = start + picks.shape[0]
         row = self.row[layer]
         self.top_k = picks.shape[1]
         counts, cosel = self.counts[phase][row], self.cosel[row]
-        for token in picks.tolist():
+        for t, token in enumerate(picks.tolist()):
+            bucket = bisect_right(POSITION_BOUNDS, start + t) - 1
+            at = self.by_position[phase][bucket][row]
             for i, a in enumerate(token):
                 counts[a] += 1
+                at[a] += 1
                 for b in token[i + 1 :]:
                     cosel[a][b] += 1
                     cosel[b][a] += 1
@@ -142,7 +155,15 @@ class RoutingCounter:
             "generated_tokens": self.tokens["decode"],
             "layers": list(self.layers),
             "expert_popularity": both,
-            "phases": {ph: {"tokens": self.tokens[ph], "expert_popularity": self.counts[ph]} for ph in self.counts},
+            "phases": {
+                ph: {
+                    "tokens": self.tokens[ph],
+                    "expert_popularity": self.counts[ph],
+                    "by_position": self.by_position[ph],
+                }
+                for ph in self.counts
+            },
+            "position_buckets": [[a, b] for a, b in zip(POSITION_BOUNDS, [*POSITION_BOUNDS[1:], None], strict=True)],
             "coselection": self.cosel,
             "source": source,
             "interrupted": interrupted,

@@ -86,7 +86,14 @@ def test_profile_counts_equal_a_hand_count(biased, tmp_path):
         co = doc["coselection"][row]
         assert all(co[i][i] == 0 and co[i] == [co[j][i] for j in range(8)] for i in range(8))  # symmetric
         assert [sum(r) for r in co] == counts  # top-2: each pick co-occurs with exactly one other
-    assert doc["phases"]["decode"] == {"tokens": 0, "expert_popularity": [[0] * 8, [0] * 8]}
+    assert doc["phases"]["decode"]["tokens"] == 0 and doc["phases"]["decode"]["expert_popularity"] == [[0] * 8] * 2
+    # by position: the prompts are 44-59 tokens long, so only the buckets [0, 16) and [16, 64) fill
+    by_pos = doc["phases"]["prefill"]["by_position"]
+    assert doc["position_buckets"][:3] == [[0, 16], [16, 64], [64, 256]]
+    assert sum(by_pos[0][0]) == 2 * 16 * 3 and sum(by_pos[1][0]) == 2 * (tokens - 48)
+    assert all(sum(by_pos[b][0]) == 0 for b in range(2, len(by_pos)))
+    summed = [[sum(col) for col in zip(*(by_pos[b][r] for b in range(len(by_pos))), strict=True)] for r in range(2)]
+    assert summed == doc["expert_popularity"]
 
 
 def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
@@ -98,6 +105,9 @@ def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
     prefill, decode = doc["phases"]["prefill"], doc["phases"]["decode"]
     assert prefill["tokens"] == doc["total_input_tokens"] and decode["tokens"] == 6
     assert decode["expert_popularity"][0][FAVOURITE[1]] == 6
+    lengths = [len(d.encode()) for d in DOCS]  # the byte tokenizer: a token per byte
+    in_bucket = [sum(16 <= n + i < 64 for i in range(2)) for n in lengths]  # generated tokens at n, n + 1
+    assert sum(decode["by_position"][1][0]) == 2 * sum(in_bucket)
     both = zip(prefill["expert_popularity"], decode["expert_popularity"], strict=True)
     assert [[p + d for p, d in zip(a, b, strict=True)] for a, b in both] == doc["expert_popularity"]
     short = profile_model(model_dir, data, tmp_path / "q.json", max_tokens=10)
