@@ -77,17 +77,20 @@ def plan(
     hardware: str | Path | None = None,
     cpu_memory: str | int | None = None,
     popularity: str | Path | None = None,
+    micro_batches: int | None = None,
 ) -> Plan:
     """Plan a model from its config.json alone (no weights needed): the placement compile would make,
     priced on `hardware` (a profile name or file) when given."""
     folder = open_config(config_or_dir)
     model, dtype_, options = _prepare(
-        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity
+        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches
     )
     return run_passes(capture(model), initial_plan(model, folder.config_json, dtype_, options), options)
 
 
-def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity):
+def _prepare(
+    folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches=None
+):
     """The meta model, its compute dtype and the checked options: what planning and compiling share."""
     gpus = parse_gpu_memory(gpu_memory)
     options = CompileOptions(
@@ -95,6 +98,7 @@ def _prepare(folder, gpu_memory, fast_experts, context, batch, dtype, hardware, 
         target_device=gpus[0][0],
         gpu_budget_bytes=gpus[0][1],
         more_gpus=tuple(gpus[1:]),
+        micro_batches=micro_batches,
         cpu_memory_bytes=None if cpu_memory is None else parse_size(cpu_memory),
         fast_experts=fast_experts,
         context_tokens=context,
@@ -120,6 +124,7 @@ def compile(  # noqa: A001 - the verb users expect
     hardware: str | Path | None = None,
     cpu_memory: str | int | None = None,
     popularity: str | Path | None = None,
+    micro_batches: int | None = None,
 ) -> Artifact:
     """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, manifest.json, report.txt).
 
@@ -131,7 +136,7 @@ def compile(  # noqa: A001 - the verb users expect
     """
     folder = open_model_folder(model_dir)
     model, compute_dtype, options = _prepare(
-        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity
+        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches
     )
     resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
     gm = capture(model)

@@ -12,6 +12,7 @@ from fiddlerc import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+MICRO_HELP = "split a batch into N micro-batches whose CPU experts overlap each other's GPU work (default: the cost model's choice)"
 POPULARITY_HELP = "measured routing counts (fiddlerc profile's JSON) to place by instead of uniform routing"
 CPU_MEMORY_HELP = (
     "host memory for the run, e.g. 64GiB (default: the hardware profile's); "
@@ -20,7 +21,7 @@ CPU_MEMORY_HELP = (
 
 
 def _planning_options(args: argparse.Namespace) -> dict:
-    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory", "popularity")
+    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory", "popularity", "micro_batches")
     return {k: getattr(args, k) for k in keys}
 
 
@@ -254,6 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     c.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
+    c.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("report", help="show the placement of a compiled model and why")
@@ -288,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
     pl.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     pl.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
+    pl.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
     pl.add_argument("--html", default=None, metavar="FILE", help="also write the HTML report of the plan there")
     pl.add_argument(
         "--trace", default=None, metavar="FILE", help="write the simulated schedule as a Chrome/Perfetto trace"

@@ -10,10 +10,13 @@ only through `repr`: a plan cannot inject code (the verifier also rejects contro
 
 from __future__ import annotations
 
+import ast
 import builtins
 import importlib
+import io
 import math
 import re
+import tokenize
 import types
 
 import torch
@@ -108,6 +111,116 @@ def _moe_comment(plan: Plan, layer: int) -> str:
     return f"# layer {layer} MoE: experts {'; '.join(parts)}"
 
 
+_PARAMS = ("input_ids", "cache", "attention_mask", "position_ids")
+
+
+def _assigned(line: str) -> set[str]:
+    """Names a straight-line statement (with fx's `; a = b = None` clean-ups) assigns."""
+    out = set()
+    for node in ast.parse(line.strip()).body:
+        if isinstance(node, ast.Assign):
+            for target in node.targets:
+                out |= {n.id for n in ast.walk(target) if isinstance(n, ast.Name)}
+    return out
+
+
+def _rename(line: str, names: set[str], suffix: str) -> str:
+    """`line` with every variable in `names` suffixed: not attribute names, not keyword-argument names."""
+    tokens = list(tokenize.generate_tokens(io.StringIO(line).readline))
+    edits = []
+    depth = 0
+    for i, tok in enumerate(tokens):
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+        if tok.type != tokenize.NAME or tok.string not in names:
+            continue
+        prev = tokens[i - 1].string if i else ""
+        nxt = tokens[i + 1].string if i + 1 < len(tokens) else ""
+        if prev == "." or (nxt == "=" and depth > 0):
+            continue
+        edits.append(tok.end[1])
+    for col in reversed(edits):
+        line = line[:col] + suffix + line[col:]
+    return line
+
+
+def _micro_forward(src: str, plan: Plan) -> list[str]:
+    """`forward_micro`: the same code once per micro-batch, its stages interleaved as plan.target.schedule
+    orders them; MoE calls leave their CPU experts running (`defer`) until the stage's `wait`."""
+    t = plan.target
+    lines = [line for line in src.splitlines() if line.startswith("    ") and line.strip()]
+    ret = lines.pop()
+    if not ret.startswith("    return "):
+        raise UnsupportedModelError("the traced forward does not end in a return: cannot micro-batch it")
+    stages: list[list[str]] = [[]]
+    moe_vars: list[tuple[str, int]] = []
+    names = set(_PARAMS)
+    for line in lines:
+        names |= _assigned(line)
+        stages[-1].append(line)
+        m = re.match(r"    (moe_(\d+)) = ", line)
+        if m:
+            moe_vars.append((m.group(1), int(m.group(2))))  # moe_<decoder layer>
+            stages.append([])
+    stages[-1].append("    fiddlerc_result = " + ret.strip()[len("return ") :])
+    names.add("fiddlerc_result")
+    if len(stages) != len(plan.moe_layers) + 1:
+        raise PlanError("the graph's MoE calls and the plan's MoE layers disagree: recompile")
+    mbs = t.micro_batches
+    out = [
+        "    def forward_micro(self, input_ids, caches, attention_mask, position_ids):",
+        f'        """The forward in {mbs} micro-batches of rows, stages interleaved as the plan\'s schedule says: each',
+        "        MoE call leaves its CPU experts running while other micro-batches' stages run (c = stage,",
+        '        w = wait for its CPU experts)."""',
+        f"        rows = input_ids.shape[0] // {mbs}",
+    ]
+    for i in range(mbs):
+        a, b = f"{i} * rows", f"{i + 1} * rows"
+        out += [
+            f"        input_ids_mb{i} = input_ids[{a} : {b}]",
+            f"        cache_mb{i} = caches[{i}]",
+            f"        attention_mask_mb{i} = None if attention_mask is None else attention_mask[{a} : {b}]",
+            f"        position_ids_mb{i} = position_ids if position_ids.shape[0] == 1 else position_ids[{a} : {b}]",
+        ]
+    out.append("        try:")
+    for op in t.schedule:
+        i, stage = (int(x) for x in op[1:].split("."))
+        if not (0 <= i < mbs and 0 <= stage < len(stages)) or (op[0] == "w" and stage >= len(moe_vars)):
+            raise PlanError(f"plan schedule step {op!r} does not fit the graph: recompile")
+        if op[0] == "c":
+            out.append(f"            # {op}: stage {stage} of micro-batch {i}")
+            out.append(f"            self.defer({i})")
+            out += ["        " + _rename(line, names, f"_mb{i}") for line in stages[stage]]
+        else:
+            var, layer = moe_vars[stage]
+            out.append(f"            # {op}: the CPU experts of layer {layer}, micro-batch {i}")
+            out.append(f"            {var}_mb{i} = self.wait({layer}, {i}, {var}_mb{i})")
+    results = ", ".join(f"fiddlerc_result_mb{i}" for i in range(mbs))
+    out += [
+        f"            return torch.cat([{results}], dim=0)",
+        "        finally:",
+        "            self.defer(None)",
+        "",
+        "    def defer(self, micro_batch):",
+        '        """From here on MoE calls leave their CPU experts running for `micro_batch` (None: wait as usual)."""',
+        "        for placed in self.placed.values():",
+        "            placed.deferred = micro_batch",
+        "",
+        "    def wait(self, layer, micro_batch, out):",
+        '        """The block output of a deferred MoE call plus its CPU experts\' part."""',
+        "        part = self.placed[layer].finish(micro_batch)",
+        "        return out if part is None else out + part.view_as(out).to(out.dtype)",
+    ]
+    if sorted(t.schedule) != sorted(
+        [f"c{i}.{s}" for i in range(mbs) for s in range(len(stages))]
+        + [f"w{i}.{s}" for i in range(mbs) for s in range(len(moe_vars))]
+    ):
+        raise PlanError("plan schedule does not run every stage and wait once: recompile")
+    return out
+
+
 def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
     """The text of module.py. A pure function of the captured graph and the plan."""
     verify_plan(plan, complete=True)
@@ -165,9 +278,11 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         "        super().__init__()",
         "        self.m = model",
         "        self._cfg = config",
+        "        self.placed = {}  # layer -> placed experts, set by the loader",
         "",
         *body,
         "",
+        *(_micro_forward(code.src, plan) + [""] if t.micro_batches > 1 else []),
     ]
     text = "\n".join(lines)
     compile(text, "module.py", "exec")  # fail here, not at load, if anything is off

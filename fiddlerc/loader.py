@@ -38,6 +38,7 @@ from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
 from fiddlerc.quant import Mxfp4Source, dequantize_mxfp4
 from fiddlerc.runtime.experts import PlacedExperts
+from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
 from fiddlerc.runtime.trace import MAIN, Tracer
@@ -338,6 +339,7 @@ class CompiledModel:
                 placed.tracer = self.tracer
         module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
         self._forward = module.CompiledForward(meta_model, meta_model.config)
+        self._forward.placed = {p.layer: p for p in self._placed}
         self._cache_class = cache_class(meta_model)
         gen = getattr(meta_model, "generation_config", None)
         self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
@@ -345,9 +347,19 @@ class CompiledModel:
         self.pad_token_id = pad if isinstance(pad, int) else (self.eos_token_ids[0] if self.eos_token_ids else 0)
 
     def new_cache(self):
+        micro = self.plan.target.micro_batches
+        if micro > 1:
+            return MicroBatchCache([new_cache(self._cache_class, self.config) for _ in range(micro)])
         return new_cache(self._cache_class, self.config)
 
     def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
+        if isinstance(cache, MicroBatchCache):
+            micro = len(cache.caches)
+            if cache.split is None:  # the prefill decides; decode steps follow it
+                cache.split = input_ids.shape[0] >= micro and input_ids.shape[0] % micro == 0
+            if cache.split:
+                return self._forward.forward_micro(input_ids, cache.caches, attention_mask, position_ids)
+            cache = cache.caches[0]
         return self._forward(input_ids, cache, attention_mask, position_ids)
 
     def _check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:

@@ -96,6 +96,7 @@ class CompileOptions:
     cpu_memory_bytes: int | None = None  # host memory for the run (--cpu-memory); None: the profile's, if any
     popularity: Popularity | None = None  # measured routing counts (--popularity); None: uniform
     more_gpus: tuple[tuple[str, int], ...] = ()  # further GPUs for experts: (cuda:N, budget bytes)
+    micro_batches: int | None = None  # None: the cost model decides (schedule_overlap)
 
     def __post_init__(self) -> None:
         if self.gpu_budget_bytes < 0:
@@ -108,6 +109,10 @@ class CompileOptions:
             raise OptionError(f"--batch must be a positive number of sequences, got {self.batch_size}")
         if self.dtype is not None:
             parse_dtype(self.dtype)
+        if self.micro_batches is not None and not 1 <= self.micro_batches <= self.batch_size:
+            raise OptionError(
+                f"--micro-batches must be between 1 and --batch ({self.batch_size}), got {self.micro_batches}"
+            )
         if not re.fullmatch(r"cuda:[0-9]+", self.target_device):
             raise OptionError(f"unknown target device {self.target_device!r}: use cuda:0, cuda:1, ...")
         seen = {self.target_device}

@@ -47,6 +47,11 @@ class Target:
     popularity: str | None = None  # measured expert popularity the placement used (file name), if any
     popularity_sha256: str | None = None
     more_gpus: dict[str, int] = field(default_factory=dict)  # further GPUs holding experts only: device -> budget
+    # Micro-batching (schedule_overlap): the batch is split into this many micro-batches, and
+    # `schedule` orders their stages: "c<mb>.<stage>" runs a stage (up to and with its MoE call,
+    # whose CPU experts are submitted), "w<mb>.<stage>" waits for that call's CPU experts.
+    micro_batches: int = 1
+    schedule: tuple[str, ...] = ()
 
     def gpus(self) -> tuple[str, ...]:
         """Every GPU of the target, the one with the dense weights first."""
@@ -195,6 +200,8 @@ def plan_from_dict(data: object) -> Plan:
     try:
         d["model"] = _build(ModelInfo, d.get("model"), "model")
         d["target"] = _build(Target, d.get("target"), "target")
+        if isinstance(d["target"].schedule, list):
+            d["target"] = replace(d["target"], schedule=tuple(d["target"].schedule))
         layers = d.get("moe_layers", [])
         experts = d.get("experts", [])
         if not isinstance(layers, list) or not isinstance(experts, list):
@@ -297,6 +304,17 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             or (isinstance(t.popularity_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", t.popularity_sha256)))
         ),
         "target.popularity must be a file name with its sha256, or both null",
+    )
+    _check(
+        _is_int(t.micro_batches, 1) and t.micro_batches <= t.batch_size,
+        "target.micro_batches must be between 1 and target.batch_size",
+    )
+    _check(
+        isinstance(t.schedule, (tuple, list))
+        and all(isinstance(op, str) and re.fullmatch(r"[cw][0-9]{1,3}\.[0-9]{1,4}", op) for op in t.schedule)
+        and len(set(t.schedule)) == len(t.schedule)
+        and (t.micro_batches > 1 or not t.schedule),
+        "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
     )
     if plan.prediction is not None:
         pr = plan.prediction

@@ -116,6 +116,10 @@ class PlacedExperts(nn.Module):
         self.observer: Callable[[int, torch.Tensor], None] | None = None  # sees (layer, picks [T, k]) per call
         self.tracer: Tracer | None = None  # records a timeline when set (fiddlerc.runtime.trace)
         self._pinned: dict[str, torch.Tensor] = {}  # staging buffers for GPU <-> CPU-worker activations
+        # Micro-batching: while `deferred` names a micro-batch, a call returns the fast tier's part at
+        # once and leaves its CPU experts running; `finish(micro_batch)` returns their part later.
+        self.deferred: int | None = None
+        self._pending: dict[int, tuple] = {}
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -214,11 +218,12 @@ class PlacedExperts(nn.Module):
                     tok_d = torch.cat([cpu_tokens[e] for e in cpu_hit])
                     slot_d = torch.cat([slot for _, slot in picked]).to(dev)
                     xs, ws = hidden_states[tok_d], top_k_weights[tok_d, slot_d, None]
-                    host_x = self._staging("x", tuple(xs.shape), xs.dtype)
-                    host_w = self._staging("w", tuple(ws.shape), ws.dtype)
+                    mb = self.deferred or 0  # micro-batches in flight together need their own buffers
+                    host_x = self._staging(f"x{mb}", tuple(xs.shape), xs.dtype)
+                    host_w = self._staging(f"w{mb}", tuple(ws.shape), ws.dtype)
                     host_x.copy_(xs, non_blocking=True)
                     host_w.copy_(ws, non_blocking=True)
-                    host_out = self._staging("y", tuple(xs.shape), xs.dtype)
+                    host_out = self._staging(f"y{mb}", tuple(xs.shape), xs.dtype)
                     ready = torch.cuda.Event()
                     ready.record(torch.cuda.current_stream(dev))
                     bounds = [0, *accumulate(len(tok) for tok, _ in picked)]
@@ -248,19 +253,46 @@ class PlacedExperts(nn.Module):
                     y = self._expert(e, x, w, weights)
             outputs[e] = (tok_d, y)
 
-        if future is not None:
-            with self._span("wait for CPU"):
-                results = future.result()
-            if host_out is not None:  # one async copy back from pinned memory
-                back = host_out.to(hidden_states.device, non_blocking=True)
-                bounds = [0, *accumulate(y.shape[0] for y in results)]
-                results = [back[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
-            for e, y in zip(cpu_hit, results, strict=True):
-                outputs[e] = (cpu_tokens[e], y)
-
+        if self.deferred is not None:  # micro-batching: the CPU part is added after the block (finish)
+            self._pending[self.deferred] = (future, cpu_hit, cpu_tokens, host_out, hidden_states)
+            with self._span("combine fast part"):
+                final = torch.zeros_like(hidden_states)
+                for e in hit:
+                    if e in outputs:
+                        tok, y = outputs[e]
+                        final.index_add_(0, tok, y.to(final.dtype))
+            return final
+        self._collect(future, cpu_hit, cpu_tokens, host_out, hidden_states, outputs)
         with self._span("combine"):
             final = torch.zeros_like(hidden_states)
             for e in hit:  # expert order, as Hugging Face accumulates
                 tok, y = outputs[e]
                 final.index_add_(0, tok, y.to(final.dtype))
         return final
+
+    def _collect(self, future, cpu_hit, cpu_tokens, host_out, like: torch.Tensor, outputs: dict) -> None:
+        """Wait for the CPU worker's results and put them, on the fast device, into `outputs`."""
+        if future is None:
+            return
+        with self._span("wait for CPU"):
+            results = future.result()
+        if host_out is not None:  # one async copy back from pinned memory
+            back = host_out.to(like.device, non_blocking=True)
+            bounds = [0, *accumulate(y.shape[0] for y in results)]
+            results = [back[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+        for e, y in zip(cpu_hit, results, strict=True):
+            outputs[e] = (cpu_tokens[e], y)
+
+    def finish(self, micro_batch: int) -> torch.Tensor | None:
+        """The CPU experts' part [T, H] of this layer's deferred call for `micro_batch` (None: none ran)."""
+        future, cpu_hit, cpu_tokens, host_out, like = self._pending.pop(micro_batch)
+        if future is None:
+            return None
+        outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._collect(future, cpu_hit, cpu_tokens, host_out, like, outputs)
+        with self._span("combine CPU part"):
+            part = torch.zeros_like(like)
+            for e in cpu_hit:
+                tok, y = outputs[e]
+                part.index_add_(0, tok, y.to(part.dtype))
+        return part

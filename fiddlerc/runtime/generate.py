@@ -13,6 +13,27 @@ import torch
 Forward = Callable[[torch.Tensor, object, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+class MicroBatchCache:
+    """One KV cache per micro-batch of a micro-batched model. The first forward decides: a batch that
+    splits evenly runs micro-batched (rows [i*R, (i+1)*R) in cache i), any other runs plainly in cache 0."""
+
+    def __init__(self, caches: list) -> None:
+        self.caches = caches
+        self.split: bool | None = None
+
+    def reorder_cache(self, beam_idx: torch.Tensor) -> None:
+        """Beam search: every micro-batch holds whole prompts' beams, so rows move within one."""
+        if not self.split:
+            self.caches[0].reorder_cache(beam_idx)
+            return
+        rows = beam_idx.shape[0] // len(self.caches)
+        for i, cache in enumerate(self.caches):
+            local = beam_idx[i * rows : (i + 1) * rows] - i * rows
+            if bool((local < 0).any()) or bool((local >= rows).any()):
+                raise RuntimeError("a beam moved across micro-batches: split the batch by whole prompts")
+            cache.reorder_cache(local)
+
+
 def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next token per row of logits [B, V]."""
     if not do_sample or temperature == 0:
