@@ -237,13 +237,11 @@ class PlacedExperts(nn.Module):
                     future = self.worker.submit(self._run_cpu, jobs)
 
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        copies = self._fetch_copies(fetched, hidden_states.device)
         for e in fast_hit + fetched:  # overlaps with the worker
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)
-            weights = self.weights[e]
-            if self.on_cpu[e]:  # fetched: this call copies the weights
-                with self._span(f"E{e} weights to device", COPIES):
-                    weights = weights.to(hidden_states.device, None)
+            weights = self.weights[e] if not self.on_cpu[e] else next(copies)  # fetched: copied for this call
             x, w = hidden_states[tok_d], top_k_weights[tok_d, slot_d, None]
             home = weights.w_out.device  # another GPU of a multi-GPU plan: activations go there and back
             with self._span(f"E{e} {'fetched' if self.on_cpu[e] else 'fast'}", tokens=x.shape[0]):
@@ -269,6 +267,38 @@ class PlacedExperts(nn.Module):
                 tok, y = outputs[e]
                 final.index_add_(0, tok, y.to(final.dtype))
         return final
+
+    def _fetch_copies(self, fetched: list[int], device: torch.device):
+        """The fetched experts' weights on `device`, in order. On a GPU the copies are double-buffered:
+        the next expert's copy is issued on a side stream when the caller comes back for it, after it
+        launched the current expert's compute, so the copy runs while that computes; the compute
+        stream waits on each copy's event."""
+        if device.type != "cuda":
+            for e in fetched:
+                with self._span(f"E{e} weights to device", COPIES):
+                    yield self.weights[e].to(device, None)
+            return
+        if getattr(self, "_copy_stream", None) is None:
+            self._copy_stream = torch.cuda.Stream(device)
+        compute = torch.cuda.current_stream(device)
+
+        def issue(e: int):
+            with torch.cuda.stream(self._copy_stream), self._span(f"E{e} weights to device", COPIES):
+                moved = self.weights[e].to(device, None)
+                done = torch.cuda.Event()
+                done.record(self._copy_stream)
+            return moved, done
+
+        pending = issue(fetched[0]) if fetched else None
+        for j in range(len(fetched)):
+            moved, done = pending
+            compute.wait_event(done)
+            for t in (*moved.w_in, moved.w_out, *(moved.b_in or ()), moved.b_out):
+                if t is not None:
+                    t.record_stream(compute)  # allocated on the copy stream, used on the compute stream
+            yield moved  # the caller launches this expert's compute before asking for the next
+            if j + 1 < len(fetched):
+                pending = issue(fetched[j + 1])  # runs on the copy stream while that computes
 
     def _collect(self, future, cpu_hit, cpu_tokens, host_out, like: torch.Tensor, outputs: dict) -> None:
         """Wait for the CPU worker's results and put them, on the fast device, into `outputs`."""
