@@ -55,6 +55,11 @@ def report_text(plan: Plan) -> str:
         f"{(fast_use / total_use if total_use else 0):.1%}",
         "per-expert decisions and reasons: fiddlerc report OUT --format json",
     ]
+    if t.micro_batches > 1:
+        lines.append(
+            f"schedule: a batch of {t.batch_size} runs as {t.micro_batches} micro-batches whose CPU experts overlap "
+            f"each other's fast-device work ({len(t.schedule)} steps: {' '.join(t.schedule[:6])} ...)"
+        )
     if plan.prediction is not None:
         pr = plan.prediction
         lines.append(
