@@ -41,7 +41,13 @@ def list_schedule(
     """Order the ops of `micro` micro-batches x `stages` stages as described above. Per stage: `code_ms`
     on the fast device, of which the first `submit_ms` come before its CPU experts are handed to the
     worker (dense part and routing; the fast experts follow), and `cpu_ms` on the worker."""
-    submit_ms = submit_ms or code_ms
+    return _play(micro, stages, code_ms, cpu_ms, submit_ms or code_ms)[0]
+
+
+def _play(
+    micro: int, stages: int, code_ms: list[float], cpu_ms: list[float], submit_ms: list[float]
+) -> tuple[list[str], float]:
+    """The list scheduler: (order, when its last op ends)."""
     g = nx.DiGraph()
     for i in range(micro):
         for s in range(stages):
@@ -79,7 +85,7 @@ def list_schedule(
             if waiting[nxt] == 0:
                 ready.add(nxt)
     assert len(order) == g.number_of_nodes()
-    return order
+    return order, main
 
 
 def _stage_costs(plan: Plan, options: CompileOptions, rows: int) -> tuple[list[float], list[float], list[float]]:
@@ -107,32 +113,18 @@ def _stage_costs(plan: Plan, options: CompileOptions, rows: int) -> tuple[list[f
     return code, submit, cpu
 
 
-def _makespan(order: list[str], code_ms: list[float], submit_ms: list[float], cpu_ms: list[float]) -> float:
-    """When the last op of `order` ends, played with the same rules as `list_schedule`."""
-    main = worker = 0.0
-    done: dict[str, float] = {}
-    for op in order:
-        i, s = (int(x) for x in op[1:].split("."))
-        if op[0] == "c":
-            if s < len(code_ms) - 1:
-                worker = max(worker, main + submit_ms[s]) + cpu_ms[s]
-                done[f"{i}.{s}"] = worker
-            main += code_ms[s]
-        else:
-            main = max(main, done[f"{i}.{s}"])
-    return main
-
-
 def _choose(plan: Plan, options: CompileOptions) -> int:
     if options.micro_batches is not None:
         return options.micro_batches
     hw, batch = options.hardware, plan.target.batch_size
     if hw is None or hw.cpu_only or batch < 2:
         return 1
-    one = _stage_costs(plan, options, batch)
-    two = _stage_costs(plan, options, batch // 2)
-    plain = _makespan(list_schedule(1, len(one[0]), one[0], one[2], one[1]), *one)
-    split = _makespan(list_schedule(2, len(two[0]), two[0], two[2], two[1]), *two)
+    (code1, submit1, cpu1), (code2, submit2, cpu2) = (
+        _stage_costs(plan, options, batch),
+        _stage_costs(plan, options, batch // 2),
+    )
+    plain = _play(1, len(code1), code1, cpu1, submit1)[1]
+    split = _play(2, len(code2), code2, cpu2, submit2)[1]
     return 2 if split < plain else 1
 
 

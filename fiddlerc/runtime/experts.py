@@ -28,6 +28,8 @@ from torch import nn
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
+_NO_SPAN = nullcontext()  # reusable: what `_span` gives when no trace is recorded
+
 
 @dataclass
 class ExpertWeights:
@@ -133,7 +135,7 @@ class PlacedExperts(nn.Module):
         return run_expert(x, weights, self.math) * w
 
     def _span(self, name: str, track: str = MAIN, **args):
-        return self.tracer.span(f"L{self.layer} {name}", track, **args) if self.tracer is not None else nullcontext()
+        return self.tracer.span(f"L{self.layer} {name}", track, **args) if self.tracer is not None else _NO_SPAN
 
     def _run_cpu(
         self,
