@@ -46,7 +46,7 @@ def cache_dir() -> Path:
     return Path(root) / "fiddlerc" / "calibration"
 
 
-def _cpu_name() -> str:
+def cpu_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -267,7 +267,7 @@ def calibrate(
     cuda = torch.cuda.is_available()
     family = None if config is None else config.model_type
     key_text = json.dumps(
-        ["v3", platform.node(), _cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda, family]
+        ["v3", platform.node(), cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda, family]
     )
     key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
     path = cache_dir() / f"calibrated-{key}.json"
@@ -285,7 +285,7 @@ def calibrate(
         curve = tuple((n, round(t, 4)) for n, t in measured)
         cache_dir().mkdir(parents=True, exist_ok=True)
         disk = disk_gbps(cache_dir())
-        cpu = CpuSpec(_cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes, disk_gbps=disk)
+        cpu = CpuSpec(cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes, disk_gbps=disk)
         when = time.strftime("%Y-%m-%d")
         shown = ", ".join(f"{n}: {t:.2f}" for n, t in measured)
         sources = {
@@ -332,7 +332,7 @@ def calibrate(
         torch.set_num_threads(old_threads)
     profile = HardwareProfile(
         name=f"calibrated-{key}",
-        description=f"this machine ({_cpu_name()}, {threads} threads{', ' + gpu.name if gpu else ', no GPU'}), measured for a {hidden}x{inter} {dtype} expert",
+        description=f"this machine ({cpu_name()}, {threads} threads{', ' + gpu.name if gpu else ', no GPU'}), measured for a {hidden}x{inter} {dtype} expert",
         cpu=cpu,
         gpu=gpu,
         sources=sources,

@@ -214,6 +214,26 @@ def _cmd_profile(args: argparse.Namespace) -> int:
     return EXIT_INTERRUPTED if run.interrupted else 0
 
 
+def _cmd_bench(args: argparse.Namespace) -> int:
+    from fiddlerc.bench import bench, bench_table
+
+    result = bench(
+        args.out,
+        prompt_tokens=args.prompt_tokens,
+        new_tokens=args.new_tokens,
+        batch=args.batch,
+        rounds=args.rounds,
+        threads=args.threads,
+        device=args.device,
+        hf=not args.no_hf,
+    )
+    print(bench_table(result), end="")
+    path = Path(args.json) if args.json else Path(args.out) / "bench.json"
+    path.write_text(result.to_json())
+    print(f"wrote {path}")
+    return 0
+
+
 def _cmd_architectures(args: argparse.Namespace) -> int:
     from fiddlerc.families import supported_text
 
@@ -316,6 +336,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     pr.add_argument("--threads", type=int, default=None)
     pr.set_defaults(func=_cmd_profile)
+
+    b = sub.add_parser("bench", help="decode/prefill speed and memory of a compiled model beside Hugging Face")
+    b.add_argument("out")
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
+    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    b.add_argument("--json", default=None, metavar="FILE", help="where to write the results (default OUT/bench.json)")
+    b.set_defaults(func=_cmd_bench)
 
     a = sub.add_parser("architectures", help="list the MoE families checked end to end")
     a.set_defaults(func=_cmd_architectures)

@@ -1,0 +1,225 @@
+"""`fiddlerc bench OUT`: the compiled model beside Hugging Face on the same weights, threads and device.
+
+Decode tokens/s, prefill tokens/s and time to first token, for the compiled model and, in the same
+run, Hugging Face `generate`, alternating the two and taking medians (the machine is shared and
+noisy); resident memory each adds when loaded; and a memory-bandwidth probe with the same thread
+count, so decode speed is also stated as a fraction of the roofline: the bytes one decode step must
+read (dense weights, the KV cache so far, and k experts per MoE layer) over the time it takes,
+against the measured bandwidth. Prints a table and ratios, and writes everything as JSON.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from fiddlerc.options import parse_dtype
+
+PROBE_BYTES = 512 * 2**20  # larger than any cache
+
+
+@dataclass
+class Speed:
+    decode_tokens_per_s: float
+    prefill_tokens_per_s: float
+    time_to_first_token_s: float
+    resident_bytes_added: int  # by loading the model
+
+
+@dataclass
+class BenchResult:
+    machine: dict
+    workload: dict
+    read_gbps: float  # the probe: sequential read with the bench's thread count
+    decode_bytes_per_token: int  # what one decode step must read (batch 1, mid-generation)
+    fiddlerc: Speed
+    hf: Speed | None = None
+    ratios: dict = field(default_factory=dict)
+
+    @property
+    def roofline(self) -> dict:
+        """Fraction of the memory roofline each decode reaches."""
+        out = {}
+        for name, speed in (("fiddlerc", self.fiddlerc), ("hf", self.hf)):
+            if speed is not None:
+                achieved = self.decode_bytes_per_token * speed.decode_tokens_per_s / speed_batch(self) / 1e9
+                out[name] = achieved / self.read_gbps
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps({**asdict(self), "roofline": self.roofline}, indent=1) + "\n"
+
+
+def speed_batch(result: BenchResult) -> int:
+    return int(result.workload["batch"])
+
+
+def read_bandwidth_gbps(device: torch.device, rounds: int = 5) -> float:
+    """Median GB/s of summing a buffer larger than the caches (what a memory-bound kernel can read)."""
+    x = torch.ones(PROBE_BYTES // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times = []
+    for _ in range(rounds + 1):
+        sync()
+        t0 = time.perf_counter()
+        x.sum()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return PROBE_BYTES / statistics.median(times[1:]) / 1e9
+
+
+def _rss() -> int:
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def decode_bytes_per_token(plan, position: int) -> int:
+    """Bytes one decode step of one sequence reads at `position`: dense weights, the KV cache and the
+    routed experts (k per MoE layer)."""
+    mem = plan.memory
+    kv_per_token = mem.kv_reserve_bytes // (plan.target.context_tokens * plan.target.batch_size)
+    experts = sum(ml.top_k * ml.bytes_per_expert for ml in plan.moe_layers)
+    return mem.dense_bytes + kv_per_token * position + experts
+
+
+def _timed(run, rounds: int) -> list[float]:
+    out = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        run()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def bench(
+    out_dir: str | Path,
+    *,
+    prompt_tokens: int = 32,
+    new_tokens: int = 64,
+    batch: int = 1,
+    rounds: int = 3,
+    threads: int | None = None,
+    device: str | None = None,
+    hf: bool = True,
+) -> BenchResult:
+    """Measure the compiled model in `out_dir` (and Hugging Face on its weights, unless `hf` is False)."""
+    from fiddlerc.calibrate import cpu_name
+    from fiddlerc.loader import load, resolve_device
+
+    if min(prompt_tokens, new_tokens, batch, rounds) < 1:
+        raise ValueError("prompt, new tokens, batch and rounds must be positive")
+    threads = threads or torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dev = resolve_device(device)
+    base = _rss()
+    model = load(out_dir, device=str(dev), num_threads=threads)
+    ours_rss = _rss() - base
+    plan = model.plan
+    vocab = model.config.vocab_size
+    ids = torch.randint(3, max(4, vocab - 1), (batch, prompt_tokens), generator=torch.Generator().manual_seed(0))
+    runners = {"fiddlerc": model}
+    ref = None
+    hf_rss = 0
+    if hf:
+        from transformers import AutoModelForCausalLM
+
+        base = _rss()
+        ref = AutoModelForCausalLM.from_pretrained(
+            model.artifact.folder.path, dtype=parse_dtype(plan.model.dtype)
+        ).eval().to(dev)  # fmt: skip
+        hf_rss = _rss() - base
+        runners["hf"] = ref
+
+    def generate(name: str, n: int) -> None:
+        if name == "fiddlerc":
+            model.generate(ids, max_new_tokens=n, ignore_eos=True)
+            return
+        with torch.no_grad():
+            ref.generate(
+                ids.to(dev), attention_mask=torch.ones_like(ids).to(dev), max_new_tokens=n, min_new_tokens=n,
+                do_sample=False, pad_token_id=0,
+            )  # fmt: skip
+
+    for name in runners:  # warm up
+        generate(name, 2)
+    full: dict[str, list[float]] = {n: [] for n in runners}
+    first: dict[str, list[float]] = {n: [] for n in runners}
+    for _ in range(rounds):  # alternate, so noise hits both alike
+        for name in runners:
+            first[name] += _timed(lambda name=name: generate(name, 1), 1)
+            full[name] += _timed(lambda name=name: generate(name, new_tokens), 1)
+    speeds = {}
+    for name in runners:
+        ttft, total = statistics.median(first[name]), statistics.median(full[name])
+        decode = batch * (new_tokens - 1) / max(total - ttft, 1e-9) if new_tokens > 1 else float("nan")
+        speeds[name] = Speed(
+            decode_tokens_per_s=decode,
+            prefill_tokens_per_s=batch * prompt_tokens / ttft,
+            time_to_first_token_s=ttft,
+            resident_bytes_added=ours_rss if name == "fiddlerc" else hf_rss,
+        )
+    model.close()
+    ref = runners = None
+    gc.collect()
+    result = BenchResult(
+        machine={
+            "cpu": cpu_name(),
+            "threads": threads,
+            "device": str(dev),
+            "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else None,
+            "torch": torch.__version__,
+        },
+        workload={
+            "prompt_tokens": prompt_tokens,
+            "new_tokens": new_tokens,
+            "batch": batch,
+            "rounds": rounds,
+            "dtype": plan.model.dtype,
+        },  # fmt: skip
+        read_gbps=read_bandwidth_gbps(dev),
+        decode_bytes_per_token=decode_bytes_per_token(plan, prompt_tokens + new_tokens // 2),
+        fiddlerc=speeds["fiddlerc"],
+        hf=speeds.get("hf"),
+    )
+    if result.hf is not None:
+        result.ratios = {
+            "decode": result.fiddlerc.decode_tokens_per_s / result.hf.decode_tokens_per_s,
+            "prefill": result.fiddlerc.prefill_tokens_per_s / result.hf.prefill_tokens_per_s,
+            "time_to_first_token": result.fiddlerc.time_to_first_token_s / result.hf.time_to_first_token_s,
+        }
+    return result
+
+
+def bench_table(r: BenchResult) -> str:
+    w = r.workload
+    rows = [
+        f"machine: {r.machine['cpu']}, {r.machine['threads']} threads, device {r.machine['device']}"
+        + (f" ({r.machine['gpu']})" if r.machine["gpu"] else "")
+        + f", torch {r.machine['torch']}; read bandwidth {r.read_gbps:.1f} GB/s",
+        f"workload: {w['dtype']}, batch {w['batch']}, prompt {w['prompt_tokens']}, {w['new_tokens']} new tokens, "
+        f"median of {w['rounds']} alternating rounds; a decode step reads {r.decode_bytes_per_token / 1e6:.0f} MB",
+        f"{'':10} {'decode tok/s':>12} {'prefill tok/s':>13} {'TTFT s':>8} {'roofline':>9} {'memory added':>13}",
+    ]
+    roof = r.roofline
+    for name, s in (("fiddlerc", r.fiddlerc), ("HF", r.hf)):
+        if s is None:
+            continue
+        rows.append(
+            f"{name:10} {s.decode_tokens_per_s:12.1f} {s.prefill_tokens_per_s:13.1f} {s.time_to_first_token_s:8.3f} "
+            f"{roof['fiddlerc' if name == 'fiddlerc' else 'hf']:9.1%} {s.resident_bytes_added / 1e9:11.2f} GB"
+        )
+    if r.ratios:
+        rows.append(
+            f"fiddlerc / HF: decode {r.ratios['decode']:.2f}x, prefill {r.ratios['prefill']:.2f}x, "
+            f"time to first token {r.ratios['time_to_first_token']:.2f}x"
+        )
+    return "\n".join(rows) + "\n"

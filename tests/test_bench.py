@@ -1,0 +1,36 @@
+"""`fiddlerc bench`: its numbers are consistent with each other and with the plan (not timed assertions)."""
+
+import json
+
+import pytest
+
+import fiddlerc
+from fiddlerc.bench import bench, decode_bytes_per_token
+
+
+def test_bench_reports_both_models_and_their_ratios(model_dirs, tmp_path):
+    art = fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+    r = bench(tmp_path / "out", prompt_tokens=6, new_tokens=4, rounds=1, threads=1, device="cpu")
+    for speed in (r.fiddlerc, r.hf):
+        assert speed.decode_tokens_per_s > 0 and speed.prefill_tokens_per_s > 0 and speed.time_to_first_token_s > 0
+    assert r.ratios["decode"] == pytest.approx(r.fiddlerc.decode_tokens_per_s / r.hf.decode_tokens_per_s)
+    assert r.read_gbps > 0 and 0 < r.roofline["fiddlerc"]
+    # a decode step reads the dense weights, the KV cache so far and top-k experts per MoE layer
+    ml = art.plan.moe_layers
+    assert r.decode_bytes_per_token == decode_bytes_per_token(art.plan, 6 + 2)
+    assert r.decode_bytes_per_token > art.plan.memory.dense_bytes + sum(m.top_k * m.bytes_per_expert for m in ml) - 1
+    doc = json.loads(r.to_json())
+    assert set(doc) >= {"machine", "workload", "read_gbps", "fiddlerc", "hf", "ratios", "roofline"}
+    assert doc["machine"]["threads"] == 1 and doc["workload"]["new_tokens"] == 4
+
+
+def test_bench_cli_without_the_baseline_writes_json(model_dirs, tmp_path, capsys):
+    from fiddlerc.cli import main
+
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    args = ["bench", str(tmp_path / "out"), "--prompt-tokens", "4", "--new-tokens", "3", "--rounds", "1", "--no-hf"]
+    assert main([*args, "--threads", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert "fiddlerc" in out and "HF " not in out and "roofline" in out
+    doc = json.loads((tmp_path / "out" / "bench.json").read_text())
+    assert doc["hf"] is None and doc["ratios"] == {}
