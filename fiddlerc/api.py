@@ -83,13 +83,22 @@ def plan(
     priced on `hardware` (a profile name or file) when given."""
     folder = open_config(config_or_dir)
     model, dtype_, options = _prepare(
-        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches
+        folder,
+        gpu_memory,
+        fast_experts=fast_experts,
+        context=context,
+        batch=batch,
+        dtype=dtype,
+        hardware=hardware,
+        cpu_memory=cpu_memory,
+        popularity=popularity,
+        micro_batches=micro_batches,
     )
     return run_passes(capture(model), initial_plan(model, folder.config_json, dtype_, options), options)
 
 
 def _prepare(
-    folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches=None
+    folder, gpu_memory, *, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches
 ):
     """The meta model, its compute dtype and the checked options: what planning and compiling share."""
     gpus = parse_gpu_memory(gpu_memory)
@@ -136,7 +145,16 @@ def compile(  # noqa: A001 - the verb users expect
     """
     folder = open_model_folder(model_dir)
     model, compute_dtype, options = _prepare(
-        folder, gpu_memory, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches
+        folder,
+        gpu_memory,
+        fast_experts=fast_experts,
+        context=context,
+        batch=batch,
+        dtype=dtype,
+        hardware=hardware,
+        cpu_memory=cpu_memory,
+        popularity=popularity,
+        micro_batches=micro_batches,
     )
     resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
     gm = capture(model)

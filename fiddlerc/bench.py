@@ -49,16 +49,13 @@ class BenchResult:
         out = {}
         for name, speed in (("fiddlerc", self.fiddlerc), ("hf", self.hf)):
             if speed is not None:
-                achieved = self.decode_bytes_per_token * speed.decode_tokens_per_s / speed_batch(self) / 1e9
+                steps_per_s = speed.decode_tokens_per_s / self.workload["batch"]  # a step reads the weights once
+                achieved = self.decode_bytes_per_token * steps_per_s / 1e9
                 out[name] = achieved / self.read_gbps
         return out
 
     def to_json(self) -> str:
         return json.dumps({**asdict(self), "roofline": self.roofline}, indent=1) + "\n"
-
-
-def speed_batch(result: BenchResult) -> int:
-    return int(result.workload["batch"])
 
 
 def read_bandwidth_gbps(device: torch.device, rounds: int = 5) -> float:

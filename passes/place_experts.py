@@ -29,6 +29,7 @@ Writes: `plan.experts`, `plan.memory.expert_bytes`, `plan.memory.host_bytes`/`ho
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import NamedTuple
 
 import torch.fx
 
@@ -39,23 +40,31 @@ from fiddlerc.options import CompileOptions, format_size, parse_dtype
 from fiddlerc.plan import CPU, ExpertPlacement, Plan
 
 
+class Candidate(NamedTuple):
+    per_byte: float  # the ranking key: predicted saving per byte (expected use without a profile)
+    use: float  # expected share of the layer's routed tokens (sums to top_k over the layer)
+    saving: float | None  # predicted ms per token saved on the fast tier; None without a profile
+    expert: int
+    layer: int
+    nbytes: int
+
+
 def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
     assert plan.memory is not None, "account_memory must run before place_experts"
     fast = plan.target.device
     pop = options.popularity
     if pop is not None:
         pop.check_against(plan.moe_layers)
-    candidates = []  # (saving per byte, use, saving ms/token, expert, layer, bytes)
+    candidates: list[Candidate] = []
     for row, ml in enumerate(plan.moe_layers):
         saved = _saving_ms(options, ml.bytes_per_expert, parse_dtype(plan.model.dtype).itemsize)
         uses = pop.use(row, ml.top_k) if pop is not None else (ml.top_k / ml.num_experts,) * ml.num_experts
         for e in range(ml.num_experts):
             use = uses[e]
             per_byte = use * saved / ml.bytes_per_expert if saved is not None else use
-            candidates.append(
-                (per_byte, use, use * saved if saved is not None else None, e, ml.layer, ml.bytes_per_expert)
-            )
-    candidates.sort(key=lambda c: (-c[0], -c[1], c[3], c[4]))
+            saving = use * saved if saved is not None else None
+            candidates.append(Candidate(per_byte, use, saving, e, ml.layer, ml.bytes_per_expert))
+    candidates.sort(key=lambda c: (-c.per_byte, -c.use, c.expert, c.layer))
 
     want = options.fast_experts
     gpus = plan.target.gpus()
@@ -63,7 +72,7 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
     if want is not None:
         if want > len(candidates):
             raise BudgetError(f"--fast-experts {want} asks for more experts than the model has ({len(candidates)})")
-        need = sum(c[5] for c in candidates[:want])
+        need = sum(c.nbytes for c in candidates[:want])
         if need > sum(free.values()):
             where = fast if len(gpus) == 1 else " + ".join(gpus)
             raise BudgetError(
@@ -72,7 +81,8 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
             )
 
     if len(gpus) > 1:
-        flow = assign_by_flow([c[2] if c[2] is not None else c[1] for c in candidates], candidates, free, gpus, want)
+        scores = [c.saving if c.saving is not None else c.use for c in candidates]
+        flow = assign_by_flow(scores, [c.nbytes for c in candidates], free, gpus, want)
     placements = []
     for rank, (_, use, saving, e, layer, nbytes) in enumerate(candidates, start=1):
         by = f"saves {saving:.3f} ms/token on the fast tier, " if saving is not None else ""
@@ -114,22 +124,21 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
 
 
 def assign_by_flow(
-    scores: list[float], candidates: list, free: dict[str, int], gpus: tuple[str, ...], limit: int | None
+    scores: list[float], sizes: list[int], free: dict[str, int], gpus: tuple[str, ...], limit: int | None
 ) -> list[str]:
-    """Device of each candidate (in rank order) that maximises the summed score of GPU-placed ones,
-    each GPU holding `free[gpu] // size` experts (at most `limit` on all GPUs together): a min-cost flow
+    """Device of each expert (given in rank order, with its score and size) that maximises the summed
+    score of GPU-placed ones, each GPU holding `free[gpu] // size` experts (at most `limit` on all GPUs together): a min-cost flow
     source -> expert -> (GPU | cpu) -> sink over networkx, exact because experts are one size. Ties go
     to the better-ranked expert and to the GPU named first. Every GPU scores an expert alike (a profile
     has one GPU spec), so no optimum uses an expert ranked below the S-th, S the GPU slots: those stay
     on the CPU without entering the network (DeepSeek-V3's 14848 experts: seconds instead of minutes)."""
     import networkx as nx
 
-    sizes = {c[5] for c in candidates}
-    if len(sizes) != 1:
+    if len(set(sizes)) != 1:
         raise BudgetError(
             "placing experts over several GPUs needs experts of one size; this model's differ: use one GPU"
         )
-    size = sizes.pop()
+    size = sizes[0]
     k = len(gpus)
     slots = {g: max(0, free[g]) // size for g in gpus}
     reachable = sum(slots.values()) if limit is None else min(limit, sum(slots.values()))

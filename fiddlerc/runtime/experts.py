@@ -239,7 +239,7 @@ class PlacedExperts(nn.Module):
                     future = self.worker.submit(self._run_cpu, jobs)
 
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        copies = self._fetch_copies(fetched, hidden_states.device)
+        copies = self._fetch_copies(fetched, hidden_states.device) if fetched else None
         for e in fast_hit + fetched:  # overlaps with the worker
             tok, slot = rows(e)
             tok_d, slot_d = tok.to(hidden_states.device), slot.to(hidden_states.device)

@@ -43,8 +43,7 @@ def test_min_cost_flow_equals_brute_force(seed):
     scores = sorted((round(rng.uniform(0, 1), 3) for _ in range(n)), reverse=True)  # rank order, as the pass ranks
     slots = {"cuda:0": rng.randint(0, 2), "cuda:1": rng.randint(0, 3)}
     limit = rng.choice([None, 1, 2, 4])
-    candidates = [(s, s, s, i, 0, 100) for i, s in enumerate(scores)]
-    got = assign_by_flow(scores, candidates, {g: k * 100 + 99 for g, k in slots.items()}, tuple(slots), limit)
+    got = assign_by_flow(scores, [100] * n, {g: k * 100 + 99 for g, k in slots.items()}, tuple(slots), limit)
     assert all(got.count(g) <= k for g, k in slots.items())
     assert limit is None or sum(d != CPU for d in got) <= limit
     assert sum(s for s, d in zip(scores, got, strict=True) if d != CPU) == pytest.approx(
@@ -53,14 +52,12 @@ def test_min_cost_flow_equals_brute_force(seed):
 
 
 def test_flow_breaks_ties_by_rank_and_fills_the_first_gpu_first():
-    got = assign_by_flow(
-        [1.0] * 5, [(1, 1, 1, i, 0, 10) for i in range(5)], {"cuda:0": 20, "cuda:1": 10}, ("cuda:0", "cuda:1"), None
-    )
+    got = assign_by_flow([1.0] * 5, [10] * 5, {"cuda:0": 20, "cuda:1": 10}, ("cuda:0", "cuda:1"), None)
     assert got == ["cuda:0", "cuda:0", "cuda:1", CPU, CPU]
     with pytest.raises(BudgetError, match="one size"):
         assign_by_flow(
             [1.0, 1.0],
-            [(1, 1, 1, 0, 0, 10), (1, 1, 1, 0, 1, 20)],
+            [10, 20],
             {"cuda:0": 99, "cuda:1": 99},
             ("cuda:0", "cuda:1"),
             None,
