@@ -109,7 +109,7 @@ def bench(
     hf: bool = True,
 ) -> BenchResult:
     """Measure the compiled model in `out_dir` (and Hugging Face on its weights, unless `hf` is False)."""
-    from fiddlerc.calibrate import cpu_name
+    from fiddlerc.hardware import cpu_name
     from fiddlerc.loader import load, resolve_device
 
     if min(prompt_tokens, new_tokens, batch, rounds) < 1:

@@ -32,28 +32,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, profile_from_json
+from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, cache_dir, cpu_name, profile_from_json
 
 log = logging.getLogger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 LINEAR = 1.9  # time ratio per doubling of the tokens that counts as compute-bound
 POOL_BYTES = 512 * 2**20  # cycle through this much expert weight: larger than any cache
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(root) / "fiddlerc" / "calibration"
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def _time_expert(

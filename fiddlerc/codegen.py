@@ -23,10 +23,11 @@ import torch
 import torch.fx
 
 from fiddlerc import __version__
-from fiddlerc.capture import META_KEY, moe_sites
+from fiddlerc.capture import META_KEY, moe_sites, source_model
 from fiddlerc.errors import PlanError, UnsupportedModelError
 from fiddlerc.options import format_size
 from fiddlerc.plan import CPU, Plan, verify_plan
+from fiddlerc.runtime import attention as gen_attention
 
 _HEADER_GLOBALS = {  # what fx-generated code may reference, and how module.py imports it
     "torch": "import torch",
@@ -68,6 +69,60 @@ def _fold_moe_calls(gm: torch.fx.GraphModule) -> torch.fx.Graph:
         graph.erase_node(site.dispatch)
     graph.lint()
     return graph
+
+
+def fiddlerc_attention(layer, hidden_states, position_embeddings, attention_mask, cache):
+    """Stands for `self.attention(...)` while fx writes the code (module.py calls the generated method)."""
+    raise AssertionError("placeholder: never called")
+
+
+def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: Plan) -> tuple[list[str], object]:
+    """Point the calls of the plan's generated attention layers at `self.attention`; the method's code,
+    written with the numbers of those layers (which must agree), and the rotary function it calls."""
+    generated = {f"m.{a.module}": a.layer for a in plan.attention if a.path == gen_attention.GENERATED}
+    if not generated:
+        return [], None
+    shapes, rotary = set(), set()
+    for node in graph.nodes:
+        if node.op != "call_module" or node.target not in generated:
+            continue
+        module = gm.get_submodule(node.target)
+        path, reason = gen_attention.attention_path(module, source_model(gm).config)
+        if path != gen_attention.GENERATED:
+            raise PlanError(f"the plan generates the attention of {node.target[2:]}, but {reason}: recompile")
+        shapes.add(tuple(sorted(gen_attention.shape_of(module).items())))
+        rotary.add(gen_attention.rotary_function(module))
+        kw = node.kwargs
+        cache = kw.get("cache", kw.get("past_key_values"))
+        layer = generated[node.target]
+        node.op, node.target = "call_function", fiddlerc_attention
+        node.args = (layer, kw["hidden_states"], kw["position_embeddings"], kw["attention_mask"], cache)
+        node.kwargs = {}
+    if len(shapes) != 1 or len(rotary) != 1:
+        raise PlanError("the generated attention layers differ in shape or rotary function: recompile")
+    sh = dict(next(iter(shapes)))
+    h, kvh, d, q, k, v = sh["heads"], sh["kv_heads"], sh["head_dim"], sh["q"], sh["k"], sh["v"]
+    gqa = "" if h == kvh else ", enable_gqa=True"
+    return [
+        "    def attention(self, layer, hidden_states, position_embeddings, attention_mask, cache):",
+        f'        """Generated attention: {h} query heads over {kvh} KV heads of {d}, rotary embeddings, one fused',
+        "        QKV projection, keys and values written in place into the static cache, SDPA over its filled",
+        '        prefix. Weights: self.dense[layer] (fiddlerc.runtime.attention.AttentionWeights)."""',
+        "        w = self.dense[layer]",
+        "        b, t = hidden_states.shape[:2]",
+        "        qkv = linear(hidden_states, w.qkv, w.qkv_bias)",
+        f"        q = qkv[..., :{q}].view(b, t, {h}, {d}).transpose(1, 2)",
+        f"        k = qkv[..., {q}:{q + k}].view(b, t, {kvh}, {d}).transpose(1, 2)",
+        f"        v = qkv[..., {q + k}:{q + k + v}].view(b, t, {kvh}, {d}).transpose(1, 2)",
+        "        cos, sin = position_embeddings",
+        "        q, k = apply_rotary_pos_emb(q, k, cos, sin)",
+        "        k, v = kv_append(cache, layer, k, v)",
+        "        mask = None if attention_mask is None else attention_mask[..., : k.shape[2]]",
+        "        out = torch.nn.functional.scaled_dot_product_attention(",
+        f"            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale={sh['scaling']!r}{gqa}",
+        "        )",
+        f"        return linear(out.transpose(1, 2).reshape(b, t, {q}), w.o, w.o_bias), None",
+    ], next(iter(rotary))
 
 
 def _check_no_constants(graph: torch.fx.Graph) -> None:
@@ -231,11 +286,22 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
                 raise PlanError(f"graph and plan disagree on {node.name}: annotate the graph from the plan first")
     graph = _fold_moe_calls(gm)
     _check_no_constants(graph)
+    attention_method, rotary = _generated_attention(gm, graph, plan)
     code = graph.python_code(root_module="self")
+    src = code.src
+    for name, value in code.globals.items():  # fx names the placeholder after its module
+        if value is fiddlerc_attention:
+            src = src.replace(f"= {name}(", "= self.attention(")
     imports = []
+    if attention_method:
+        imports += [
+            "from fiddlerc.runtime.attention import kv_append",
+            "from fiddlerc.runtime.kernels import linear",
+            _import_line("apply_rotary_pos_emb", rotary),
+        ]
     for name in sorted(code.globals):
         value = code.globals[name]
-        if name == "__builtins__" or getattr(builtins, name, None) is value:
+        if name == "__builtins__" or getattr(builtins, name, None) is value or value is fiddlerc_attention:
             continue
         if name in _FIXED_GLOBALS and _FIXED_GLOBALS[name] is not value:
             raise UnsupportedModelError(f"generated code uses an unexpected global {name}={value!r}")
@@ -243,12 +309,15 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
     imports = sorted(set(imports), key=lambda s: (not s.startswith("import"), s))
 
     body = []
-    for line in code.src.splitlines():
+    for line in src.splitlines():
         if not line.strip() or line.startswith("torch.fx._symbolic_trace.wrap("):
             continue
         m = re.match(r"    moe_(\d+) = ", line)
         if m:
             body.append("        " + _moe_comment(plan, int(m.group(1))))
+        m = re.match(r"    \w+ = self\.attention\((\d+),", line)
+        if m:
+            body.append(f"        # layer {m.group(1)} attention: generated (grouped-query, rotary, static KV cache)")
         body.append("    " + line)
 
     devices = plan.devices() or (CPU,)
@@ -279,10 +348,12 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         "        self.m = model",
         "        self._cfg = config",
         "        self.placed = {}  # layer -> placed experts, set by the loader",
+        "        self.dense = {}  # layer -> weights of its generated attention, set by the loader",
         "",
         *body,
         "",
-        *(_micro_forward(code.src, plan) + [""] if t.micro_batches > 1 else []),
+        *([*attention_method, ""] if attention_method else []),
+        *(_micro_forward(src, plan) + [""] if t.micro_batches > 1 else []),
     ]
     text = "\n".join(lines)
     compile(text, "module.py", "exec")  # fail here, not at load, if anything is off

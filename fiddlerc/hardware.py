@@ -10,12 +10,30 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
+import platform
 from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 from fiddlerc.errors import OptionError
 
 PROFILE_DIR = Path(__file__).parent / "profiles"
+
+
+def cache_dir() -> Path:
+    """Where measurements of this machine are cached (calibration profiles, kernel choices)."""
+    root = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(root) / "fiddlerc" / "calibration"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 @dataclass(frozen=True)

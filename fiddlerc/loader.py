@@ -37,10 +37,14 @@ from fiddlerc.options import format_size, parse_dtype
 from fiddlerc.pipeline import annotate_from_plan, config_sha256
 from fiddlerc.plan import CPU, Plan, plan_from_json
 from fiddlerc.quant import Mxfp4Source, dequantize_mxfp4
+from fiddlerc.runtime import kernels
+from fiddlerc.runtime.attention import GENERATED, AttentionWeights
+from fiddlerc.runtime.attention import fuse as fuse_attention
 from fiddlerc.runtime.experts import PlacedExperts
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
+from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -168,9 +172,17 @@ def _set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
 
 
 def bind_weights(
-    model: nn.Module, folder: ModelFolder, plan: Plan, fast: torch.device, worker: CpuWorker
-) -> list[PlacedExperts]:
-    """Put every weight where the plan says, memory-mapped from safetensors (copied only to change device or dtype)."""
+    model: nn.Module,
+    folder: ModelFolder,
+    plan: Plan,
+    fast: torch.device,
+    worker: CpuWorker,
+    kernel_mode: str = "reference",
+) -> tuple[list[PlacedExperts], dict[int, AttentionWeights]]:
+    """Put every weight where the plan says, memory-mapped from safetensors (copied only to change device
+    or dtype, or to pack a CPU weight for the kernel `kernel_mode` picks: fiddlerc.runtime.kernels).
+    Returns the placed experts and, per generated attention layer, its fused weights (which take the
+    place of the Hugging Face attention module in `model`)."""
     dtype = parse_dtype(plan.model.dtype)
     sources = resolve_sources(model, folder)
     reader = WeightReader(folder)
@@ -196,6 +208,14 @@ def bind_weights(
         for ml in plan.moe_layers
         for name in layouts[ml.layer].expert_params(model.get_submodule(ml.block))
     }
+
+    @functools.cache
+    def kernel_for(shape: tuple[int, int], dt: torch.dtype) -> str:
+        return kernels.resolve(kernel_mode, shape, dt)
+
+    def pick_kernel(w: torch.Tensor) -> str:
+        return kernel_for(tuple(w.shape), w.dtype) if w.device.type == "cpu" and w.ndim == 2 else "reference"
+
     buffers = dict(model.named_buffers())
     for name, src in sources.items():
         if name in expert_names:
@@ -229,22 +249,54 @@ def bind_weights(
             assert isinstance(src, DirectSource)
             return fused(src.key)
 
-        weights = [
-            layout.weights(block, e, parts, whole).to(devices[dev], dtype)
-            for e, dev in enumerate(plan.placement(ml.layer))
-        ]
-        on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
         fetch = tuple(e.fetch_min_tokens for e in sorted(plan.experts, key=lambda e: e.expert) if e.layer == ml.layer)
+        weights = []
+        for e, dev in enumerate(plan.placement(ml.layer)):
+            w = layout.weights(block, e, parts, whole).to(devices[dev], dtype)
+            # Packed where it runs on the CPU and is never fetched. Under "auto", only beside a GPU: on a
+            # CPU-only machine both tiers run at once, each on its own core, where MKL's single-threaded
+            # matrix-vector product side by side measured as fast as packed (docs in runtime/kernels.py).
+            alone = fast.type != "cpu" or kernel_mode == "packed"
+            stays_on_cpu = devices[dev].type == "cpu" and (fast.type == "cpu" or fetch[e] is None)
+            if alone and stays_on_cpu and all(pick_kernel(m) == "packed" for m in w.matrices):
+                w = w.packed(reader.release)
+            weights.append(w)
+        on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
         module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer, fetch)
         layout.install(block, module)
         placed.append(module)
+    dense = {}
+    for a in plan.attention:
+        if a.path == GENERATED:
+            dense[a.layer] = fuse_attention(model.get_submodule(a.module), pick_kernel, reader.release)
+            parent, _, leaf = a.module.rpartition(".")
+            setattr(model.get_submodule(parent), leaf, dense[a.layer])
+    _pack_dense_linears(model, pick_kernel, reader.release)
     reader.close()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise ArtifactError(
             f"weights {leftover[:3]} were not bound: the model folder does not match the plan; recompile"
         )
-    return placed
+    return placed, dense
+
+
+def _pack_dense_linears(model: nn.Module, pick_kernel, release) -> None:
+    """Swap each CPU `nn.Linear` whose weight the kernel choice packs for a PackedLinear. A weight that
+    another module shares (tied embeddings) stays as it is: its pages could not be released."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[p.data_ptr()] = seen.get(p.data_ptr(), 0) + 1
+    for name, module in list(model.named_modules()):
+        if type(module) is not nn.Linear or module.weight.device.type == "meta":
+            continue
+        w = module.weight
+        if seen.get(w.data_ptr(), 0) > 1 or pick_kernel(w) != "packed":
+            continue
+        packed = kernels.PackedLinear(w.detach(), None if module.bias is None else module.bias.detach())
+        release(w)
+        parent, _, leaf = name.rpartition(".")
+        setattr(model.get_submodule(parent), leaf, packed)
 
 
 _ATTENTION = re.compile(r"\.layers\.(\d+)\.(?:[A-Za-z_]+\.)?(self_attn|attention|attn)$")
@@ -262,6 +314,20 @@ def _trace_attention(model: nn.Module, tracer: Tracer) -> None:
         module.register_forward_hook(
             lambda mod, args, out, starts=starts, label=label: tracer.add(label, MAIN, starts.pop(), tracer.now_us())
         )
+
+
+def _trace_generated_attention(forward: nn.Module, tracer: Tracer) -> None:
+    """The same slices for the generated attention method of module.py."""
+    inner = forward.attention
+
+    def traced(layer, *args):
+        start = tracer.now_us()
+        try:
+            return inner(layer, *args)
+        finally:
+            tracer.add(f"L{layer} attention", MAIN, start, tracer.now_us())
+
+    forward.attention = traced
 
 
 def device_map(plan: Plan, fast: torch.device) -> dict[str, torch.device]:
@@ -313,6 +379,7 @@ class CompiledModel:
         device: torch.device,
         num_threads: int | None = None,
         trace: str | Path | None = None,
+        kernels: str = "auto",
     ) -> None:
         self.artifact = artifact
         self.plan = artifact.plan
@@ -325,7 +392,7 @@ class CompiledModel:
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
         try:
-            self._placed = bind_weights(meta_model, artifact.folder, self.plan, device, self._worker)
+            self._placed, dense = bind_weights(meta_model, artifact.folder, self.plan, device, self._worker, kernels)
         except BaseException:
             self._finalizer()
             raise
@@ -340,6 +407,11 @@ class CompiledModel:
         module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
         self._forward = module.CompiledForward(meta_model, meta_model.config)
         self._forward.placed = {p.layer: p for p in self._placed}
+        self._forward.dense = dense
+        if self.tracer is not None and dense:
+            _trace_generated_attention(self._forward, self.tracer)
+        # Generated attention writes into a static cache sized for the compiled context.
+        self._static_cache = bool(dense)
         self._cache_class = cache_class(meta_model)
         gen = getattr(meta_model, "generation_config", None)
         self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
@@ -347,10 +419,15 @@ class CompiledModel:
         self.pad_token_id = pad if isinstance(pad, int) else (self.eos_token_ids[0] if self.eos_token_ids else 0)
 
     def new_cache(self):
+        def one():
+            if self._static_cache:
+                from transformers import StaticCache
+
+                return StaticCache(config=self.config, max_cache_len=self.plan.target.context_tokens)
+            return new_cache(self._cache_class, self.config)
+
         micro = self.plan.target.micro_batches
-        if micro > 1:
-            return MicroBatchCache([new_cache(self._cache_class, self.config) for _ in range(micro)])
-        return new_cache(self._cache_class, self.config)
+        return MicroBatchCache([one() for _ in range(micro)]) if micro > 1 else one()
 
     def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
         if isinstance(cache, MicroBatchCache):
@@ -539,9 +616,16 @@ def load(
     model_dir: str | Path | None = None,
     num_threads: int | None = None,
     trace: str | Path | None = None,
+    kernels: str = "auto",
 ) -> CompiledModel:
     """Verify a compiled folder and load it onto this machine's devices. With `trace`, record a
-    Chrome/Perfetto timeline of every call and write it there on `close()`."""
+    Chrome/Perfetto timeline of every call and write it there on `close()`.
+
+    `kernels` picks the CPU matrix kernels (fiddlerc.runtime.kernels): "auto" measures, once per
+    weight shape on this machine, whether a packed copy is faster than the memory-mapped weight;
+    "reference" computes exactly as Hugging Face does; "packed" packs wherever this CPU can."""
+    if kernels not in KERNEL_MODES:
+        raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
     fast = resolve_device(device)
     artifact, meta_model = verify_artifact(out_dir, model_dir)
-    return CompiledModel(artifact, meta_model, fast, num_threads, trace)
+    return CompiledModel(artifact, meta_model, fast, num_threads, trace, kernels)

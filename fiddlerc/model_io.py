@@ -10,6 +10,8 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
+import mmap
 import re
 import struct
 from collections.abc import Iterator
@@ -46,6 +48,7 @@ class TensorInfo:
     file: str  # file name inside the model folder
     dtype: str  # safetensors dtype code, e.g. "BF16"
     shape: tuple[int, ...]
+    offset: int = 0  # byte offset of its data in the file
 
 
 @dataclass(frozen=True)
@@ -69,8 +72,9 @@ class ModelFolder:
         return out
 
 
-def _read_header(file: Path) -> dict:
-    """Parse one safetensors header, checking that every tensor's bytes are inside the file."""
+def _read_header(file: Path) -> tuple[dict, int]:
+    """Parse one safetensors header, checking that every tensor's bytes are inside the file; with the
+    byte offset where its data starts."""
     size = file.stat().st_size
     fix = f"re-download or re-save {file.name}"
     try:
@@ -107,7 +111,7 @@ def _read_header(file: Path) -> dict:
             raise ModelFolderError(
                 f"{file} is truncated or corrupt: tensor {key!r} ends at byte {end} of {data_bytes}: {fix}"
             )
-    return header
+    return header, 8 + n
 
 
 def open_model_folder(path: str | Path) -> ModelFolder:
@@ -143,9 +147,11 @@ def open_model_folder(path: str | Path) -> ModelFolder:
 
     tensors: dict[str, TensorInfo] = {}
     for name in files:
-        for key, info in _read_header(path / name).items():
+        header, data_start = _read_header(path / name)
+        for key, info in header.items():
             if key != "__metadata__":
-                tensors[key] = TensorInfo(file=name, dtype=info["dtype"], shape=tuple(info["shape"]))
+                offset = data_start + info["data_offsets"][0]
+                tensors[key] = TensorInfo(file=name, dtype=info["dtype"], shape=tuple(info["shape"]), offset=offset)
     return ModelFolder(path=path.resolve(), config_json=config_json, tensors=tensors, files=tuple(files))
 
 
@@ -411,24 +417,49 @@ def _check_shapes(model: nn.Module, folder: ModelFolder, sources: dict[str, Sour
 
 
 class WeightReader:
-    """Memory-mapped access to a folder's tensors; each file is opened once."""
+    """Private memory maps of a folder's safetensors files, each mapped once; tensors are views of
+    them, so nothing is read until it is used. `release` hands a tensor's pages back to the kernel
+    (after a copy of it was made, so that resident memory holds the weight once)."""
 
     def __init__(self, folder: ModelFolder) -> None:
         self.folder = folder
-        self._handles: dict[str, object] = {}
+        self._maps: dict[str, tuple[mmap.mmap, int]] = {}  # file -> (map, its address)
+
+    def _map(self, file: str) -> tuple[mmap.mmap, int]:
+        if file not in self._maps:
+            with open(self.folder.path / file, "rb") as fh:
+                mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)  # private: a write never reaches the file
+            base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
+            self._maps[file] = (mm, base)
+        return self._maps[file]
 
     def get(self, key: str) -> torch.Tensor:
-        from safetensors import safe_open
-
         info = self.folder.tensors[key]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = safe_open(str(self.folder.path / info.file), framework="pt", device="cpu")
-            self._handles[info.file] = handle
-        return handle.get_tensor(key)  # type: ignore[attr-defined]
+        dtype = _ST_DTYPES[info.dtype]
+        numel = math.prod(info.shape)
+        if numel == 0:
+            return torch.empty(info.shape, dtype=dtype)
+        mm, _ = self._map(info.file)
+        return torch.frombuffer(mm, dtype=dtype, count=numel, offset=info.offset).view(info.shape)
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages that lie wholly inside `t`'s bytes (a view of one of these maps); a
+        later read faults them in again from the file, so this never changes a value."""
+        if not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0:
+            return
+        begin = t.data_ptr()
+        end = begin + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
+        for mm, base in self._maps.values():
+            if base <= begin and end <= base + len(mm):
+                first = -(-(begin - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+                last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
+                if last > first:
+                    mm.madvise(mmap.MADV_DONTNEED, first, last - first)
+                return
 
     def close(self) -> None:
-        self._handles.clear()
+        """Forget the maps; each is unmapped once no tensor views it any more."""
+        self._maps.clear()
 
 
 def load_tokenizer(folder: str | Path):

@@ -20,6 +20,7 @@ from fiddlerc.passes.place_experts import place_experts
 from fiddlerc.passes.plan_execution import plan_execution
 from fiddlerc.passes.predict_speed import predict_speed
 from fiddlerc.passes.schedule_overlap import schedule_overlap
+from fiddlerc.passes.select_attention import select_attention
 from fiddlerc.plan import ModelInfo, Plan, Target, verify_plan
 
 log = logging.getLogger(__name__)
@@ -30,6 +31,7 @@ PASSES = [
     place_experts,  # every expert: fast tier or cpu, with a reason
     plan_execution,  # cpu-tier experts: from how many tokens a weight fetch beats the CPU
     schedule_overlap,  # micro-batches and the order of their stages (1: no micro-batching)
+    select_attention,  # each layer's attention: fiddlerc's generated code or Hugging Face's module
     predict_speed,  # price the placement on the target's hardware profile, if one is given
 ]
 

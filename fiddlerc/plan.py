@@ -127,6 +127,16 @@ class ExpertPlacement:
 
 
 @dataclass(frozen=True)
+class AttentionLayer:
+    """How one decoder layer's attention runs: fiddlerc's generated code or Hugging Face's module."""
+
+    layer: int
+    module: str  # module path of the attention
+    path: str  # "generated" or "hf"
+    reason: str
+
+
+@dataclass(frozen=True)
 class Plan:
     model: ModelInfo
     target: Target
@@ -136,6 +146,7 @@ class Plan:
     memory: Memory | None = None
     experts: tuple[ExpertPlacement, ...] = ()
     prediction: Prediction | None = None
+    attention: tuple[AttentionLayer, ...] = ()
 
     def with_(self, **changes) -> Plan:
         return replace(self, **changes)
@@ -208,6 +219,10 @@ def plan_from_dict(data: object) -> Plan:
             raise PlanError("plan.json: moe_layers and experts must be lists")
         d["moe_layers"] = tuple(_build(MoeLayer, x, f"moe_layers[{i}]") for i, x in enumerate(layers))
         d["experts"] = tuple(_build(ExpertPlacement, x, f"experts[{i}]") for i, x in enumerate(experts))
+        attention = d.get("attention", [])
+        if not isinstance(attention, list):
+            raise PlanError("plan.json: attention must be a list")
+        d["attention"] = tuple(_build(AttentionLayer, x, f"attention[{i}]") for i, x in enumerate(attention))
         if d.get("prediction") is not None:
             d["prediction"] = _build(Prediction, d["prediction"], "prediction")
         mem = d.get("memory")
@@ -391,6 +406,17 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             e.fetch_min_tokens is None or (_is_int(e.fetch_min_tokens, 1) and e.device == CPU),
             f"{where}: fetch_min_tokens must be null or a positive integer on a cpu-tier expert",
         )
+
+    attn_layers: set[int] = set()
+    for a in plan.attention:
+        _check(_is_int(a.layer) and a.layer < m.num_layers, f"attention layer {a.layer!r} out of range")
+        _check(a.layer not in attn_layers, f"attention layer {a.layer} listed twice")
+        attn_layers.add(a.layer)
+        _check(
+            isinstance(a.module, str) and bool(_PATH_RE.match(a.module)), f"attention layer {a.layer}: bad module path"
+        )
+        _check(a.path in ("generated", "hf"), f"attention layer {a.layer}: path must be 'generated' or 'hf'")
+        _check(_is_text(a.reason) and len(a.reason) <= 300, f"attention layer {a.layer}: reason must be short text")
 
     if plan.memory is not None:
         mem = plan.memory

@@ -54,6 +54,7 @@ def report_text(plan: Plan) -> str:
         f"{n_fast} of {len(plan.experts)} experts on {gpus}; expected share of routed tokens served there: "
         f"{(fast_use / total_use if total_use else 0):.1%}",
         "per-expert decisions and reasons: fiddlerc report OUT --format json",
+        *_attention_lines(plan),
     ]
     if t.micro_batches > 1:
         lines.append(
@@ -74,6 +75,33 @@ def report_text(plan: Plan) -> str:
                 f"{split['CPU']:.1f} ms, transfers {split['transfers']:.2f} ms, fast device idle {split['idle']:.1f} ms"
             )
     return "\n".join(lines) + "\n"
+
+
+def _attention_paths(plan: Plan) -> list[tuple[str, str, list[int]]]:
+    """(path, reason, layers) groups of the plan's attention layers, in layer order of first appearance."""
+    groups: dict[tuple[str, str], list[int]] = {}
+    for a in sorted(plan.attention, key=lambda a: a.layer):
+        groups.setdefault((a.path, a.reason), []).append(a.layer)
+    return [(path, reason, layers) for (path, reason), layers in groups.items()]
+
+
+def _layer_ranges(layers: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2, 5"."""
+    runs: list[list[int]] = []
+    for x in layers:
+        if runs and x == runs[-1][1] + 1:
+            runs[-1][1] = x
+        else:
+            runs.append([x, x])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
+
+
+def _attention_lines(plan: Plan) -> list[str]:
+    label = {"generated": "generated code", "hf": "Hugging Face module"}
+    return [
+        f"attention, layers {_layer_ranges(layers)}: {label[path]} ({reason})"
+        for path, reason, layers in _attention_paths(plan)
+    ]
 
 
 def _host_lines(mem) -> list[str]:
@@ -296,6 +324,10 @@ def report_html(plan: Plan) -> str:
             ]
         ),  # fmt: skip
         _heatmap(plan),
+        "<h2>Attention</h2>",
+        "<ul>",
+        *(f"<li>{_esc(line)}</li>" for line in _attention_lines(plan)),
+        "</ul>",
         "<h2>Decisions</h2>",
         "<table><thead><tr><th>layer</th><th>expert</th><th>device</th><th>size</th><th>expected use</th>"
         "<th>fetch from</th><th>reason</th></tr></thead><tbody>",

@@ -22,9 +22,9 @@ from itertools import accumulate
 from math import prod as math_prod
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from fiddlerc.runtime import kernels
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -57,6 +57,21 @@ class ExpertWeights:
             move(self.b_out),
         )
 
+    @property
+    def matrices(self) -> tuple[torch.Tensor, ...]:
+        return (*self.w_in, self.w_out)
+
+    def packed(self, release: Callable[[torch.Tensor], None]) -> ExpertWeights:
+        """A copy with the matrices in oneDNN's packed layout (CPU, fiddlerc.runtime.kernels); each
+        original goes to `release` once copied. Biases stay as they are."""
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            p = kernels.pack(t)
+            release(t)
+            return p
+
+        return ExpertWeights(tuple(pack(t) for t in self.w_in), self.b_in, pack(self.w_out), self.b_out)
+
 
 @dataclass(frozen=True)
 class ExpertMath:
@@ -82,13 +97,14 @@ class ExpertMath:
 def run_expert(x: torch.Tensor, w: ExpertWeights, math: ExpertMath) -> torch.Tensor:
     """One expert on the tokens routed to it: x [n, H] -> [n, H]."""
     b_in = w.b_in or (None,) * len(w.w_in)
+    linear = kernels.linear
     if math.split_gate:
-        h = math.act(F.linear(x, w.w_in[0], b_in[0])) * F.linear(x, w.w_in[1], b_in[1])
+        h = math.act(linear(x, w.w_in[0], b_in[0])) * linear(x, w.w_in[1], b_in[1])
     else:
-        parts = [F.linear(x, p, b) for p, b in zip(w.w_in, b_in, strict=True)]
+        parts = [linear(x, p, b) for p, b in zip(w.w_in, b_in, strict=True)]
         proj = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         h = math.gate(proj) if math.gate is not None else math.act(proj)
-    return F.linear(h, w.w_out, w.b_out)
+    return linear(h, w.w_out, w.b_out)
 
 
 class PlacedExperts(nn.Module):
@@ -178,6 +194,8 @@ class PlacedExperts(nn.Module):
     def _forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
+        if hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and self.deferred is None:
+            return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
         k = top_k_index.shape[1]
         # [T*k] flat routing on the host: the one synchronisation of this layer.
         flat = top_k_index.reshape(-1).to("cpu")
@@ -268,6 +286,38 @@ class PlacedExperts(nn.Module):
             for e in hit:  # expert order, as Hugging Face accumulates
                 tok, y = outputs[e]
                 final.index_add_(0, tok, y.to(final.dtype))
+        return final
+
+    def _forward_one_token(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Decode of one sequence on a CPU-only machine: the same arithmetic without the gather and
+        scatter bookkeeping of a batch (a few dozen small ops per layer, comparable to the experts
+        themselves at this size). The cpu-tier experts still run on the worker, beside the others."""
+        if self.observer is not None:
+            self.observer(self.layer, top_k_index.reshape(1, -1).to("cpu"))
+        picks = sorted((e, slot) for slot, e in enumerate(top_k_index[0].tolist()))  # expert order, as HF sums
+        on_worker = [(e, slot) for e, slot in picks if self.on_cpu[e]]
+        for e, _ in picks:
+            self.expert_tokens[e] += 1
+        self.tokens_cpu += len(on_worker)
+        self.tokens_fast += len(picks) - len(on_worker)
+        future = None
+        if on_worker:
+            jobs = [(e, hidden_states, top_k_weights[:, slot, None]) for e, slot in on_worker]
+            future = self.worker.submit(self._run_cpu, jobs)
+        outputs = {}
+        for e, slot in picks:
+            if not self.on_cpu[e]:
+                with self._span(f"E{e} fast", tokens=1):
+                    outputs[e] = self._expert(e, hidden_states, top_k_weights[:, slot, None])
+        if future is not None:
+            with self._span("wait for CPU"):
+                outputs.update(zip((e for e, _ in on_worker), future.result(), strict=True))
+        final = None
+        for e, _ in picks:
+            y = outputs[e].to(hidden_states.dtype)
+            final = y if final is None else final + y
         return final
 
     def _fetch_copies(self, fetched: list[int], device: torch.device):

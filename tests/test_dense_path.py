@@ -1,0 +1,153 @@
+"""The generated dense path (attention with a static KV cache) and the CPU kernel choice, against Hugging Face."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fiddlerc
+from fiddlerc.errors import OptionError
+from fiddlerc.model_io import WeightReader, open_model_folder
+from fiddlerc.report import report_text
+from fiddlerc.runtime import kernels
+from tests.conftest import VOCAB, hf_greedy
+
+GENERATED_FAMILIES = ["mixtral", "qwen2_moe", "phimoe", "granitemoe", "ernie4_5_moe"]
+
+
+def _prompts():
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0  # left padding: the mask path of the generated attention
+    return ids, mask
+
+
+@pytest.mark.parametrize("family", GENERATED_FAMILIES)
+def test_generated_attention_equals_hugging_face(family, model_dirs, hf_model, tmp_path):
+    src = model_dirs(family)
+    art = fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
+    assert art.plan.attention and {a.path for a in art.plan.attention} == {"generated"}
+    text = (tmp_path / "out" / "module.py").read_text()
+    assert "def attention(self, layer" in text and "= self.attention(0," in text
+    ref = hf_model(src)
+    ids, mask = _prompts()
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as model:
+        assert type(model.new_cache()).__name__ == "StaticCache"
+        with torch.no_grad():
+            want = ref(input_ids=ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask)
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-5, atol=1e-5)
+        got_ids = model.generate(ids, attention_mask=mask, max_new_tokens=6, ignore_eos=True)
+        assert torch.equal(got_ids, hf_greedy(ref, ids, mask, 6))
+
+
+def test_attention_kinds_not_generated_stay_hugging_face_and_say_why(model_dirs, tmp_path):
+    art = fiddlerc.compile(model_dirs("qwen3_moe"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    assert {a.path for a in art.plan.attention} == {"hf"}
+    assert all("not a kind fiddlerc generates" in a.reason for a in art.plan.attention)
+    assert "def attention(" not in (tmp_path / "out" / "module.py").read_text()
+    assert "Hugging Face module" in report_text(art.plan)
+
+
+def test_report_names_the_path_of_every_layer(model_dirs, tmp_path):
+    art = fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    n = art.plan.model.num_layers
+    assert sorted(a.layer for a in art.plan.attention) == list(range(n))
+    assert f"attention, layers 0-{n - 1}: generated code" in report_text(art.plan)
+
+
+def test_an_edited_attention_path_is_refused(model_dirs, tmp_path):
+    import json
+
+    from fiddlerc.errors import ArtifactError, PlanError
+
+    fiddlerc.compile(model_dirs("qwen3_moe"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    plan_file = tmp_path / "out" / "plan.json"
+    doc = json.loads(plan_file.read_text())
+    doc["attention"][0]["path"] = "generated"  # qwen3-moe normalises q/k: the generated code would be wrong
+    plan_file.write_text(json.dumps(doc))
+    with pytest.raises((ArtifactError, PlanError)):
+        fiddlerc.load(tmp_path / "out", device="cpu")
+
+
+def test_generation_past_the_static_cache_is_refused(model_dirs, tmp_path):
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=16)
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        with pytest.raises(OptionError, match="context"):
+            model.generate(torch.ones(1, 10, dtype=torch.long), max_new_tokens=10)
+
+
+# --- kernels ---------------------------------------------------------------------------------------
+
+
+def test_pick_takes_the_faster_kernel_only_when_it_wins_at_decode_and_holds_at_prefill():
+    ref = {1: 100.0, 8: 400.0}
+    assert kernels.pick({"reference": ref, "packed": {1: 80.0, 8: 300.0}}) == "packed"
+    assert kernels.pick({"reference": ref, "packed": {1: 99.0, 8: 300.0}}) == "reference"  # within noise
+    assert kernels.pick({"reference": ref, "packed": {1: 80.0, 8: 500.0}}) == "reference"  # loses at prefill
+    assert kernels.pick({"reference": ref}) == "reference"
+
+
+needs_packing = pytest.mark.skipif(not kernels.can_pack(torch.float32), reason="this CPU cannot pack fp32 for oneDNN")
+
+
+@needs_packing
+def test_packed_linear_equals_f_linear_within_fp32_rounding():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    packed = kernels.pack(w)
+    assert packed.is_mkldnn
+    for shape in ((1, 64), (7, 64), (2, 3, 64)):
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(kernels.linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert kernels.linear(x, w, b).equal(F.linear(x, w, b))  # a plain weight is the reference
+
+
+@needs_packing
+def test_packed_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model, tmp_path):
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+    ref = hf_model(src)
+    ids, mask = _prompts()
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="packed") as model:
+        packed = [name for name, mod in model.hf_model.named_modules() if isinstance(mod, kernels.PackedLinear)]
+        assert packed, "lm_head and the dense projections are packed"
+        assert all(w.is_mkldnn for p in model._placed for ew in p.weights for w in ew.matrices)
+        assert all(d.qkv.is_mkldnn and d.o.is_mkldnn for d in model._forward.dense.values())
+        with torch.no_grad():  # teacher-forced logits, not greedy tokens: rounding differs from the reference
+            want = ref(input_ids=ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask)
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+def test_unknown_kernel_mode_is_refused(model_dirs, tmp_path):
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    with pytest.raises(OptionError, match="kernels='fast'"):
+        fiddlerc.load(tmp_path / "out", device="cpu", kernels="fast")
+
+
+def test_auto_measures_once_and_caches_the_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(kernels, "measure", lambda shape, dtype: calls.append(shape) or {"reference": {1: 1, 8: 1}})
+    monkeypatch.setattr(kernels, "can_pack", lambda dtype: True)
+    shape = (1024, 1024)
+    assert kernels.choose(shape, torch.float32) == "reference"
+    assert kernels.choose(shape, torch.float32) == "reference"
+    assert calls == [shape]
+    assert kernels.choose((8, 8), torch.float32) == "reference" and calls == [shape]  # too small to measure
+
+
+def test_released_pages_read_back_the_same_values(model_dirs):
+    folder = open_model_folder(model_dirs("mixtral"))
+    reader = WeightReader(folder)
+    key = max(
+        folder.tensors, key=lambda k: len(folder.tensors[k].shape) and torch.Size(folder.tensors[k].shape).numel()
+    )
+    t = reader.get(key)
+    before = t.clone()
+    reader.release(t)
+    assert torch.equal(t, before)
+    reader.close()
