@@ -117,9 +117,12 @@ def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: 
         "        cos, sin = position_embeddings",
         "        q, k = apply_rotary_pos_emb(q, k, cos, sin)",
         "        k, v = kv_append(cache, layer, k, v)",
-        "        mask = None if attention_mask is None else attention_mask[..., : k.shape[2]]",
+        "        if attention_mask is None:",
+        "            mask, causal = None, causal_without_mask(t, k.shape[2])",
+        "        else:",
+        "            mask, causal = attention_mask[..., : k.shape[2]], False",
         "        out = torch.nn.functional.scaled_dot_product_attention(",
-        f"            q, k, v, attn_mask=mask, is_causal=mask is None and t > 1, scale={sh['scaling']!r}{gqa}",
+        f"            q, k, v, attn_mask=mask, is_causal=causal, scale={sh['scaling']!r}{gqa}",
         "        )",
         f"        return linear(out.transpose(1, 2).reshape(b, t, {q}), w.o, w.o_bias), None",
     ], next(iter(rotary))
@@ -295,7 +298,7 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
     imports = []
     if attention_method:
         imports += [
-            "from fiddlerc.runtime.attention import kv_append",
+            "from fiddlerc.runtime.attention import causal_without_mask, kv_append",
             "from fiddlerc.runtime.kernels import linear",
             _import_line("apply_rotary_pos_emb", rotary),
         ]

@@ -151,3 +151,12 @@ def test_released_pages_read_back_the_same_values(model_dirs):
     reader.release(t)
     assert torch.equal(t, before)
     reader.close()
+
+
+def test_sdpa_causal_mask_is_used_only_for_a_prefill_from_an_empty_cache():
+    from fiddlerc.runtime.attention import causal_without_mask
+
+    assert causal_without_mask(5, 5) is True
+    assert causal_without_mask(1, 9) is False  # one query sees every key
+    with pytest.raises(RuntimeError, match="needs an attention mask"):
+        causal_without_mask(3, 9)  # SDPA would align its causal mask to the first key: wrong

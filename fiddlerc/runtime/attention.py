@@ -129,3 +129,11 @@ def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torc
     lay.cumulative_length.add_(t)  # what Hugging Face's own code reads (get_seq_length)
     lay.fiddlerc_length = start + t
     return lay.keys[:, :, : start + t], lay.values[:, :, : start + t]
+
+
+def causal_without_mask(t: int, length: int) -> bool:
+    """Whether SDPA's own causal mask is right for `t` new queries over `length` keys when the model gave
+    no mask: only for a prefill from an empty cache (SDPA aligns its mask to the first key)."""
+    if t > 1 and length != t:
+        raise RuntimeError("a multi-token call on a filled cache needs an attention mask; the model gave none")
+    return t > 1
