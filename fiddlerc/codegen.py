@@ -82,10 +82,11 @@ def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: 
     generated = {f"m.{a.module}": a.layer for a in plan.attention if a.path == gen_attention.GENERATED}
     if not generated:
         return [], None
-    shapes, rotary = set(), set()
+    shapes, rotary, seen = set(), set(), set()
     for node in graph.nodes:
         if node.op != "call_module" or node.target not in generated:
             continue
+        seen.add(node.target)
         module = gm.get_submodule(node.target)
         path, reason = gen_attention.attention_path(module, source_model(gm).config)
         if path != gen_attention.GENERATED:
@@ -98,6 +99,9 @@ def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: 
         node.op, node.target = "call_function", fiddlerc_attention
         node.args = (layer, kw["hidden_states"], kw["position_embeddings"], kw["attention_mask"], cache)
         node.kwargs = {}
+    if seen != set(generated):
+        missing = sorted(set(generated) - seen)[0][2:]
+        raise PlanError(f"the plan generates the attention of {missing}, which the model does not call: recompile")
     if len(shapes) != 1 or len(rotary) != 1:
         raise PlanError("the generated attention layers differ in shape or rotary function: recompile")
     sh = dict(next(iter(shapes)))

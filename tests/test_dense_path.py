@@ -160,3 +160,17 @@ def test_sdpa_causal_mask_is_used_only_for_a_prefill_from_an_empty_cache():
     assert causal_without_mask(1, 9) is False  # one query sees every key
     with pytest.raises(RuntimeError, match="needs an attention mask"):
         causal_without_mask(3, 9)  # SDPA would align its causal mask to the first key: wrong
+
+
+def test_a_plan_naming_an_attention_the_model_lacks_is_refused(model_dirs, tmp_path):
+    import json
+
+    from fiddlerc.errors import ArtifactError, PlanError
+
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    plan_file = tmp_path / "out" / "plan.json"
+    doc = json.loads(plan_file.read_text())
+    doc["attention"][0]["module"] = "model.layers.0.mlp"
+    plan_file.write_text(json.dumps(doc))
+    with pytest.raises((ArtifactError, PlanError), match="recompile"):
+        fiddlerc.load(tmp_path / "out", device="cpu")
