@@ -213,6 +213,10 @@ def bind_weights(
     def kernel_for(shape: tuple[int, int], dt: torch.dtype) -> str:
         return kernels.resolve(kernel_mode, shape, dt)
 
+    @functools.cache
+    def spread_for(shape: tuple[int, int], dt: torch.dtype, kernel: str) -> bool:
+        return kernels.spread_experts(shape, dt, kernel)
+
     def pick_kernel(w: torch.Tensor) -> str:
         return kernel_for(tuple(w.shape), w.dtype) if w.device.type == "cpu" and w.ndim == 2 else "reference"
 
@@ -263,6 +267,10 @@ def bind_weights(
             weights.append(w)
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
         module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer, fetch)
+        if fast.type == "cpu":
+            biggest = max(weights[0].matrices, key=lambda m: m.numel())
+            kernel = "packed" if biggest.is_mkldnn else "reference"
+            module.spread = spread_for(tuple(biggest.shape), biggest.dtype, kernel)
         layout.install(block, module)
         placed.append(module)
     dense = {}

@@ -174,3 +174,51 @@ def test_a_plan_naming_an_attention_the_model_lacks_is_refused(model_dirs, tmp_p
     plan_file.write_text(json.dumps(doc))
     with pytest.raises((ArtifactError, PlanError), match="recompile"):
         fiddlerc.load(tmp_path / "out", device="cpu")
+
+
+def _decode_logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [T-1, V] of a prompt of 1 token followed by T-1 single-token steps (the decode path)."""
+    cache, out = model.new_cache(), []
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            mask = torch.ones(1, t + 1, dtype=torch.long)
+            out.append(model._forward(ids[:, t : t + 1], cache, mask, torch.tensor([[t]]))[0, -1])
+    return torch.stack(out)
+
+
+def test_spreading_a_tokens_experts_over_both_threads_keeps_the_arithmetic(model_dirs, hf_model, tmp_path):
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        want = hf_model(src)(input_ids=ids).logits[0]
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as model:
+        assert not any(p.spread for p in model._placed)  # tiny weights: not measured, tiers as placed
+        by_tier = _decode_logits(model, ids)
+        submitted, worker = [], model._placed[0].worker  # one worker serves every layer
+        submit = worker.submit
+        worker.submit = lambda fn, *a: submitted.append(len(a[0])) or submit(fn, *a)
+        for p in model._placed:
+            p.spread = True
+        spread = _decode_logits(model, ids)
+    assert submitted == [1] * (ids.shape[1] * len(model._placed))  # one of the two picks, every layer and step
+    assert torch.equal(spread, by_tier)  # same kernels, same summation order
+    torch.testing.assert_close(spread, want, rtol=1e-5, atol=1e-5)
+
+
+def test_spread_is_measured_once_and_only_for_weights_worth_measuring(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake(shape, dtype, kernel):
+        calls.append((shape, kernel))
+        return {"serial": 100.0, "spread": 60.0 if kernel == "reference" else 99.0}
+
+    monkeypatch.setattr(kernels, "measure_spread", fake)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    shape = (1024, 1024)
+    assert kernels.spread_experts(shape, torch.float32, "reference") is True
+    assert kernels.spread_experts(shape, torch.float32, "packed") is False  # within noise: stay serial
+    assert kernels.spread_experts(shape, torch.float32, "reference") is True
+    assert calls == [(shape, "reference"), (shape, "packed")]
+    assert kernels.spread_experts((8, 8), torch.float32, "reference") is False and len(calls) == 2

@@ -138,6 +138,9 @@ class PlacedExperts(nn.Module):
         # once and leaves its CPU experts running; `finish(micro_batch)` returns their part later.
         self.deferred: int | None = None
         self._pending: dict[int, tuple] = {}
+        # CPU-only decode: spread a token's experts over the main thread and the worker whatever their
+        # tier (set by the loader where measured to pay: fiddlerc.runtime.kernels.spread_experts).
+        self.spread = False
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -293,23 +296,26 @@ class PlacedExperts(nn.Module):
     ) -> torch.Tensor:
         """Decode of one sequence on a CPU-only machine: the same arithmetic without the gather and
         scatter bookkeeping of a batch (a few dozen small ops per layer, comparable to the experts
-        themselves at this size). The cpu-tier experts still run on the worker, beside the others."""
+        themselves at this size). The cpu-tier experts run on the worker, beside the others; with
+        `spread`, every other pick does, whatever its tier (both tiers are this CPU). Either way the
+        results are summed in expert order."""
         if self.observer is not None:
             self.observer(self.layer, top_k_index.reshape(1, -1).to("cpu"))
         picks = sorted((e, slot) for slot, e in enumerate(top_k_index[0].tolist()))  # expert order, as HF sums
-        on_worker = [(e, slot) for e, slot in picks if self.on_cpu[e]]
+        on_worker = picks[1::2] if self.spread else [(e, slot) for e, slot in picks if self.on_cpu[e]]
         for e, _ in picks:
             self.expert_tokens[e] += 1
-        self.tokens_cpu += len(on_worker)
-        self.tokens_fast += len(picks) - len(on_worker)
+        n_cpu = sum(self.on_cpu[e] for e, _ in picks)  # routing stats count tiers, not threads
+        self.tokens_cpu += n_cpu
+        self.tokens_fast += len(picks) - n_cpu
         future = None
         if on_worker:
             jobs = [(e, hidden_states, top_k_weights[:, slot, None]) for e, slot in on_worker]
             future = self.worker.submit(self._run_cpu, jobs)
         outputs = {}
         for e, slot in picks:
-            if not self.on_cpu[e]:
-                with self._span(f"E{e} fast", tokens=1):
+            if (e, slot) not in on_worker:
+                with self._span(f"E{e} {'cpu' if self.on_cpu[e] else 'fast'}", tokens=1):
                     outputs[e] = self._expert(e, hidden_states, top_k_weights[:, slot, None])
         if future is not None:
             with self._span("wait for CPU"):
