@@ -34,6 +34,28 @@ class Speed:
 
 
 @dataclass
+class Startup:
+    """Load and a first forward pass that routes to every expert, against reading the weight files once.
+    Measured after the files were read (page cache warm for both) and after one earlier load on this
+    machine (kernel choices, measured once per machine, are cached)."""
+
+    read_files_s: float  # every safetensors file read once, start to end
+    load_s: float
+    first_pass_s: float  # a forward pass over a prompt
+    experts_touched: float  # fraction of (layer, expert) pairs that prompt was routed to
+    resident_bytes: int  # resident memory added by the load, the first pass, and one call of every expert
+    weight_bytes: int  # every weight, in the compute dtype
+
+    @property
+    def ratios(self) -> dict:
+        return {
+            "load_over_read": self.load_s / self.read_files_s,
+            "startup_over_read": (self.load_s + self.first_pass_s) / self.read_files_s,
+            "resident_over_weights": self.resident_bytes / self.weight_bytes,
+        }
+
+
+@dataclass
 class BenchResult:
     machine: dict
     workload: dict
@@ -42,6 +64,7 @@ class BenchResult:
     fiddlerc: Speed
     hf: Speed | None = None
     ratios: dict = field(default_factory=dict)
+    startup: Startup | None = None
 
     @property
     def roofline(self) -> dict:
@@ -55,7 +78,8 @@ class BenchResult:
         return out
 
     def to_json(self) -> str:
-        return json.dumps({**asdict(self), "roofline": self.roofline}, indent=1) + "\n"
+        extra = {"startup_ratios": self.startup.ratios} if self.startup is not None else {}
+        return json.dumps({**asdict(self), "roofline": self.roofline, **extra}, indent=1) + "\n"
 
 
 def read_bandwidth_gbps(device: torch.device, rounds: int = 5) -> float:
@@ -88,6 +112,62 @@ def decode_bytes_per_token(plan, position: int) -> int:
     return mem.dense_bytes + kv_per_token * position + experts
 
 
+def read_files_s(folder: Path) -> float:
+    """Seconds to read every safetensors file of a model folder once, in 64 MiB pieces."""
+    buf = bytearray(64 * 2**20)
+    t0 = time.perf_counter()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+@torch.no_grad()
+def _run_every_expert(model, dtype: torch.dtype) -> None:
+    """Call every expert of every MoE layer once (one token each), as a forward pass would that routes
+    to all of them: their weights (or packed copies) are then resident."""
+    for placed in model._placed:
+        n, k = placed.num_experts, min(2, placed.num_experts)
+        hidden = placed.weights[0].w_out.shape[0]
+        x = torch.zeros(n, hidden, dtype=dtype, device=placed.fast_device)
+        picks = (torch.arange(n)[:, None] + torch.arange(k)[None, :]) % n
+        placed(x, picks.to(placed.fast_device), torch.full((n, k), 1 / k, dtype=dtype, device=placed.fast_device))
+
+
+def measure_startup(out_dir: str | Path, device: torch.device, threads: int) -> Startup:
+    """Startup of the compiled model (see `Startup`); the model is closed again."""
+    from fiddlerc.loader import load
+
+    load(out_dir, device=str(device), num_threads=threads).close()  # caches this machine's kernel choices
+    gc.collect()
+    first = load(out_dir, device=str(device), num_threads=threads)
+    plan, folder, vocab = first.plan, first.artifact.folder.path, first.config.vocab_size
+    first.close()
+    del first
+    gc.collect()
+    read_s = read_files_s(Path(folder))
+    base = _rss()
+    t0 = time.perf_counter()
+    model = load(out_dir, device=str(device), num_threads=threads)
+    t1 = time.perf_counter()
+    ids = torch.randint(
+        3, max(4, vocab - 1), (1, min(64, plan.target.context_tokens)), generator=torch.Generator().manual_seed(1)
+    )
+    model(ids)
+    t2 = time.perf_counter()
+    layers = model.routing_stats()["layers"].values()
+    touched = sum(sum(1 for n in v["per_expert"] if n) for v in layers) / max(
+        1, sum(len(v["per_expert"]) for v in layers)
+    )
+    _run_every_expert(model, parse_dtype(plan.model.dtype))  # a prompt's routing rarely reaches them all
+    resident = _rss() - base
+    model.close()
+    mem = plan.memory
+    weights = mem.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    return Startup(read_s, t1 - t0, t2 - t1, touched, resident, weights)
+
+
 def _timed(run, rounds: int) -> list[float]:
     out = []
     for _ in range(rounds):
@@ -117,6 +197,8 @@ def bench(
     threads = threads or torch.get_num_threads()
     torch.set_num_threads(threads)
     dev = resolve_device(device)
+    startup = measure_startup(out_dir, dev, threads)
+    gc.collect()
     base = _rss()
     model = load(out_dir, device=str(dev), num_threads=threads)
     ours_rss = _rss() - base
@@ -186,6 +268,7 @@ def bench(
         decode_bytes_per_token=decode_bytes_per_token(plan, prompt_tokens + new_tokens // 2),
         fiddlerc=speeds["fiddlerc"],
         hf=speeds.get("hf"),
+        startup=startup,
     )
     if result.hf is not None:
         result.ratios = {
@@ -218,5 +301,15 @@ def bench_table(r: BenchResult) -> str:
         rows.append(
             f"fiddlerc / HF: decode {r.ratios['decode']:.2f}x, prefill {r.ratios['prefill']:.2f}x, "
             f"time to first token {r.ratios['time_to_first_token']:.2f}x"
+        )
+    if r.startup is not None:
+        st, ratios = r.startup, r.startup.ratios
+        rows.append(
+            f"startup: reading the weight files once {st.read_files_s:.2f} s; load {st.load_s:.2f} s "
+            f"({ratios['load_over_read']:.2f}x), + first pass {st.first_pass_s:.2f} s ({ratios['startup_over_read']:.2f}x)"
+        )
+        rows.append(
+            f"memory: resident after the first pass and one call of every expert {st.resident_bytes / 1e9:.2f} GB "
+            f"for {st.weight_bytes / 1e9:.2f} GB of weights ({ratios['resident_over_weights']:.2f}x)"
         )
     return "\n".join(rows) + "\n"

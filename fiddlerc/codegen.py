@@ -28,6 +28,7 @@ from fiddlerc.errors import PlanError, UnsupportedModelError
 from fiddlerc.options import format_size
 from fiddlerc.plan import CPU, Plan, verify_plan
 from fiddlerc.runtime import attention as gen_attention
+from fiddlerc.runtime import norms
 
 _HEADER_GLOBALS = {  # what fx-generated code may reference, and how module.py imports it
     "torch": "import torch",
@@ -292,13 +293,21 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
             if fact.get("device") != plan.placement(site.layer)[fact["expert"]]:
                 raise PlanError(f"graph and plan disagree on {node.name}: annotate the graph from the plan first")
     graph = _fold_moe_calls(gm)
+    norms.fuse(graph)
     _check_no_constants(graph)
     attention_method, rotary = _generated_attention(gm, graph, plan)
     code = graph.python_code(root_module="self")
     src = code.src
-    for name, value in code.globals.items():  # fx names the placeholder after its module
+    short = {}  # fx names a global function after its module: fiddlerc's own keep their plain names
+    for name, value in code.globals.items():
         if value is fiddlerc_attention:
             src = src.replace(f"= {name}(", "= self.attention(")
+        elif getattr(value, "__module__", "").startswith("fiddlerc.runtime.") and name != value.__name__:
+            if value.__name__ in code.globals:
+                raise UnsupportedModelError(f"generated code would bind {value.__name__!r} twice")
+            src = src.replace(f"= {name}(", f"= {value.__name__}(")
+            short[name] = value.__name__
+    code.globals.update({short[n]: code.globals.pop(n) for n in short})
     imports = []
     if attention_method:
         imports += [

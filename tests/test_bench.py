@@ -19,8 +19,13 @@ def test_bench_reports_both_models_and_their_ratios(model_dirs, tmp_path):
     ml = art.plan.moe_layers
     assert r.decode_bytes_per_token == decode_bytes_per_token(art.plan, 6 + 2)
     assert r.decode_bytes_per_token > art.plan.memory.dense_bytes + sum(m.top_k * m.bytes_per_expert for m in ml) - 1
+    st, mem = r.startup, art.plan.memory
+    assert min(st.read_files_s, st.load_s, st.first_pass_s) > 0
+    assert st.experts_touched == 1.0  # the first pass routed to every expert of every layer
+    assert st.weight_bytes == mem.dense_bytes + sum(m.num_experts * m.bytes_per_expert for m in ml)
+    assert st.ratios["startup_over_read"] == pytest.approx((st.load_s + st.first_pass_s) / st.read_files_s)
     doc = json.loads(r.to_json())
-    assert set(doc) >= {"machine", "workload", "read_gbps", "fiddlerc", "hf", "ratios", "roofline"}
+    assert set(doc) >= {"machine", "workload", "read_gbps", "fiddlerc", "hf", "ratios", "roofline", "startup_ratios"}
     assert doc["machine"]["threads"] == 1 and doc["workload"]["new_tokens"] == 4
 
 
@@ -31,6 +36,6 @@ def test_bench_cli_without_the_baseline_writes_json(model_dirs, tmp_path, capsys
     args = ["bench", str(tmp_path / "out"), "--prompt-tokens", "4", "--new-tokens", "3", "--rounds", "1", "--no-hf"]
     assert main([*args, "--threads", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
-    assert "fiddlerc" in out and "HF " not in out and "roofline" in out
+    assert "fiddlerc" in out and "HF " not in out and "roofline" in out and "startup: reading" in out
     doc = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert doc["hf"] is None and doc["ratios"] == {}

@@ -222,3 +222,28 @@ def test_spread_is_measured_once_and_only_for_weights_worth_measuring(monkeypatc
     assert kernels.spread_experts(shape, torch.float32, "reference") is True
     assert calls == [(shape, "reference"), (shape, "packed")]
     assert kernels.spread_experts((8, 8), torch.float32, "reference") is False and len(calls) == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("hidden", [48, 1000, 4096])
+def test_fused_rms_norm_is_bit_identical_to_hugging_face(dtype, hidden):
+    from transformers.models.mixtral.modeling_mixtral import MixtralRMSNorm
+
+    from fiddlerc.runtime.norms import rms_norm
+
+    g = torch.Generator().manual_seed(hidden)
+    hf = MixtralRMSNorm(hidden, eps=1e-6).to(dtype)
+    hf.weight.data = (torch.randn(hidden, generator=g) * 0.1 + 1).to(dtype)
+    x = (torch.randn(3, 5, hidden, generator=g) * 4).to(dtype)
+    assert torch.equal(rms_norm(x, hf.weight, 1e-6), hf(x))
+
+
+def test_codegen_fuses_every_rms_norm_it_recognises_and_leaves_others(model_dirs, tmp_path):
+    layers = fiddlerc.compile(
+        model_dirs("mixtral"), tmp_path / "m", gpu_memory="1GiB", context=64
+    ).plan.model.num_layers
+    text = (tmp_path / "m" / "module.py").read_text()
+    assert text.count("= rms_norm(") == 2 * layers + 1 and "rsqrt" not in text  # two per layer and the final one
+    fiddlerc.compile(model_dirs("qwen3_next"), tmp_path / "q", gpu_memory="1GiB", context=64)
+    text = (tmp_path / "q" / "module.py").read_text()
+    assert "= rms_norm(" not in text and "rsqrt" in text  # Gemma-style `1 + weight` norms are not this pattern
