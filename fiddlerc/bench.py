@@ -5,7 +5,9 @@ run, Hugging Face `generate`, alternating the two and taking medians (the machin
 noisy); resident memory each adds when loaded; and a memory-bandwidth probe with the same thread
 count, so decode speed is also stated as a fraction of the roofline: the bytes one decode step must
 read (dense weights, the KV cache so far, and k experts per MoE layer) over the time it takes,
-against the measured bandwidth. Prints a table and ratios, and writes everything as JSON.
+against the measured bandwidth. Startup is measured apart, in a fresh process (`Startup`): load and
+first pass against reading the weight files once, and resident memory after every expert ran against
+the weight bytes. Prints a table and ratios, and writes everything as JSON.
 """
 
 from __future__ import annotations
