@@ -44,6 +44,7 @@ from fiddlerc.runtime.experts import PlacedExperts
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
+from fiddlerc.runtime.host_memory import host_copy, huge_pages_available
 from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
@@ -178,9 +179,11 @@ def bind_weights(
     fast: torch.device,
     worker: CpuWorker,
     kernel_mode: str = "reference",
+    huge_pages: bool = False,
 ) -> tuple[list[PlacedExperts], dict[int, AttentionWeights]]:
     """Put every weight where the plan says, memory-mapped from safetensors (copied only to change device
-    or dtype, or to pack a CPU weight for the kernel `kernel_mode` picks: fiddlerc.runtime.kernels).
+    or dtype, to pack a CPU weight for the kernel `kernel_mode` picks: fiddlerc.runtime.kernels, or with
+    `huge_pages`, to move a CPU expert into huge-page host memory: fiddlerc.runtime.host_memory).
     Returns the placed experts and, per generated attention layer, its fused weights (which take the
     place of the Hugging Face attention module in `model`)."""
     dtype = parse_dtype(plan.model.dtype)
@@ -217,8 +220,19 @@ def bind_weights(
     def spread_for(shape: tuple[int, int], dt: torch.dtype, kernel: str) -> bool:
         return kernels.spread_experts(shape, dt, kernel)
 
-    def pick_kernel(w: torch.Tensor) -> str:
-        return kernel_for(tuple(w.shape), w.dtype) if w.device.type == "cpu" and w.ndim == 2 else "reference"
+    def place(w: torch.Tensor) -> torch.Tensor:
+        """A dense matrix as its kernel reads it: packed, or on the CPU in huge pages with `huge_pages`, or
+        as it is. The source's mapped pages are released when a copy was made."""
+        if w.device.type != "cpu" or w.ndim != 2:
+            return w
+        if kernel_for(tuple(w.shape), w.dtype) == "packed":
+            out = kernels.pack(w)
+        elif huge_pages:
+            out = host_copy(w)
+        else:
+            return w
+        reader.release(w)
+        return out
 
     buffers = dict(model.named_buffers())
     for name, src in sources.items():
@@ -256,14 +270,20 @@ def bind_weights(
         fetch = tuple(e.fetch_min_tokens for e in sorted(plan.experts, key=lambda e: e.expert) if e.layer == ml.layer)
         weights = []
         for e, dev in enumerate(plan.placement(ml.layer)):
-            w = layout.weights(block, e, parts, whole).to(devices[dev], dtype)
+            w = layout.weights(block, e, parts, whole)
             # Packed where it runs on the CPU and is never fetched. Under "auto", only beside a GPU: on a
             # CPU-only machine both tiers run at once, each on its own core, where MKL's single-threaded
             # matrix-vector product side by side measured as fast as packed (docs in runtime/kernels.py).
+            # Otherwise a CPU expert is copied into huge pages where `huge_pages` says so.
             alone = fast.type != "cpu" or kernel_mode == "packed"
-            stays_on_cpu = devices[dev].type == "cpu" and (fast.type == "cpu" or fetch[e] is None)
-            if alone and stays_on_cpu and all(pick_kernel(m) == "packed" for m in w.matrices):
-                w = w.packed(reader.release)
+            on_host = devices[dev].type == "cpu"
+            stays_on_cpu = on_host and (fast.type == "cpu" or fetch[e] is None)
+            if alone and stays_on_cpu and all(kernel_for(tuple(m.shape), dtype) == "packed" for m in w.matrices):
+                w = w.to(devices[dev], dtype).packed(reader.release)
+            elif on_host and huge_pages:
+                w = w.in_host_memory(dtype, reader.release)
+            else:
+                w = w.to(devices[dev], dtype)
             weights.append(w)
         on_cpu = tuple(dev == CPU for dev in plan.placement(ml.layer))
         module = PlacedExperts(weights, on_cpu, math, fast, worker, ml.layer, fetch)
@@ -276,10 +296,10 @@ def bind_weights(
     dense = {}
     for a in plan.attention:
         if a.path == GENERATED:
-            dense[a.layer] = fuse_attention(model.get_submodule(a.module), pick_kernel, reader.release)
+            dense[a.layer] = fuse_attention(model.get_submodule(a.module), place, reader.release)
             parent, _, leaf = a.module.rpartition(".")
             setattr(model.get_submodule(parent), leaf, dense[a.layer])
-    _pack_dense_linears(model, pick_kernel, reader.release)
+    _place_dense_linears(model, place)
     reader.close()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -289,22 +309,28 @@ def bind_weights(
     return placed, dense
 
 
-def _pack_dense_linears(model: nn.Module, pick_kernel, release) -> None:
-    """Swap each CPU `nn.Linear` whose weight the kernel choice packs for a PackedLinear. A weight that
-    another module shares (tied embeddings) stays as it is: its pages could not be released."""
+def _place_dense_linears(model: nn.Module, place) -> None:
+    """Give each CPU `nn.Linear` its weight as `place` returns it: packed (the module becomes a
+    PackedLinear), copied into huge pages, or as it is. A weight that another module shares (tied
+    embeddings) stays as it is: its pages could not be released."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[p.data_ptr()] = seen.get(p.data_ptr(), 0) + 1
     for name, module in list(model.named_modules()):
         if type(module) is not nn.Linear or module.weight.device.type == "meta":
             continue
-        w = module.weight
-        if seen.get(w.data_ptr(), 0) > 1 or pick_kernel(w) != "packed":
+        w = module.weight.detach()
+        if seen.get(w.data_ptr(), 0) > 1 or (placed := place(w)) is w:
             continue
-        packed = kernels.PackedLinear(w.detach(), None if module.bias is None else module.bias.detach())
-        release(w)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent), leaf, packed)
+        if placed.is_mkldnn:
+            parent, _, leaf = name.rpartition(".")
+            setattr(
+                model.get_submodule(parent),
+                leaf,
+                kernels.PackedLinear(placed, None if module.bias is None else module.bias.detach()),
+            )
+        else:
+            module.weight = nn.Parameter(placed, requires_grad=False)
 
 
 _ATTENTION = re.compile(r"\.layers\.(\d+)\.(?:[A-Za-z_]+\.)?(self_attn|attention|attn)$")
@@ -395,12 +421,17 @@ class CompiledModel:
         self.config = meta_model.config
         if device.type == "cuda":
             _check_gpu_memory(self.plan, device)
-        _check_host_memory(self.plan, device)
+        fits = _check_host_memory(self.plan, device)
+        # Huge pages for the CPU's weights where they fit (fiddlerc.runtime.host_memory); "reference" keeps
+        # them memory-mapped, as it promises.
+        huge_pages = fits and kernels != "reference" and huge_pages_available()
         self._worker = CpuWorker(num_threads)
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
         try:
-            self._placed, dense = bind_weights(meta_model, artifact.folder, self.plan, device, self._worker, kernels)
+            self._placed, dense = bind_weights(
+                meta_model, artifact.folder, self.plan, device, self._worker, kernels, huge_pages
+            )
         except BaseException:
             self._finalizer()
             raise
@@ -593,21 +624,25 @@ def available_host_memory() -> int | None:
     return None
 
 
-def _check_host_memory(plan: Plan, device: torch.device) -> None:
-    """Warn when the weights this run reads from host memory exceed what the host has free: they are
-    memory-mapped, so the run still works, paging from disk at disk speed."""
+def _check_host_memory(plan: Plan, device: torch.device) -> bool:
+    """Whether the weights this run reads from host memory fit in what the host has free (unknown: no).
+    Warns when they do not: they stay memory-mapped, so the run still works, paging from disk at disk speed."""
     mem = plan.memory
     need = mem.expert_bytes.get(CPU, 0)
     if device.type == "cpu":  # everything runs from host memory
         need = mem.dense_bytes + mem.kv_reserve_bytes + sum(mem.expert_bytes.values())
     free = available_host_memory()
-    if free is not None and need > free:
+    if free is None:
+        return False
+    if need > free:
         log.warning(
             "this run reads %s of weights from host memory but only %s is available: it will page from disk "
             "and run at disk speed; free memory, or recompile with a larger --gpu-memory (fewer CPU experts)",
             format_size(need),
             format_size(free),
         )
+        return False
+    return True
 
 
 def _as_ids(value) -> tuple[int, ...]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -151,6 +153,54 @@ def test_released_pages_read_back_the_same_values(model_dirs):
     reader.release(t)
     assert torch.equal(t, before)
     reader.close()
+
+
+def _mapping(ptr: int) -> tuple[str, int]:
+    """(file name or "", AnonHugePages kB) of the mapping of this process that holds address `ptr`."""
+    found, name, huge = False, "", 0
+    for line in open("/proc/self/smaps").read().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            if found:
+                break
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            found, name = lo <= ptr < hi, head[5] if len(head) > 5 else ""
+        elif found and head[0] == "AnonHugePages:":
+            huge = int(head[1])
+    assert found, f"no mapping holds {ptr:#x}"
+    return name, huge
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/smaps")
+def test_host_copy_is_exact_and_aligned_to_huge_pages():
+    from fiddlerc.runtime.host_memory import HUGE_PAGE, host_copy, huge_pages_available
+
+    t = torch.randn(1024, 1536)  # 6 MiB: three huge pages
+    c = host_copy(t)
+    assert torch.equal(c, t) and c.is_contiguous() and c.data_ptr() % HUGE_PAGE == 0
+    assert torch.equal(host_copy(t, torch.bfloat16), t.to(torch.bfloat16))
+    small = torch.randn(8, 8)
+    s = host_copy(small)
+    assert torch.equal(s, small) and s.data_ptr() != small.data_ptr()
+    if huge_pages_available():
+        assert _mapping(c.data_ptr())[1] > 0, "the kernel allows transparent huge pages but gave none"
+
+
+def test_cpu_experts_leave_the_file_mapping_except_under_reference(model_dirs, tmp_path, monkeypatch):
+    from fiddlerc import loader
+
+    monkeypatch.setattr(loader, "huge_pages_available", lambda: True)
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
+    ids, mask = _prompts()
+    logits = {}
+    for mode in ("reference", "auto"):
+        with fiddlerc.load(tmp_path / "out", device="cpu", kernels=mode) as model:
+            w = model._placed[0].weights[0].w_out
+            in_file = _mapping(w.data_ptr())[0].endswith(".safetensors")
+            assert in_file == (mode == "reference"), f"{mode}: expert weight memory-mapped: {in_file}"
+            logits[mode] = model(ids, attention_mask=mask)
+    assert torch.equal(logits["auto"], logits["reference"])  # a copy changes where a weight lies, not its values
 
 
 def test_sdpa_causal_mask_is_used_only_for_a_prefill_from_an_empty_cache():

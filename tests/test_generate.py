@@ -73,6 +73,18 @@ def test_bfloat16_compile_matches_hugging_face_bfloat16(model_dirs, hf_model, tm
     assert (got.float() - exact).abs().max() < 0.1
 
 
+def test_worker_runs_jobs_in_order_and_refuses_work_once_closed():
+    from fiddlerc.runtime.worker import CpuWorker
+
+    worker = CpuWorker(1)
+    order = []
+    jobs = [worker.submit(lambda i=i: order.append(i) or i * i) for i in range(6)]
+    assert [j.result() for j in jobs] == [0, 1, 4, 9, 16, 25] and order == list(range(6))
+    worker.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        worker.submit(print)
+
+
 def test_worker_exception_reaches_the_caller(model_dirs, tmp_path):
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=0)
     before = set(threading.enumerate())

@@ -17,8 +17,6 @@ import sys
 import torch
 from torch import nn
 
-from fiddlerc.runtime import kernels
-
 GENERATED, HF = "generated", "hf"
 # Attention classes whose forward is exactly: q/k/v projections, the modeling file's
 # `apply_rotary_pos_emb`, cache update, scaled dot-product attention with `module.scaling`, o projection.
@@ -88,9 +86,10 @@ class AttentionWeights(nn.Module):
         return f"qkv={tuple(self.qkv.shape)}, o={tuple(self.o.shape)}{packed}"
 
 
-def fuse(module: nn.Module, pick_kernel, release) -> AttentionWeights:
+def fuse(module: nn.Module, place, release) -> AttentionWeights:
     """The fused weights of a Hugging Face attention module of a generated kind: [q; k; v] rows copied
-    once (the originals' pages released), packed where the kernel choice says so."""
+    once (the originals' pages released), each matrix then as `place` gives it (the loader's choice:
+    packed for its kernel, or in huge-page host memory)."""
     q, k, v, o = (getattr(module, p) for p in _PROJ)
     qkv = torch.cat([q.weight, k.weight, v.weight]).detach()
     biases = [p.bias for p in (q, k, v)]
@@ -104,14 +103,8 @@ def fuse(module: nn.Module, pick_kernel, release) -> AttentionWeights:
         ).detach()
     for p in (q, k, v):
         release(p.weight)
-    o_w = o.weight.detach()
-    if pick_kernel(qkv) == "packed":
-        qkv = kernels.pack(qkv)
-    if pick_kernel(o_w) == "packed":
-        packed = kernels.pack(o_w)
-        release(o_w)
-        o_w = packed
-    return AttentionWeights(qkv, qkv_bias, o_w, None if o.bias is None else o.bias.detach())
+    o_w = place(o.weight.detach())
+    return AttentionWeights(place(qkv), qkv_bias, o_w, None if o.bias is None else o.bias.detach())
 
 
 def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from fiddlerc.runtime import kernels
+from fiddlerc.runtime.host_memory import host_copy
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -60,6 +61,21 @@ class ExpertWeights:
     @property
     def matrices(self) -> tuple[torch.Tensor, ...]:
         return (*self.w_in, self.w_out)
+
+    def in_host_memory(self, dtype: torch.dtype, release: Callable[[torch.Tensor], None]) -> ExpertWeights:
+        """A CPU copy in `dtype` with each matrix in huge-page host memory (fiddlerc.runtime.host_memory);
+        each original goes to `release` once copied. Biases are only converted."""
+
+        def copy(t: torch.Tensor) -> torch.Tensor:
+            c = host_copy(t, dtype)
+            release(t)
+            return c
+
+        def convert(b: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+            return None if b is None else tuple(t.to(dtype=dtype) for t in b)
+
+        b_out = None if self.b_out is None else self.b_out.to(dtype=dtype)
+        return ExpertWeights(tuple(copy(t) for t in self.w_in), convert(self.b_in), copy(self.w_out), b_out)
 
     def packed(self, release: Callable[[torch.Tensor], None]) -> ExpertWeights:
         """A copy with the matrices in oneDNN's packed layout (CPU, fiddlerc.runtime.kernels); each

@@ -30,13 +30,13 @@ import os
 import platform
 import statistics
 import time
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from fiddlerc.hardware import cache_dir, cpu_name
+from fiddlerc.runtime.worker import CpuWorker
 
 KERNELS = ("reference", "packed")
 MODES = ("auto", *KERNELS)  # what load(kernels=...) accepts
@@ -70,12 +70,12 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 class PackedLinear(nn.Module):
-    """Drop-in for a CPU `nn.Linear` whose weight was packed; keeps `weight`'s shape for code that reads it."""
+    """Drop-in for a CPU `nn.Linear` whose weight was packed (`pack`); keeps its shape for code that reads it."""
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None) -> None:
+    def __init__(self, packed: torch.Tensor, bias: torch.Tensor | None) -> None:
         super().__init__()
-        self.out_features, self.in_features = weight.shape
-        self.packed = pack(weight)
+        self.out_features, self.in_features = packed.shape
+        self.packed = packed
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -172,23 +172,25 @@ def measure_spread(shape: tuple[int, int], dtype: torch.dtype, kernel: str, roun
         weights = [pack(w) for w in weights]
     pairs = list(zip(weights[0::2], weights[1::2], strict=True))
     x = torch.randn(1, in_f, generator=gen).to(dtype)
-    threads = torch.get_num_threads()
-    with ThreadPoolExecutor(1, initializer=torch.set_num_threads, initargs=(threads,)) as other:
+    other = CpuWorker(torch.get_num_threads())
 
-        def serial(x, pair):
-            linear(x, pair[0])
-            linear(x, pair[1])
+    def serial(x, pair):
+        linear(x, pair[0])
+        linear(x, pair[1])
 
-        def spread(x, pair):
-            done = other.submit(linear, x, pair[1])
-            linear(x, pair[0])
-            done.result()
+    def spread(x, pair):
+        done = other.submit(linear, x, pair[1])
+        linear(x, pair[0])
+        done.result()
 
-        best: dict[str, float] = {}
+    best: dict[str, float] = {}
+    try:
         for _ in range(2):  # alternate, keep each one's best median
             for name, fn in (("serial", serial), ("spread", spread)):
                 us = _time(fn, pairs, x, rounds) * 1e6
                 best[name] = round(min(us, best.get(name, us)), 2)
+    finally:
+        other.close()
     return best
 
 
