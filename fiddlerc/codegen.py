@@ -79,7 +79,8 @@ def fiddlerc_attention(layer, hidden_states, position_embeddings, attention_mask
 
 def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: Plan) -> tuple[list[str], object]:
     """Point the calls of the plan's generated attention layers at `self.attention`; the method's code,
-    written with the numbers of those layers (which must agree), and the rotary function it calls."""
+    written with the numbers of those layers (which must agree), and the family's rotary function
+    where the method calls it (None where it rotates in its own code: `rotary_is_standard`)."""
     generated = {f"m.{a.module}": a.layer for a in plan.attention if a.path == gen_attention.GENERATED}
     if not generated:
         return [], None
@@ -103,11 +104,36 @@ def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: 
     if seen != set(generated):
         missing = sorted(set(generated) - seen)[0][2:]
         raise PlanError(f"the plan generates the attention of {missing}, which the model does not call: recompile")
+    if all(a.path == gen_attention.GENERATED for a in plan.attention):  # no layer needs transformers' mask at decode
+        for node in graph.nodes:
+            if (
+                node.op == "call_function"
+                and node.target is gen_attention.create_causal_mask
+                and {"attention_mask", "inputs_embeds"} <= set(node.kwargs)
+            ):
+                node.target = gen_attention.causal_mask
     if len(shapes) != 1 or len(rotary) != 1:
         raise PlanError("the generated attention layers differ in shape or rotary function: recompile")
     sh = dict(next(iter(shapes)))
     h, kvh, d, q, k, v = sh["heads"], sh["kv_heads"], sh["head_dim"], sh["q"], sh["k"], sh["v"]
     gqa = "" if h == kvh else ", enable_gqa=True"
+    rotary_fn = next(iter(rotary))
+    if gen_attention.rotary_is_standard(rotary_fn, source_model(gm), d):
+        rotate = [
+            f"        # rotary over queries and keys at once, with {rotary_fn.__module__.rsplit('.', 1)[-1]}.apply_rotary_pos_emb's",
+            "        # arithmetic (checked equal to the bit when this was generated), in fewer calls",
+            f"        qk = qkv[..., :{q + k}].view(b, t, {h + kvh}, {d})",
+            f"        qk = qk * cos[:, :, None] + torch.cat((-qk[..., {d // 2}:], qk[..., :{d // 2}]), dim=-1) * sin[:, :, None]",
+            f"        q = qk[:, :, :{h}].transpose(1, 2)",
+            f"        k = qk[:, :, {h}:].transpose(1, 2)",
+        ]
+        rotary_fn = None
+    else:
+        rotate = [
+            f"        q = qkv[..., :{q}].view(b, t, {h}, {d}).transpose(1, 2)",
+            f"        k = qkv[..., {q}:{q + k}].view(b, t, {kvh}, {d}).transpose(1, 2)",
+            "        q, k = apply_rotary_pos_emb(q, k, cos, sin)",
+        ]
     return [
         "    def attention(self, layer, hidden_states, position_embeddings, attention_mask, cache):",
         f'        """Generated attention: {h} query heads over {kvh} KV heads of {d}, rotary embeddings, one fused',
@@ -116,11 +142,9 @@ def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: 
         "        w = self.dense[layer]",
         "        b, t = hidden_states.shape[:2]",
         "        qkv = linear(hidden_states, w.qkv, w.qkv_bias)",
-        f"        q = qkv[..., :{q}].view(b, t, {h}, {d}).transpose(1, 2)",
-        f"        k = qkv[..., {q}:{q + k}].view(b, t, {kvh}, {d}).transpose(1, 2)",
-        f"        v = qkv[..., {q + k}:{q + k + v}].view(b, t, {kvh}, {d}).transpose(1, 2)",
         "        cos, sin = position_embeddings",
-        "        q, k = apply_rotary_pos_emb(q, k, cos, sin)",
+        *rotate,
+        f"        v = qkv[..., {q + k}:{q + k + v}].view(b, t, {kvh}, {d}).transpose(1, 2)",
         "        k, v = kv_append(cache, layer, k, v)",
         "        if attention_mask is None:",
         "            mask, causal = None, causal_without_mask(t, k.shape[2])",
@@ -130,7 +154,7 @@ def _generated_attention(gm: torch.fx.GraphModule, graph: torch.fx.Graph, plan: 
         f"            q, k, v, attn_mask=mask, is_causal=causal, scale={sh['scaling']!r}{gqa}",
         "        )",
         f"        return linear(out.transpose(1, 2).reshape(b, t, {q}), w.o, w.o_bias), None",
-    ], next(iter(rotary))
+    ], rotary_fn
 
 
 def _check_no_constants(graph: torch.fx.Graph) -> None:
@@ -313,8 +337,9 @@ def generate_module(gm: torch.fx.GraphModule, plan: Plan) -> str:
         imports += [
             "from fiddlerc.runtime.attention import causal_without_mask, kv_append",
             "from fiddlerc.runtime.kernels import linear",
-            _import_line("apply_rotary_pos_emb", rotary),
         ]
+        if rotary is not None:
+            imports.append(_import_line("apply_rotary_pos_emb", rotary))
     for name in sorted(code.globals):
         value = code.globals[name]
         if name == "__builtins__" or getattr(builtins, name, None) is value or value is fiddlerc_attention:

@@ -33,6 +33,7 @@ def test_generated_attention_equals_hugging_face(family, model_dirs, hf_model, t
     assert art.plan.attention and {a.path for a in art.plan.attention} == {"generated"}
     text = (tmp_path / "out" / "module.py").read_text()
     assert "def attention(self, layer" in text and "= self.attention(0," in text
+    assert "= causal_mask(" in text and "create_causal_mask(" not in text  # no mask built at decode
     ref = hf_model(src)
     ids, mask = _prompts()
     with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as model:
@@ -45,11 +46,42 @@ def test_generated_attention_equals_hugging_face(family, model_dirs, hf_model, t
         assert torch.equal(got_ids, hf_greedy(ref, ids, mask, 6))
 
 
+def test_standard_rotary_is_inlined_and_any_other_is_called():
+    from transformers.models.ernie4_5_moe import modeling_ernie4_5_moe
+    from transformers.models.mixtral import modeling_mixtral
+
+    from fiddlerc.runtime.attention import rotary_is_standard
+
+    def rotary(dim: int) -> torch.nn.Module:
+        m = torch.nn.Module()
+        m.register_buffer("inv_freq", torch.ones(dim // 2), persistent=False)
+        return m
+
+    standard = modeling_mixtral.apply_rotary_pos_emb
+    assert rotary_is_standard(standard, rotary(64), 64)
+    assert not rotary_is_standard(standard, rotary(32), 64)  # partial rotary: tables span half the head
+    assert not rotary_is_standard(modeling_ernie4_5_moe.apply_rotary_pos_emb, rotary(64), 64)  # interleaved
+
+    def upcast(q, k, cos, sin):  # the standard formula in fp32: equal in fp32 only
+        return tuple(x.to(q.dtype) for x in standard(q.float(), k.float(), cos.float(), sin.float()))
+
+    assert not rotary_is_standard(upcast, rotary(64), 64)
+
+
+@pytest.mark.parametrize("family,inlined", [("mixtral", True), ("ernie4_5_moe", False)])
+def test_module_rotates_in_its_own_code_only_for_the_standard_rotary(family, inlined, model_dirs, tmp_path):
+    fiddlerc.compile(model_dirs(family), tmp_path / "out", gpu_memory="1GiB", context=64)
+    text = (tmp_path / "out" / "module.py").read_text()
+    assert ("qk = qk * cos[:, :, None]" in text) == inlined
+    assert ("apply_rotary_pos_emb(q, k, cos, sin)" in text) != inlined
+
+
 def test_attention_kinds_not_generated_stay_hugging_face_and_say_why(model_dirs, tmp_path):
     art = fiddlerc.compile(model_dirs("qwen3_moe"), tmp_path / "out", gpu_memory="1GiB", context=64)
     assert {a.path for a in art.plan.attention} == {"hf"}
     assert all("not a kind fiddlerc generates" in a.reason for a in art.plan.attention)
-    assert "def attention(" not in (tmp_path / "out" / "module.py").read_text()
+    text = (tmp_path / "out" / "module.py").read_text()
+    assert "def attention(" not in text and "= causal_mask(" not in text  # Hugging Face's layers get its mask
     assert "Hugging Face module" in report_text(art.plan)
 
 
@@ -201,6 +233,18 @@ def test_cpu_experts_leave_the_file_mapping_except_under_reference(model_dirs, t
             assert in_file == (mode == "reference"), f"{mode}: expert weight memory-mapped: {in_file}"
             logits[mode] = model(ids, attention_mask=mask)
     assert torch.equal(logits["auto"], logits["reference"])  # a copy changes where a weight lies, not its values
+
+
+def test_decode_without_padding_builds_no_mask_and_everything_else_gets_transformers_mask(monkeypatch):
+    from fiddlerc.runtime import attention
+
+    calls = []
+    monkeypatch.setattr(attention, "create_causal_mask", lambda **kw: calls.append(kw) or "transformers' mask")
+    one, prompt, mask = torch.zeros(1, 1, 8), torch.zeros(1, 3, 8), torch.ones(1, 3, dtype=torch.long)
+    assert attention.causal_mask(inputs_embeds=one, attention_mask=None, cache=None) is None and not calls
+    assert attention.causal_mask(inputs_embeds=one, attention_mask=mask, cache=None) == "transformers' mask"
+    assert attention.causal_mask(inputs_embeds=prompt, attention_mask=None, cache=None) == "transformers' mask"
+    assert [c["inputs_embeds"].shape[1] for c in calls] == [1, 3] and calls[0]["attention_mask"] is mask
 
 
 def test_sdpa_causal_mask_is_used_only_for_a_prefill_from_an_empty_cache():

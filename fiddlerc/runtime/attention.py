@@ -16,6 +16,7 @@ import sys
 
 import torch
 from torch import nn
+from transformers.masking_utils import create_causal_mask
 
 GENERATED, HF = "generated", "hf"
 # Attention classes whose forward is exactly: q/k/v projections, the modeling file's
@@ -53,6 +54,33 @@ def rotary_function(module: nn.Module):
     """The modeling file's own `apply_rotary_pos_emb` (exactly the family's rotary arithmetic)."""
     fn = getattr(sys.modules.get(type(module).__module__), "apply_rotary_pos_emb", None)
     return fn if callable(fn) else None
+
+
+def rotary_is_standard(fn, model: nn.Module, head_dim: int) -> bool:
+    """Whether the family's `apply_rotary_pos_emb` is exactly `x * cos + rotate_half(x) * sin` over the
+    whole head (the model's rotary tables, `inv_freq`, span the head; the function is checked on seeded
+    random inputs, fp32 and bf16, to the bit): then the generated code rotates queries and keys in one
+    go, with the same elementwise operations (fewer calls); else it calls the family's function (Ernie
+    4.5 interleaves, a partial rotary rotates part of the head)."""
+    tables = [b for name, b in model.named_buffers() if name.rsplit(".", 1)[-1] == "inv_freq"]
+    if not tables or any(2 * t.shape[-1] != head_dim for t in tables):
+        return False
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = (torch.randn(2, n, 3, 8, generator=gen).to(dtype) for n in (4, 2))
+        cos, sin = (torch.randn(2, 3, 8, generator=gen).to(dtype) for _ in range(2))
+        try:
+            got = fn(q, k, cos, sin)
+        except Exception:  # noqa: BLE001 - any other signature is not the standard function
+            return False
+        c, s_ = cos[:, None], sin[:, None]
+        want = [x * c + torch.cat((-x[..., 4:], x[..., :4]), dim=-1) * s_ for x in (q, k)]
+        if not all(
+            isinstance(g, torch.Tensor) and g.dtype == w.dtype and torch.equal(g, w)
+            for g, w in zip(got, want, strict=True)
+        ):
+            return False
+    return True
 
 
 def shape_of(module: nn.Module) -> dict[str, int | float]:
@@ -122,6 +150,16 @@ def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torc
     lay.cumulative_length.add_(t)  # what Hugging Face's own code reads (get_seq_length)
     lay.fiddlerc_length = start + t
     return lay.keys[:, :, : start + t], lay.values[:, :, : start + t]
+
+
+def causal_mask(*args, **kwargs):
+    """transformers' `create_causal_mask`, except for one new token per row and no padding (no
+    attention mask given): there the generated attention needs no mask at all (its one query sees every
+    key of the filled cache prefix), and building one for the whole static cache took ~0.3 ms per token
+    here. Codegen calls this instead of transformers' only when every attention layer is generated."""
+    if kwargs.get("attention_mask") is None and kwargs["inputs_embeds"].shape[1] == 1:
+        return None
+    return create_causal_mask(*args, **kwargs)
 
 
 def causal_without_mask(t: int, length: int) -> bool:

@@ -74,6 +74,7 @@ def generate(
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     attention_mask = attention_mask.to(device=device, dtype=torch.long)
+    padded = not bool(attention_mask.all())  # without padding, decode steps pass no mask (see below)
     generator = torch.Generator().manual_seed(seed) if seed is not None else None
     eos = torch.tensor(list(eos_token_ids), dtype=input_ids.dtype, device=device)
 
@@ -94,7 +95,9 @@ def generate(
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
         position_ids = position_ids[:, -1:] + 1
-        logits = forward(token[:, None], cache, attention_mask, position_ids)[:, -1, :]
+        # No padding: the new token sees every cached one, which is what no mask means (and what spares the
+        # generated attention a mask per step: fiddlerc.runtime.attention.causal_mask).
+        logits = forward(token[:, None], cache, attention_mask if padded else None, position_ids)[:, -1, :]
     return out
 
 
