@@ -44,7 +44,7 @@ from fiddlerc.runtime.experts import PlacedExperts
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
-from fiddlerc.runtime.host_memory import host_copy, huge_pages_available
+from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
 from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
@@ -435,6 +435,7 @@ class CompiledModel:
         except BaseException:
             self._finalizer()
             raise
+        return_freed_heap()  # the copies binding made and dropped (dtype conversions, fused rows)
         self.hf_model = meta_model
         self.tracer: Tracer | None = None
         self._trace_path = Path(trace) if trace is not None else None

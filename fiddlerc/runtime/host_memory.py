@@ -17,6 +17,9 @@ pages from disk) and not under `kernels="reference"`, which promises the memory-
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
+import gc
 import mmap
 from pathlib import Path
 
@@ -50,3 +53,19 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     start = -raw.data_ptr() % HUGE_PAGE
     out = raw[start : start + nbytes].view(dtype).view(t.shape)
     return out.copy_(t)
+
+
+def return_freed_heap() -> None:
+    """Give the heap's free memory back to the kernel (glibc's `malloc_trim`; elsewhere nothing). Binding
+    weights frees many temporaries of a few MB (dtype conversions, concatenations) that glibc keeps in its
+    heap once its adaptive mmap threshold has grown past their size: measured here, 59 MB of the bf16 bench
+    model's 0.48 GB stayed resident for nothing. The garbage is collected first: the Hugging Face modules
+    whose weights were replaced sit in reference cycles until the collector runs."""
+    gc.collect()
+    name = ctypes.util.find_library("c")
+    try:
+        trim = ctypes.CDLL(name).malloc_trim if name else None
+    except (OSError, AttributeError):
+        trim = None
+    if trim is not None:
+        trim(0)
