@@ -666,8 +666,10 @@ def load(
     Chrome/Perfetto timeline of every call and write it there on `close()`.
 
     `kernels` picks the CPU matrix kernels (fiddlerc.runtime.kernels): "auto" measures, once per
-    weight shape on this machine, whether a packed copy is faster than the memory-mapped weight;
-    "reference" computes exactly as Hugging Face does; "packed" packs wherever this CPU can."""
+    weight shape on this machine, whether a packed copy is faster than the plain weight; "reference"
+    computes exactly as Hugging Face does, on the memory-mapped weights; "packed" packs wherever this
+    CPU can. Under "auto" and "packed" the CPU weights left plain move into huge pages where they fit
+    in memory (fiddlerc.runtime.host_memory)."""
     if kernels not in KERNEL_MODES:
         raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
     fast = resolve_device(device)
