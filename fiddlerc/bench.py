@@ -62,6 +62,21 @@ class Startup:
 
 
 @dataclass
+class ExpertKernel:
+    """One-token expert calls on the CPU as the runtime makes them (`expert_kernel`): bytes of expert
+    weights one pass over every CPU expert reads, and its median time."""
+
+    bytes_read: int
+    seconds: float
+    top_k: int
+    spread: bool  # a call's experts ran on the main thread and the CPU worker at once
+
+    @property
+    def gbps(self) -> float:
+        return self.bytes_read / self.seconds / 1e9
+
+
+@dataclass
 class BenchResult:
     machine: dict
     workload: dict
@@ -71,6 +86,7 @@ class BenchResult:
     hf: Speed | None = None
     ratios: dict = field(default_factory=dict)
     startup: Startup | None = None
+    experts: ExpertKernel | None = None  # None: no expert runs on the CPU
 
     @property
     def roofline(self) -> dict:
@@ -85,6 +101,8 @@ class BenchResult:
 
     def to_json(self) -> str:
         extra = {"startup_ratios": self.startup.ratios} if self.startup is not None else {}
+        if self.experts is not None:
+            extra["expert_kernel_of_read_bandwidth"] = self.experts.gbps / self.read_gbps
         return json.dumps({**asdict(self), "roofline": self.roofline, **extra}, indent=1) + "\n"
 
 
@@ -191,6 +209,43 @@ def measure_startup(out_dir: str | Path, device: torch.device, threads: int) -> 
     return Startup(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def expert_kernel(model, rounds: int = 5) -> ExpertKernel | None:
+    """Time one-token calls over every CPU expert of every layer (more weights than the caches), `top_k` at
+    a time, as the runtime makes them: on a CPU-only machine through the placed experts' decode path
+    (spread over the main thread and the CPU worker where the loader chose that), beside a GPU the CPU
+    worker's calls one after the other. Run after the timed generation: the calls count in routing_stats."""
+    k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
+    cpu_only = model.device.type == "cpu"
+    calls, nbytes = [], 0
+    for p in model._placed:
+        cpu = [e for e, w in enumerate(p.weights) if w.w_out.device.type == "cpu"]
+        for i in range(0, len(cpu), k):
+            picks = cpu[i : i + k]
+            calls.append((p, picks))
+            for e in picks:
+                w = p.weights[e]
+                nbytes += sum(
+                    t.numel() * t.element_size() for t in (*w.w_in, *(w.b_in or ()), w.w_out, w.b_out) if t is not None
+                )
+    if not calls:
+        return None
+    dtype = calls[0][0].weights[calls[0][1][0]].w_out.dtype
+    x = torch.randn(1, model.config.hidden_size).to(dtype)
+
+    def one_pass() -> None:
+        with torch.no_grad():
+            for p, picks in calls:
+                weights = torch.full((1, len(picks)), 1 / len(picks), dtype=dtype)
+                if cpu_only:
+                    p(x, torch.tensor([picks]), weights)
+                else:
+                    p._run_cpu([(e, x, weights[:, :1]) for e in picks])
+
+    one_pass()  # warm up
+    seconds = statistics.median(_timed(one_pass, rounds))
+    return ExpertKernel(nbytes, seconds, k, cpu_only and any(p.spread for p in model._placed))
+
+
 def _timed(run, rounds: int) -> list[float]:
     out = []
     for _ in range(rounds):
@@ -269,6 +324,7 @@ def bench(
             time_to_first_token_s=ttft,
             resident_bytes_added=ours_rss if name == "fiddlerc" else hf_rss,
         )
+    experts = expert_kernel(model)
     model.close()
     ref = runners = None
     gc.collect()
@@ -292,6 +348,7 @@ def bench(
         fiddlerc=speeds["fiddlerc"],
         hf=speeds.get("hf"),
         startup=startup,
+        experts=experts,
     )
     if result.hf is not None:
         result.ratios = {
@@ -324,6 +381,13 @@ def bench_table(r: BenchResult) -> str:
         rows.append(
             f"fiddlerc / HF: decode {r.ratios['decode']:.2f}x, prefill {r.ratios['prefill']:.2f}x, "
             f"time to first token {r.ratios['time_to_first_token']:.2f}x"
+        )
+    if r.experts is not None:
+        e = r.experts
+        how = "spread over the main thread and the CPU worker" if e.spread else "one after the other"
+        rows.append(
+            f"expert kernel at 1 token: {e.gbps:.1f} GB/s = {e.gbps / r.read_gbps:.0%} of the read bandwidth "
+            f"(every CPU expert, {e.top_k} per call, {how})"
         )
     if r.startup is not None:
         st, ratios = r.startup, r.startup.ratios

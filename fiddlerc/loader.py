@@ -182,8 +182,9 @@ def bind_weights(
     huge_pages: bool = False,
 ) -> tuple[list[PlacedExperts], dict[int, AttentionWeights]]:
     """Put every weight where the plan says, memory-mapped from safetensors (copied only to change device
-    or dtype, to pack a CPU weight for the kernel `kernel_mode` picks: fiddlerc.runtime.kernels, or with
-    `huge_pages`, to move a CPU expert into huge-page host memory: fiddlerc.runtime.host_memory).
+    or dtype, to fuse QKV rows, or to pack a CPU weight for the kernel `kernel_mode` picks:
+    fiddlerc.runtime.kernels). With `huge_pages`, the CPU matrices copied anyway land in huge pages
+    (fiddlerc.runtime.host_memory); a weight that needs no copy stays mapped.
     Returns the placed experts and, per generated attention layer, its fused weights (which take the
     place of the Hugging Face attention module in `model`)."""
     dtype = parse_dtype(plan.model.dtype)
@@ -221,13 +222,14 @@ def bind_weights(
         return kernels.spread_experts(shape, dt, kernel)
 
     def place(w: torch.Tensor) -> torch.Tensor:
-        """A dense matrix as its kernel reads it: packed, or on the CPU in huge pages with `huge_pages`, or
-        as it is. The source's mapped pages are released when a copy was made."""
+        """A dense matrix as its kernel reads it: packed; or, with `huge_pages`, a copy binding made (a dtype
+        conversion, fused rows) moved into huge pages; or as it is. Mapped source pages are released when
+        a copy was made."""
         if w.device.type != "cpu" or w.ndim != 2:
             return w
         if kernel_for(tuple(w.shape), w.dtype) == "packed":
             out = kernels.pack(w)
-        elif huge_pages:
+        elif huge_pages and not reader.maps(w):
             out = host_copy(w)
         else:
             return w
@@ -274,13 +276,13 @@ def bind_weights(
             # Packed where it runs on the CPU and is never fetched. Under "auto", only beside a GPU: on a
             # CPU-only machine both tiers run at once, each on its own core, where MKL's single-threaded
             # matrix-vector product side by side measured as fast as packed (docs in runtime/kernels.py).
-            # Otherwise a CPU expert is copied into huge pages where `huge_pages` says so.
+            # A CPU expert whose dtype changes is converted straight into huge pages with `huge_pages`.
             alone = fast.type != "cpu" or kernel_mode == "packed"
             on_host = devices[dev].type == "cpu"
             stays_on_cpu = on_host and (fast.type == "cpu" or fetch[e] is None)
             if alone and stays_on_cpu and all(kernel_for(tuple(m.shape), dtype) == "packed" for m in w.matrices):
                 w = w.to(devices[dev], dtype).packed(reader.release)
-            elif on_host and huge_pages:
+            elif on_host and huge_pages and any(m.dtype != dtype for m in w.matrices):
                 w = w.in_host_memory(dtype, reader.release)
             else:
                 w = w.to(devices[dev], dtype)
@@ -421,16 +423,13 @@ class CompiledModel:
         self.config = meta_model.config
         if device.type == "cuda":
             _check_gpu_memory(self.plan, device)
-        fits = _check_host_memory(self.plan, device)
-        # Huge pages for the CPU's weights where they fit (fiddlerc.runtime.host_memory); "reference" keeps
-        # them memory-mapped, as it promises.
-        huge_pages = fits and kernels != "reference" and huge_pages_available()
+        _check_host_memory(self.plan, device)
         self._worker = CpuWorker(num_threads)
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
         try:
             self._placed, dense = bind_weights(
-                meta_model, artifact.folder, self.plan, device, self._worker, kernels, huge_pages
+                meta_model, artifact.folder, self.plan, device, self._worker, kernels, huge_pages_available()
             )
         except BaseException:
             self._finalizer()
@@ -625,25 +624,21 @@ def available_host_memory() -> int | None:
     return None
 
 
-def _check_host_memory(plan: Plan, device: torch.device) -> bool:
-    """Whether the weights this run reads from host memory fit in what the host has free (unknown: no).
-    Warns when they do not: they stay memory-mapped, so the run still works, paging from disk at disk speed."""
+def _check_host_memory(plan: Plan, device: torch.device) -> None:
+    """Warn when the weights this run reads from host memory exceed what the host has free: they are
+    memory-mapped, so the run still works, paging from disk at disk speed."""
     mem = plan.memory
     need = mem.expert_bytes.get(CPU, 0)
     if device.type == "cpu":  # everything runs from host memory
         need = mem.dense_bytes + mem.kv_reserve_bytes + sum(mem.expert_bytes.values())
     free = available_host_memory()
-    if free is None:
-        return False
-    if need > free:
+    if free is not None and need > free:
         log.warning(
             "this run reads %s of weights from host memory but only %s is available: it will page from disk "
             "and run at disk speed; free memory, or recompile with a larger --gpu-memory (fewer CPU experts)",
             format_size(need),
             format_size(free),
         )
-        return False
-    return True
 
 
 def _as_ids(value) -> tuple[int, ...]:
@@ -668,8 +663,7 @@ def load(
     `kernels` picks the CPU matrix kernels (fiddlerc.runtime.kernels): "auto" measures, once per
     weight shape on this machine, whether a packed copy is faster than the plain weight; "reference"
     computes exactly as Hugging Face does, on the memory-mapped weights; "packed" packs wherever this
-    CPU can. Under "auto" and "packed" the CPU weights left plain move into huge pages where they fit
-    in memory (fiddlerc.runtime.host_memory)."""
+    CPU can."""
     if kernels not in KERNEL_MODES:
         raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
     fast = resolve_device(device)

@@ -442,20 +442,31 @@ class WeightReader:
         mm, _ = self._map(info.file)
         return torch.frombuffer(mm, dtype=dtype, count=numel, offset=info.offset).view(info.shape)
 
-    def release(self, t: torch.Tensor) -> None:
-        """Drop the resident pages that lie wholly inside `t`'s bytes (a view of one of these maps); a
-        later read faults them in again from the file, so this never changes a value."""
-        if not hasattr(mmap, "MADV_DONTNEED") or t.numel() == 0:
-            return
+    def maps(self, t: torch.Tensor) -> bool:
+        """Whether `t`'s bytes lie in one of these maps (a view of a file, not a copy)."""
+        return self._map_of(t) is not None
+
+    def _map_of(self, t: torch.Tensor) -> tuple[mmap.mmap, int, int, int] | None:
+        """(map, its address, first byte, end byte) of `t` in the map that holds it, if one does."""
+        if t.numel() == 0 or t.device.type != "cpu" or t.is_mkldnn:
+            return None
         begin = t.data_ptr()
         end = begin + (1 + sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True))) * t.element_size()
         for mm, base in self._maps.values():
             if base <= begin and end <= base + len(mm):
-                first = -(-(begin - base) // mmap.PAGESIZE) * mmap.PAGESIZE
-                last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
-                if last > first:
-                    mm.madvise(mmap.MADV_DONTNEED, first, last - first)
-                return
+                return mm, base, begin, end
+        return None
+
+    def release(self, t: torch.Tensor) -> None:
+        """Drop the resident pages that lie wholly inside `t`'s bytes (a view of one of these maps); a
+        later read faults them in again from the file, so this never changes a value."""
+        found = self._map_of(t) if hasattr(mmap, "MADV_DONTNEED") else None
+        if found is not None:
+            mm, base, begin, end = found
+            first = -(-(begin - base) // mmap.PAGESIZE) * mmap.PAGESIZE
+            last = (end - base) // mmap.PAGESIZE * mmap.PAGESIZE
+            if last > first:
+                mm.madvise(mmap.MADV_DONTNEED, first, last - first)
 
     def close(self) -> None:
         """Forget the maps; each is unmapped once no tensor views it any more."""

@@ -24,8 +24,12 @@ def test_bench_reports_both_models_and_their_ratios(model_dirs, tmp_path):
     assert st.experts_touched == 1.0  # the first pass routed to every expert of every layer
     assert st.weight_bytes == mem.dense_bytes + sum(m.num_experts * m.bytes_per_expert for m in ml)
     assert st.ratios["startup_over_read"] == pytest.approx((st.load_s + st.first_pass_s) / st.read_files_s)
+    # the expert kernel pass reads every expert once: each one's bytes as the plan counts them
+    assert r.experts.bytes_read == sum(m.num_experts * m.bytes_per_expert for m in ml)
+    assert r.experts.seconds > 0 and r.experts.top_k == 2
     doc = json.loads(r.to_json())
     assert set(doc) >= {"machine", "workload", "read_gbps", "fiddlerc", "hf", "ratios", "roofline", "startup_ratios"}
+    assert doc["expert_kernel_of_read_bandwidth"] == pytest.approx(r.experts.gbps / r.read_gbps)
     assert doc["machine"]["threads"] == 1 and doc["workload"]["new_tokens"] == 4
 
 
@@ -37,5 +41,6 @@ def test_bench_cli_without_the_baseline_writes_json(model_dirs, tmp_path, capsys
     assert main([*args, "--threads", "1", "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert "fiddlerc" in out and "HF " not in out and "roofline" in out and "reading the weight files once" in out
+    assert "expert kernel at 1 token" in out
     doc = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert doc["hf"] is None and doc["ratios"] == {}

@@ -218,21 +218,32 @@ def test_host_copy_is_exact_and_aligned_to_huge_pages():
         assert _mapping(c.data_ptr())[1] > 0, "the kernel allows transparent huge pages but gave none"
 
 
-def test_cpu_experts_leave_the_file_mapping_except_under_reference(model_dirs, tmp_path, monkeypatch):
+def test_weights_stay_mapped_unless_binding_copies_them(model_dirs, tmp_path, monkeypatch):
     from fiddlerc import loader
+    from fiddlerc.runtime import experts, host_memory
+
+    copies = []
+
+    def host_copy(t, dtype=None):
+        copies.append(tuple(t.shape))
+        return host_memory.host_copy(t, dtype)
 
     monkeypatch.setattr(loader, "huge_pages_available", lambda: True)
-    src = model_dirs("mixtral")
-    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
-    ids, mask = _prompts()
-    logits = {}
-    for mode in ("reference", "auto"):
-        with fiddlerc.load(tmp_path / "out", device="cpu", kernels=mode) as model:
+    monkeypatch.setattr(loader, "host_copy", host_copy)
+    monkeypatch.setattr(experts, "host_copy", host_copy)
+    src = model_dirs("mixtral")  # an fp32 checkpoint
+    for dtype, mapped in (("float32", True), ("bfloat16", False)):
+        copies.clear()
+        fiddlerc.compile(src, tmp_path / dtype, gpu_memory="1GiB", context=64, fast_experts=2, dtype=dtype)
+        with fiddlerc.load(tmp_path / dtype, device="cpu") as model:
             w = model._placed[0].weights[0].w_out
-            in_file = _mapping(w.data_ptr())[0].endswith(".safetensors")
-            assert in_file == (mode == "reference"), f"{mode}: expert weight memory-mapped: {in_file}"
-            logits[mode] = model(ids, attention_mask=mask)
-    assert torch.equal(logits["auto"], logits["reference"])  # a copy changes where a weight lies, not its values
+            assert _mapping(w.data_ptr())[0].endswith(".safetensors") == mapped, dtype
+            assert not _mapping(model._forward.dense[0].qkv.data_ptr())[0].endswith(".safetensors")  # fused rows
+            n_layers, n_experts = len(model._placed), model._placed[0].num_experts
+        # what binding copies goes through host_copy: the fused QKV rows; converted, also every expert matrix,
+        # the output projections and lm_head
+        want = n_layers if mapped else 3 * n_layers * n_experts + 2 * n_layers + 1
+        assert len(copies) == want, dtype
 
 
 def test_decode_without_padding_builds_no_mask_and_everything_else_gets_transformers_mask(monkeypatch):

@@ -9,8 +9,8 @@ per (shape, dtype, threads) on the machine that runs the model, over a pool of w
 the caches, and cached beside the calibration profiles.
 
 Kernels:
-- `reference`: `F.linear` on the weight as the loader bound it (memory-mapped, or copied into huge
-  pages: fiddlerc.runtime.host_memory). Exactly Hugging Face's arithmetic.
+- `reference`: `F.linear` on the weight as the loader bound it (memory-mapped, or where converted to
+  another dtype, in huge pages: fiddlerc.runtime.host_memory). Exactly Hugging Face's arithmetic.
 - `packed`: oneDNN's `_linear_pointwise` on a copy of the weight reordered for `PACK_TOKENS`-token
   calls (the layout inductor's CPU backend uses after freezing). Rounding differs from the
   reference within the dtype's tolerance. Not every CPU supports every dtype (bf16 needs AVX512 or
