@@ -221,20 +221,22 @@ def bind_weights(
     def spread_for(shape: tuple[int, int], dt: torch.dtype, kernel: str) -> bool:
         return kernels.spread_experts(shape, dt, kernel)
 
-    def place(w: torch.Tensor) -> torch.Tensor:
-        """A dense matrix as its kernel reads it: packed; or, with `huge_pages`, a copy binding made (a dtype
-        conversion, fused rows) moved into huge pages; or as it is. Mapped source pages are released when
-        a copy was made."""
+    def place(w: torch.Tensor) -> torch.Tensor | kernels.RowSplit:
+        """A dense matrix as its kernel reads it: row-split over this thread and the CPU worker where
+        `split_rows` (set once the experts are bound) says so, packed, or plain; with `huge_pages`, a copy
+        binding made (a dtype conversion, fused rows) moves into huge pages. Mapped source pages are
+        released when a copy was made."""
         if w.device.type != "cpu" or w.ndim != 2:
             return w
-        if kernel_for(tuple(w.shape), w.dtype) == "packed":
+        split = split_rows and w.numel() * w.element_size() >= kernels.MIN_AUTO_BYTES
+        out = w
+        if not split and kernel_for(tuple(w.shape), w.dtype) == "packed":
             out = kernels.pack(w)
         elif huge_pages and not reader.maps(w):
             out = host_copy(w)
-        else:
-            return w
-        reader.release(w)
-        return out
+        if out is not w:
+            reader.release(w)
+        return kernels.RowSplit(out, worker) if split else out
 
     buffers = dict(model.named_buffers())
     for name, src in sources.items():
@@ -295,6 +297,9 @@ def bind_weights(
             module.spread = spread_for(tuple(biggest.shape), biggest.dtype, kernel)
         layout.install(block, module)
         placed.append(module)
+    # CPU-only: where a token's experts spread over both threads (two one-token products at once beat one
+    # after the other), each big one-token dense product splits its rows over them too (kernels.RowSplit).
+    split_rows = fast.type == "cpu" and kernel_mode == "auto" and any(p.spread for p in placed)
     dense = {}
     for a in plan.attention:
         if a.path == GENERATED:
@@ -312,8 +317,8 @@ def bind_weights(
 
 
 def _place_dense_linears(model: nn.Module, place) -> None:
-    """Give each CPU `nn.Linear` its weight as `place` returns it: packed (the module becomes a
-    PackedLinear), copied into huge pages, or as it is. A weight that another module shares (tied
+    """Give each CPU `nn.Linear` its weight as `place` returns it: packed or row-split (the module becomes
+    a KernelLinear), copied into huge pages, or as it is. A weight that another module shares (tied
     embeddings) stays as it is: its pages could not be released."""
     seen: dict[int, int] = {}
     for _, p in model.named_parameters(remove_duplicate=False):
@@ -324,12 +329,12 @@ def _place_dense_linears(model: nn.Module, place) -> None:
         w = module.weight.detach()
         if seen.get(w.data_ptr(), 0) > 1 or (placed := place(w)) is w:
             continue
-        if placed.is_mkldnn:
+        if type(placed) is kernels.RowSplit or placed.is_mkldnn:
             parent, _, leaf = name.rpartition(".")
             setattr(
                 model.get_submodule(parent),
                 leaf,
-                kernels.PackedLinear(placed, None if module.bias is None else module.bias.detach()),
+                kernels.KernelLinear(placed, None if module.bias is None else module.bias.detach()),
             )
         else:
             module.weight = nn.Parameter(placed, requires_grad=False)

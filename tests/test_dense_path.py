@@ -146,7 +146,7 @@ def test_packed_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model
     ref = hf_model(src)
     ids, mask = _prompts()
     with fiddlerc.load(tmp_path / "out", device="cpu", kernels="packed") as model:
-        packed = [name for name, mod in model.hf_model.named_modules() if isinstance(mod, kernels.PackedLinear)]
+        packed = [name for name, mod in model.hf_model.named_modules() if isinstance(mod, kernels.KernelLinear)]
         assert packed, "lm_head and the dense projections are packed"
         assert all(w.is_mkldnn for p in model._placed for ew in p.weights for w in ew.matrices)
         assert all(d.qkv.is_mkldnn and d.o.is_mkldnn for d in model._forward.dense.values())
@@ -154,6 +154,48 @@ def test_packed_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model
             want = ref(input_ids=ids, attention_mask=mask).logits
         got = model(ids, attention_mask=mask)
         torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_split_product_equals_f_linear_within_rounding(dtype):
+    from fiddlerc.runtime.worker import CpuWorker
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 128, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
+    worker = CpuWorker(1)
+    try:
+        split = kernels.RowSplit(w, worker)
+        assert split.shape == w.shape and not split.is_mkldnn
+        shapes = ((1, 128), (1, 1, 128), (2, 3, 128))  # one token split; more run F.linear on the whole weight
+        for x in (torch.randn(*shape, generator=g).to(dtype) for shape in shapes):
+            for bias in (None, b):
+                # MKL's product takes another path for the last rows of a block: equal within rounding
+                torch.testing.assert_close(kernels.linear(x, split, bias), F.linear(x, w, bias))
+    finally:
+        worker.close()
+
+
+def test_cpu_only_decode_splits_dense_products_where_experts_spread(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "spread_experts", lambda shape, dtype, kernel: True)
+    monkeypatch.setattr(kernels, "MIN_AUTO_BYTES", 0)  # the test model's weights are small
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
+    ids = _prompts()[0][1:]
+
+    def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
+        cache, n = model.new_cache(), ids.shape[1]
+        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
+        for i, token in enumerate([5, 9, 2, 7]):
+            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
+        return out
+
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
+        want = decode_logits(ref)
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        dense = model._forward.dense.values()
+        assert all(type(d.qkv) is kernels.RowSplit and type(d.o) is kernels.RowSplit for d in dense)
+        assert type(model.hf_model.lm_head) is kernels.KernelLinear and "row-split" in repr(model.hf_model.lm_head)
+        for got, expected in zip(decode_logits(model), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_kernel_mode_is_refused(model_dirs, tmp_path):

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from fiddlerc.runtime import kernels
+
 GENERATED, HF = "generated", "hf"
 # Attention classes whose forward is exactly: q/k/v projections, the modeling file's
 # `apply_rotary_pos_emb`, cache update, scaled dot-product attention with `module.scaling`, o projection.
@@ -110,8 +112,8 @@ class AttentionWeights(nn.Module):
         raise RuntimeError("this layer's attention runs in the generated module.py (CompiledForward.attention)")
 
     def extra_repr(self) -> str:
-        packed = " (packed)" if self.qkv.is_mkldnn else ""
-        return f"qkv={tuple(self.qkv.shape)}, o={tuple(self.o.shape)}{packed}"
+        how = " (row-split)" if type(self.qkv) is kernels.RowSplit else " (packed)" if self.qkv.is_mkldnn else ""
+        return f"qkv={tuple(self.qkv.shape)}, o={tuple(self.o.shape)}{how}"
 
 
 def fuse(module: nn.Module, place, release) -> AttentionWeights:
