@@ -13,7 +13,7 @@ from fiddlerc.capture import capture
 from fiddlerc.codegen import generate_module
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile, load_profile
-from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, Artifact, load, make_manifest
+from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, SOURCES_FILE, Artifact, load, make_manifest
 from fiddlerc.model_io import (
     build_meta_model,
     checkpoint_dtype,
@@ -21,6 +21,7 @@ from fiddlerc.model_io import (
     open_config,
     open_model_folder,
     resolve_sources,
+    sources_to_json,
 )
 from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_gpu_memory, parse_size
 from fiddlerc.pipeline import initial_plan, run_passes
@@ -156,7 +157,7 @@ def compile(  # noqa: A001 - the verb users expect
         popularity=popularity,
         micro_batches=micro_batches,
     )
-    resolve_sources(model, folder)  # every weight present, right shape: fail now, not at load
+    sources_text = sources_to_json(resolve_sources(model, folder))  # every weight present, right shape: fail now
     gm = capture(model)
     plan = run_passes(gm, initial_plan(model, folder.config_json, compute_dtype, options), options)
     module_text = generate_module(gm, plan)
@@ -168,9 +169,10 @@ def compile(  # noqa: A001 - the verb users expect
     if out.resolve() == folder.path:
         raise OptionError("the output folder must not be the model folder: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = make_manifest(plan, plan_text, module_text, folder)
+    manifest = make_manifest(plan, plan_text, module_text, sources_text, folder)
     _write_atomic(out / PLAN_FILE, plan_text)
     _write_atomic(out / MODULE_FILE, module_text)
+    _write_atomic(out / SOURCES_FILE, sources_text)
     _write_atomic(out / REPORT_FILE, report_text(plan))
     _write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")  # last: marks completion
     log.info("compiled %s -> %s", folder.path, out)

@@ -32,6 +32,7 @@ from fiddlerc.model_io import (
     load_config,
     open_model_folder,
     resolve_sources,
+    sources_from_json,
 )
 from fiddlerc.options import format_size, parse_dtype
 from fiddlerc.pipeline import annotate_from_plan, config_sha256
@@ -52,6 +53,7 @@ from fiddlerc.runtime.worker import CpuWorker
 log = logging.getLogger(__name__)
 
 PLAN_FILE, MODULE_FILE, MANIFEST_FILE = "plan.json", "module.py", "manifest.json"
+SOURCES_FILE = "sources.json"  # where each weight is in the model folder (transformers' conversion rules, resolved)
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -64,11 +66,15 @@ def software_versions() -> dict[str, str]:
     return {"fiddlerc": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
 
 
-def make_manifest(plan: Plan, plan_text: str, module_text: str, folder: ModelFolder) -> dict:
+def make_manifest(plan: Plan, plan_text: str, module_text: str, sources_text: str, folder: ModelFolder) -> dict:
     return {
         "versions": software_versions(),
         "model_dir": str(folder.path),
-        "files": {PLAN_FILE: sha256_bytes(plan_text.encode()), MODULE_FILE: sha256_bytes(module_text.encode())},
+        "files": {
+            PLAN_FILE: sha256_bytes(plan_text.encode()),
+            MODULE_FILE: sha256_bytes(module_text.encode()),
+            SOURCES_FILE: sha256_bytes(sources_text.encode()),
+        },
         "weights": folder.fingerprint(),
         "hardware": None
         if plan.target.hardware is None
@@ -111,6 +117,7 @@ class Artifact:
     manifest: dict
     folder: ModelFolder
     module_text: str
+    sources: dict | None = None  # parameter name -> its Source in the model folder (sources.json)
 
 
 def _read(path: Path, what: str) -> bytes:
@@ -156,7 +163,11 @@ def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) ->
             f"{out / MODULE_FILE} differs from what this fiddlerc generates from plan.json (edited?); "
             "it was not run: recompile"
         )
-    return Artifact(out, plan, manifest, folder, module_text), meta_model
+    sources_bytes = _read(out / SOURCES_FILE, "the compiled folder is incomplete")
+    if sha256_bytes(sources_bytes) != files.get(SOURCES_FILE):
+        raise ArtifactError(f"{out / SOURCES_FILE} was changed after compiling (hash mismatch): recompile")
+    sources = sources_from_json(sources_bytes, meta_model, folder)
+    return Artifact(out, plan, manifest, folder, module_text, sources), meta_model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -180,6 +191,7 @@ def bind_weights(
     worker: CpuWorker,
     kernel_mode: str = "reference",
     huge_pages: bool = False,
+    sources: dict | None = None,
 ) -> tuple[list[PlacedExperts], dict[int, AttentionWeights]]:
     """Put every weight where the plan says, memory-mapped from safetensors (copied only to change device
     or dtype, to fuse QKV rows, or to pack a CPU weight for the kernel `kernel_mode` picks:
@@ -188,7 +200,7 @@ def bind_weights(
     Returns the placed experts and, per generated attention layer, its fused weights (which take the
     place of the Hugging Face attention module in `model`)."""
     dtype = parse_dtype(plan.model.dtype)
-    sources = resolve_sources(model, folder)
+    sources = sources if sources is not None else resolve_sources(model, folder)
     reader = WeightReader(folder)
     converted: dict[tuple[str, torch.device], torch.Tensor] = {}  # tied weights share one tensor
 
@@ -307,6 +319,11 @@ def bind_weights(
             parent, _, leaf = a.module.rpartition(".")
             setattr(model.get_submodule(parent), leaf, dense[a.layer])
     _place_dense_linears(model, place)
+    # Give back what binding copied and dropped (fused rows, conversions moved on): the collector runs only
+    # where dtype conversions were made, as the replaced Hugging Face modules holding them sit in cycles.
+    collect = any(t.device.type == "cpu" and not reader.maps(t) for t in converted.values())
+    converted.clear()
+    return_freed_heap(collect)
     reader.close()
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -434,12 +451,18 @@ class CompiledModel:
         self._lock = threading.Lock()
         try:
             self._placed, dense = bind_weights(
-                meta_model, artifact.folder, self.plan, device, self._worker, kernels, huge_pages_available()
+                meta_model,
+                artifact.folder,
+                self.plan,
+                device,
+                self._worker,
+                kernels,
+                huge_pages_available(),
+                artifact.sources,
             )
         except BaseException:
             self._finalizer()
             raise
-        return_freed_heap()  # the copies binding made and dropped (dtype conversions, fused rows)
         self.hf_model = meta_model
         self.tracer: Tracer | None = None
         self._trace_path = Path(trace) if trace is not None else None

@@ -23,7 +23,7 @@ def test_two_processes_give_identical_bytes(model_dirs, tmp_path):
         subprocess.run([sys.executable, "-c", _COMPILE, str(src), str(out)], check=True, env=env, capture_output=True)
         outs.append(out)
     names = sorted(p.name for p in outs[0].iterdir())
-    assert names == ["manifest.json", "module.py", "plan.json", "report.txt"]
+    assert names == ["manifest.json", "module.py", "plan.json", "report.txt", "sources.json"]
     for name in names:
         assert (outs[0] / name).read_bytes() == (outs[1] / name).read_bytes(), name
 

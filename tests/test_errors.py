@@ -148,6 +148,31 @@ def test_edited_plan_is_refused(artifact):
         fiddlerc.load(artifact, device="cpu")
 
 
+def test_edited_or_wrong_weight_sources_are_refused(artifact):
+    from fiddlerc.loader import MANIFEST_FILE, SOURCES_FILE, sha256_bytes
+
+    path = artifact / SOURCES_FILE
+    sources = json.loads(path.read_text())
+    a, b = sorted(n for n in sources if n.endswith("norm.weight"))[:2]
+    sources[a], sources[b] = sources[b], sources[a]  # two same-shaped weights swapped: a wrong model that runs
+    path.write_text(json.dumps(sources))
+    with pytest.raises(ArtifactError, match="sources.json was changed"):
+        fiddlerc.load(artifact, device="cpu")
+    # rehashed in the manifest, an entry naming a tensor the weights do not have is still refused
+    sources[a] = {"key": "no.such.tensor"}
+    path.write_text(json.dumps(sources))
+    manifest = json.loads((artifact / MANIFEST_FILE).read_text())
+    manifest["files"][SOURCES_FILE] = sha256_bytes(path.read_bytes())
+    (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="sources.json does not match"):
+        fiddlerc.load(artifact, device="cpu")
+    path.write_text("{not json")
+    manifest["files"][SOURCES_FILE] = sha256_bytes(path.read_bytes())
+    (artifact / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(ArtifactError, match="sources.json is corrupt"):
+        fiddlerc.load(artifact, device="cpu")
+
+
 def test_missing_manifest(artifact):
     (artifact / "manifest.json").unlink()
     with pytest.raises(ArtifactError, match="manifest.json is missing"):

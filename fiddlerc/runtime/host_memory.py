@@ -53,13 +53,15 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
     return out.copy_(t)
 
 
-def return_freed_heap() -> None:
+def return_freed_heap(collect: bool = True) -> None:
     """Give the heap's free memory back to the kernel (glibc's `malloc_trim`; elsewhere nothing). Binding
     weights frees many temporaries of a few MB (dtype conversions, concatenations) that glibc keeps in its
     heap once its adaptive mmap threshold has grown past their size: measured here, 59 MB of the bf16 bench
-    model's 0.48 GB stayed resident for nothing. The garbage is collected first: the Hugging Face modules
-    whose weights were replaced sit in reference cycles until the collector runs."""
-    gc.collect()
+    model's 0.48 GB stayed resident for nothing. With `collect`, the garbage is collected first (~0.15 s
+    with transformers loaded): Hugging Face modules whose weights were replaced sit in reference cycles
+    until the collector runs."""
+    if collect:
+        gc.collect()
     name = ctypes.util.find_library("c")
     try:
         trim = ctypes.CDLL(name).malloc_trim if name else None
