@@ -67,9 +67,12 @@ class RowSplit:
     """A CPU weight [out, in] whose one-token products are split by rows: the first half on the calling
     thread, the second on the CPU worker, at once, each with the one-thread matrix-vector product. For
     CPU-only decode where two such products side by side measured faster than one after the other
-    (`spread_experts`: MKL's fp32 product runs on one core). Measured in the bench model (fp32, 2 threads,
-    7 alternating rounds in one process): 31.7 ms per token with the attention projections packed,
-    30.8 plain, 29.9 split. Calls of more than one token run `F.linear` on the whole weight."""
+    (`spread_experts`: MKL's fp32 product runs on one core). Calls of more than one token run `F.linear` on
+    the whole weight. Measured in the bench model (fp32, 2 threads, 9 alternating rounds in one process,
+    attention projections and lm_head): decode 27.8 ms per token split vs 28.8 packed; the price is
+    prefill, which is compute-bound and where oneDNN's packed layout is faster: a 32-token prompt took
+    213 ms vs 190 packed. The weight is held once either way (a packed copy beside the mapped pages would
+    not be)."""
 
     is_mkldnn = False
 
