@@ -16,7 +16,6 @@ fresh memory in this VM dominating) for ~2% of decode speed.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import gc
 import mmap
 from pathlib import Path
@@ -62,10 +61,9 @@ def return_freed_heap(collect: bool = True) -> None:
     until the collector runs."""
     if collect:
         gc.collect()
-    name = ctypes.util.find_library("c")
     try:
-        trim = ctypes.CDLL(name).malloc_trim if name else None
-    except (OSError, AttributeError):
+        trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the symbols this process already has
+    except OSError:
         trim = None
     if trim is not None:
         trim(0)
