@@ -233,6 +233,8 @@ def bind_weights(
     def spread_for(shape: tuple[int, int], dt: torch.dtype, kernel: str) -> bool:
         return kernels.spread_experts(shape, dt, kernel)
 
+    split_rows = False  # decided once the experts are bound (below)
+
     def place(w: torch.Tensor) -> torch.Tensor | kernels.RowSplit:
         """A dense matrix as its kernel reads it: row-split over this thread and the CPU worker where
         `split_rows` (set once the experts are bound) says so, packed, or plain; with `huge_pages`, a copy
@@ -689,9 +691,9 @@ def load(
     Chrome/Perfetto timeline of every call and write it there on `close()`.
 
     `kernels` picks the CPU matrix kernels (fiddlerc.runtime.kernels): "auto" measures, once per
-    weight shape on this machine, whether a packed copy is faster than the plain weight; "reference"
-    computes exactly as Hugging Face does, on the memory-mapped weights; "packed" packs wherever this
-    CPU can."""
+    weight shape on this machine, whether a packed copy is faster than the plain weight (and on a
+    CPU-only machine whether one-token products split over two threads); "reference" computes exactly as
+    Hugging Face does; "packed" packs wherever this CPU can."""
     if kernels not in KERNEL_MODES:
         raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
     fast = resolve_device(device)
