@@ -3,7 +3,7 @@
 Experts that do not fit on the GPU run on the CPU; only activations cross the bus.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 from fiddlerc.api import compile, load  # noqa: E402
 from fiddlerc.errors import FiddlerError  # noqa: E402
