@@ -26,8 +26,8 @@ def main() -> None:
     args = ap.parse_args()
 
     import fiddlerc
-    from fiddlerc.bench import bench, bench_table
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.bench import bench, bench_table
+    from fiddlerc.tools.demo import write_model
 
     sys.path.insert(0, str(HERE))
     from bench_decode import bench_config

@@ -100,7 +100,7 @@ def main() -> None:
         return
 
     import fiddlerc
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
 
     torch.set_num_threads(args.threads)
     root = Path(args.dir)
@@ -168,9 +168,9 @@ def main() -> None:
         grown = m["peak_rss"] - m["rss_before"]
         print(f"{name}: {m['load_s']:.2f} s; peak RSS {m['peak_rss'] / 1e9:.2f} GB, of which {grown / 1e9:.2f} GB "
               f"({grown / weight_bytes:.2f}x weights) during load; after load {m['rss_after'] / 1e9:.2f} GB")  # fmt: skip
-    from fiddlerc.calibrate import calibrate
-    from fiddlerc.cost import predict_decode
-    from fiddlerc.simulate import Workload, simulate
+    from fiddlerc.compiler.cost import predict_decode
+    from fiddlerc.compiler.simulate import Workload, simulate
+    from fiddlerc.tools.calibrate import calibrate
 
     hidden = bench_config().hidden_size
     inter = art.plan.moe_layers[0].bytes_per_expert // (3 * hidden * 4)  # fp32, gated experts

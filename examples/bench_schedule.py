@@ -36,7 +36,7 @@ def main() -> None:
     args = ap.parse_args()
 
     import fiddlerc
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
 
     sys.path.insert(0, str(HERE))
     from bench_decode import bench_config

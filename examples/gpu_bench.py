@@ -34,8 +34,8 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, MixtralConfig
 
     import fiddlerc
-    from fiddlerc.bench import bench, bench_table
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.bench import bench, bench_table
+    from fiddlerc.tools.demo import write_model
 
     root = Path(args.dir)
     model_dir = root / f"mixtral-{args.layers}x{args.hidden}"

@@ -16,8 +16,8 @@ import statistics
 from pathlib import Path
 
 from fiddlerc.api import plan
+from fiddlerc.compiler.simulate import Workload, simulate
 from fiddlerc.hardware import load_profile
-from fiddlerc.simulate import Workload, simulate
 
 HERE = Path(__file__).resolve().parent
 CONFIG = HERE.parent / "tests" / "data" / "mixtral-8x7b-config.json"

@@ -9,25 +9,21 @@ import tempfile
 from dataclasses import replace
 from pathlib import Path
 
-from fiddlerc.capture import capture
-from fiddlerc.codegen import generate_module
+from fiddlerc.artifact import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, SOURCES_FILE, Artifact, make_manifest
+from fiddlerc.compiler.capture import capture
+from fiddlerc.compiler.codegen import generate_module
+from fiddlerc.compiler.options import CompileOptions, parse_gpu_memory
+from fiddlerc.compiler.pipeline import initial_plan, run_passes
+from fiddlerc.compiler.report import report_text
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile, load_profile
-from fiddlerc.loader import MANIFEST_FILE, MODULE_FILE, PLAN_FILE, SOURCES_FILE, Artifact, load, make_manifest
-from fiddlerc.model_io import (
-    build_meta_model,
-    checkpoint_dtype,
-    load_config,
-    open_config,
-    open_model_folder,
-    resolve_sources,
-    sources_to_json,
-)
-from fiddlerc.options import CompileOptions, dtype_name, parse_dtype, parse_gpu_memory, parse_size
-from fiddlerc.pipeline import initial_plan, run_passes
+from fiddlerc.loader import load
+from fiddlerc.model.folder import checkpoint_dtype, load_config, open_config, open_model_folder
+from fiddlerc.model.meta import build_meta_model
+from fiddlerc.model.weights import resolve_sources, sources_to_json
 from fiddlerc.plan import Plan, plan_to_json
 from fiddlerc.popularity import load_popularity
-from fiddlerc.report import report_text
+from fiddlerc.units import dtype_name, parse_dtype, parse_size
 
 __all__ = ["compile", "load", "plan"]
 
@@ -48,7 +44,7 @@ def _profile(hardware: str | Path | None, model, dtype) -> HardwareProfile | Non
         return None
     if str(hardware) != "auto":
         return load_profile(hardware)
-    from fiddlerc.calibrate import calibrate
+    from fiddlerc.tools.calibrate import calibrate
 
     hidden, inter = expert_shape(model, dtype)
     return calibrate(hidden, inter, dtype, config=model.config)[0]
@@ -56,7 +52,7 @@ def _profile(hardware: str | Path | None, model, dtype) -> HardwareProfile | Non
 
 def expert_shape(model, dtype) -> tuple[int, int]:
     """(hidden, intermediate) of the model's routed experts, from the first MoE block's weight bytes."""
-    from fiddlerc.families import find_layout
+    from fiddlerc.model.families import find_layout
 
     hidden = model.config.hidden_size
     for block in model.modules():

@@ -39,8 +39,8 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from fiddlerc.loader import verify_artifact
-    from fiddlerc.report import report_html, report_json, report_text
+    from fiddlerc.artifact import verify_artifact
+    from fiddlerc.compiler.report import report_html, report_json, report_text
 
     art, _ = verify_artifact(args.out, args.model)
     if args.format == "html":
@@ -89,7 +89,7 @@ def _generate_text(
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from fiddlerc.api import load
-    from fiddlerc.model_io import load_tokenizer
+    from fiddlerc.model.tokenizer import load_tokenizer
 
     model = load(args.out, device=args.device, model_dir=args.model, trace=args.trace)
     try:
@@ -111,9 +111,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_demo(args: argparse.Namespace) -> int:
     from fiddlerc.api import compile, load
-    from fiddlerc.demo import demo_config, write_model
-    from fiddlerc.model_io import load_tokenizer
-    from fiddlerc.report import report_text
+    from fiddlerc.compiler.report import report_text
+    from fiddlerc.model.tokenizer import load_tokenizer
+    from fiddlerc.tools.demo import demo_config, write_model
 
     root = Path(args.dir)
     model_dir, out_dir = root / "model", root / "compiled"
@@ -149,9 +149,9 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
         raise OptionError("plan needs CONFIG_OR_DIR and --gpu-memory (or --list-hardware)")
     from fiddlerc.api import plan
+    from fiddlerc.compiler.report import report_text
+    from fiddlerc.compiler.simulate import Workload, simulate
     from fiddlerc.hardware import load_profile
-    from fiddlerc.report import report_text
-    from fiddlerc.simulate import Workload, simulate
 
     p = plan(args.model, args.gpu_memory, **_planning_options(args))
     print(report_text(p), end="")
@@ -162,7 +162,7 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         print(f"wrote the simulated schedule to {args.trace} (open in https://ui.perfetto.dev)")
     busy = ", ".join(f"{name} {ms / 1000:.1f} s" for name, ms in run.busy_ms.items())
     if args.html:
-        from fiddlerc.report import report_html
+        from fiddlerc.compiler.report import report_html
 
         Path(args.html).write_text(report_html(p), encoding="utf-8")
         print(f"wrote {args.html}")
@@ -176,9 +176,10 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from fiddlerc.api import expert_shape
-    from fiddlerc.calibrate import calibrate
-    from fiddlerc.model_io import build_meta_model, checkpoint_dtype, load_config, open_config
-    from fiddlerc.options import parse_dtype
+    from fiddlerc.model.folder import checkpoint_dtype, load_config, open_config
+    from fiddlerc.model.meta import build_meta_model
+    from fiddlerc.tools.calibrate import calibrate
+    from fiddlerc.units import parse_dtype
 
     folder = open_config(args.model)
     config = load_config(folder)
@@ -195,7 +196,7 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
 
 
 def _cmd_profile(args: argparse.Namespace) -> int:
-    from fiddlerc.profiling import profile_model
+    from fiddlerc.tools.profiling import profile_model
 
     t0 = time.perf_counter()
     run = profile_model(
@@ -215,7 +216,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from fiddlerc.bench import bench, bench_table
+    from fiddlerc.tools.bench import bench, bench_table
 
     result = bench(
         args.out,
@@ -235,7 +236,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
 
 
 def _cmd_architectures(args: argparse.Namespace) -> int:
-    from fiddlerc.families import supported_text
+    from fiddlerc.model.families import supported_text
 
     print(supported_text())
     return 0

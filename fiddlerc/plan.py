@@ -65,7 +65,7 @@ class MoeLayer:
     layer: int
     block: str  # module path of the MoE block
     experts_module: str  # module path holding its routed experts (the block itself for some families)
-    layout: str  # how the block holds its experts (fiddlerc.families), e.g. "experts-interface"
+    layout: str  # how the block holds its experts (fiddlerc.model.families), e.g. "experts-interface"
     routing: str  # how the router picks experts, e.g. "softmax top-k"
     num_experts: int
     top_k: int
@@ -109,7 +109,7 @@ class Prediction:
     fast_expert_ms: float
     cpu_expert_ms: float
     position: int  # sequence position the prediction is for
-    # A simulated decode at that position (fiddlerc.simulate): ms per token and each resource's busy
+    # A simulated decode at that position (fiddlerc.compiler.simulate): ms per token and each resource's busy
     # ms per token (gpu, cpu, h2d, d2h); the report splits the time into GPU, CPU, transfers and idle.
     simulated_ms_per_token: float = 0.0
     busy_ms: dict[str, float] = field(default_factory=dict)

@@ -11,10 +11,11 @@ from __future__ import annotations
 import torch
 import torch.fx
 
-from fiddlerc.capture import source_model
+from fiddlerc.compiler.capture import source_model
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import BudgetError
-from fiddlerc.options import CompileOptions, format_size, parse_dtype
 from fiddlerc.plan import Memory, Plan
+from fiddlerc.units import format_size, parse_dtype
 
 from .find_experts import param_bytes
 

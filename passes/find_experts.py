@@ -11,12 +11,13 @@ import inspect
 import torch
 import torch.fx
 
-from fiddlerc.capture import META_KEY, moe_sites, source_model
+from fiddlerc.compiler.capture import META_KEY, moe_sites, source_model
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import UnsupportedModelError
-from fiddlerc.families import find_layout
-from fiddlerc.model_io import supported_names
-from fiddlerc.options import CompileOptions, parse_dtype
+from fiddlerc.model.families import find_layout
+from fiddlerc.model.folder import supported_names
 from fiddlerc.plan import MoeLayer, Plan
+from fiddlerc.units import parse_dtype
 
 
 def _top_k(block: torch.nn.Module, config) -> int:

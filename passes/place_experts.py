@@ -33,11 +33,12 @@ from typing import NamedTuple
 
 import torch.fx
 
-from fiddlerc.capture import META_KEY, moe_sites
-from fiddlerc.cost import CostModel
+from fiddlerc.compiler.capture import META_KEY, moe_sites
+from fiddlerc.compiler.cost import CostModel
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import BudgetError
-from fiddlerc.options import CompileOptions, format_size, parse_dtype
 from fiddlerc.plan import CPU, ExpertPlacement, Plan
+from fiddlerc.units import format_size, parse_dtype
 
 
 class Candidate(NamedTuple):

@@ -2,7 +2,7 @@
 copied to the GPU and computed there instead of on the CPU (a table lookup at run time).
 
 The per-layer choice minimises the layer's makespan `max(GPU total, CPU total)`, since both tiers
-run at once (`fiddlerc.cost.choose_layer`), not each expert's own time: fetching pays only while
+run at once (`fiddlerc.compiler.cost.choose_layer`), not each expert's own time: fetching pays only while
 the GPU is less busy than the CPU. For a call size n, the layer is priced as a prefill-like call in
 which every expert gets n tokens: the resident experts keep the GPU busy, and the policy picks how
 many of the cpu-tier experts to fetch. Expert r (in expert order among the layer's cpu-tier
@@ -25,9 +25,10 @@ from functools import cache
 
 import torch.fx
 
-from fiddlerc.cost import CostModel, choose_layer
-from fiddlerc.options import CompileOptions, parse_dtype
+from fiddlerc.compiler.cost import CostModel, choose_layer
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.plan import CPU, Plan
+from fiddlerc.units import parse_dtype
 
 MAX_TOKENS = 1 << 16  # a call larger than this is split anyway
 

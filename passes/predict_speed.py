@@ -12,10 +12,10 @@ from dataclasses import replace
 
 import torch.fx
 
-from fiddlerc.cost import predict_decode
-from fiddlerc.options import CompileOptions
+from fiddlerc.compiler.cost import predict_decode
+from fiddlerc.compiler.options import CompileOptions
+from fiddlerc.compiler.simulate import Workload, simulate
 from fiddlerc.plan import Plan, Prediction
-from fiddlerc.simulate import Workload, simulate
 
 SIM_STEPS = 32  # decode steps simulated for the plan's time split
 

@@ -28,11 +28,12 @@ from dataclasses import replace
 import networkx as nx
 import torch.fx
 
-from fiddlerc.capture import moe_sites
-from fiddlerc.cost import CostModel
+from fiddlerc.compiler.capture import moe_sites
+from fiddlerc.compiler.cost import CostModel
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import OptionError
-from fiddlerc.options import CompileOptions, parse_dtype
 from fiddlerc.plan import CPU, Plan
+from fiddlerc.units import parse_dtype
 
 
 def list_schedule(

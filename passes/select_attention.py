@@ -11,8 +11,8 @@ import re
 
 import torch.fx
 
-from fiddlerc.capture import META_KEY, is_token_mixer, source_model
-from fiddlerc.options import CompileOptions
+from fiddlerc.compiler.capture import META_KEY, is_token_mixer, source_model
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.plan import AttentionLayer, Plan
 from fiddlerc.runtime.attention import GENERATED, attention_path
 

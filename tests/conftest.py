@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fiddlerc.demo import write_model
+from fiddlerc.tools.demo import write_model
 
 VOCAB = 128
 

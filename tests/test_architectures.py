@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import fiddlerc
-from fiddlerc.families import VERIFIED
+from fiddlerc.model.families import VERIFIED
 from tests.conftest import VOCAB, hf_greedy, tiny_config
 
 FAMILIES = sorted(VERIFIED)
@@ -19,7 +19,7 @@ def test_every_verified_family_has_a_fixture():
 def test_readme_lists_the_registry():
     from pathlib import Path
 
-    from fiddlerc.families import supported_text
+    from fiddlerc.model.families import supported_text
 
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     block = readme.split("<!-- architectures:begin -->\n")[1].split("\n<!-- architectures:end -->")[0]

@@ -5,7 +5,7 @@ import json
 import pytest
 
 import fiddlerc
-from fiddlerc.bench import bench, decode_bytes_per_token
+from fiddlerc.tools.bench import bench, decode_bytes_per_token
 
 
 def test_bench_reports_both_models_and_their_ratios(model_dirs, tmp_path):

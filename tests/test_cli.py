@@ -10,7 +10,7 @@ from fiddlerc.cli import main
 
 @pytest.fixture(scope="module")
 def tiny_with_tokenizer(tmp_path_factory):
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
     from tests.conftest import tiny_config
 
     cfg = tiny_config("mixtral")

@@ -73,8 +73,8 @@ def test_hostile_plan_fields_never_reach_code(model_dirs, tmp_path):
 
 def test_reason_text_is_inert(model_dirs, tmp_path):
     """A valid-but-odd reason (no control characters) is data: regenerated module.py ignores it."""
-    from fiddlerc.loader import regenerate_module
-    from fiddlerc.model_io import open_model_folder
+    from fiddlerc.artifact import regenerate_module
+    from fiddlerc.model.folder import open_model_folder
     from fiddlerc.plan import plan_from_json
 
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)

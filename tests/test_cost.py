@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from fiddlerc.cost import CostModel, predict_decode
+from fiddlerc.compiler.cost import CostModel, predict_decode
 from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile
 from fiddlerc.plan import ExpertPlacement, Memory, ModelInfo, MoeLayer, Plan, Target
 
@@ -111,8 +111,8 @@ def test_compile_records_the_profile_and_its_prediction(model_dirs, tmp_path):
     import json
 
     import fiddlerc
+    from fiddlerc.compiler.report import report_text
     from fiddlerc.hardware import load_profile
-    from fiddlerc.report import report_text
 
     art = fiddlerc.compile(
         model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4, hardware="h100-server"
@@ -145,7 +145,7 @@ def test_verifier_checks_the_prediction():
 
 
 def test_roofline_fit_recovers_a_known_machine():
-    from fiddlerc.calibrate import TOKEN_COUNTS, fit_roofline
+    from fiddlerc.tools.calibrate import TOKEN_COUNTS, fit_roofline
 
     expert_bytes, flops = 3 * 1024 * 1024 * 4, 2 * 3 * 1024 * 1024
     bw, tput = 20.0, 0.05  # GB/s, TFLOP/s
@@ -155,8 +155,8 @@ def test_roofline_fit_recovers_a_known_machine():
 
 
 def test_calibration_is_cached(tmp_path, monkeypatch):
-    from fiddlerc import calibrate as cal
     from fiddlerc.hardware import load_profile
+    from fiddlerc.tools import calibrate as cal
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     monkeypatch.setattr(cal, "POOL_BYTES", 2**20)
@@ -179,9 +179,9 @@ def test_narrowed_configs_keep_the_family_and_fit_in_memory(name):
     import torch
     from transformers import AutoConfig
 
-    from fiddlerc.calibrate import narrow_config
-    from fiddlerc.capture import capture, moe_sites
-    from fiddlerc.model_io import build_meta_model
+    from fiddlerc.compiler.capture import capture, moe_sites
+    from fiddlerc.model.meta import build_meta_model
+    from fiddlerc.tools.calibrate import narrow_config
 
     full = AutoConfig.from_pretrained(Path(__file__).parent / "data" / f"{name}-config.json")
     small = narrow_config(full, 5)
@@ -197,7 +197,7 @@ def test_overheads_are_measured_on_the_runtime_and_fall_back_for_other_families(
     import torch
     from transformers import LlamaConfig
 
-    from fiddlerc.calibrate import measure_overheads
+    from fiddlerc.tools.calibrate import measure_overheads
     from tests.conftest import tiny_config
 
     layer_ms, step_ms, what = measure_overheads(tiny_config("qwen2_moe"), torch.float32, "cpu", 1)
@@ -208,7 +208,7 @@ def test_overheads_are_measured_on_the_runtime_and_fall_back_for_other_families(
 
 
 def test_layer_policy_minimises_the_makespan_by_hand():
-    from fiddlerc.cost import choose_layer
+    from fiddlerc.compiler.cost import choose_layer
 
     m = CostModel(profile())
     # three identical non-resident experts: CPU 10 ms each, fetch + GPU 4 ms each
@@ -304,15 +304,15 @@ def test_loading_warns_when_host_memory_is_short(model_dirs, tmp_path, monkeypat
     import logging
 
     import fiddlerc
-    from fiddlerc import loader
+    from fiddlerc.loader import devices as loader
 
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
     monkeypatch.setattr(loader, "available_host_memory", lambda: 1000)
-    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader"):
+    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader.devices"):
         fiddlerc.load(tmp_path / "out", device="cpu").close()
     assert "will page from disk" in caplog.text
     caplog.clear()
     monkeypatch.setattr(loader, "available_host_memory", lambda: 2**40)
-    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader"):
+    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader.devices"):
         fiddlerc.load(tmp_path / "out", device="cpu").close()
     assert "page from disk" not in caplog.text

@@ -9,9 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import fiddlerc
+from fiddlerc.compiler.report import report_text
 from fiddlerc.errors import OptionError
-from fiddlerc.model_io import WeightReader, open_model_folder
-from fiddlerc.report import report_text
+from fiddlerc.model.folder import open_model_folder
+from fiddlerc.model.weights import WeightReader
 from fiddlerc.runtime import kernels
 from tests.conftest import VOCAB, hf_greedy
 
@@ -261,7 +262,7 @@ def test_host_copy_is_exact_and_aligned_to_huge_pages():
 
 
 def test_weights_stay_mapped_unless_binding_copies_them(model_dirs, tmp_path, monkeypatch):
-    from fiddlerc import loader
+    from fiddlerc.loader import bind as loader
     from fiddlerc.runtime import experts, host_memory
 
     copies = []
@@ -270,7 +271,7 @@ def test_weights_stay_mapped_unless_binding_copies_them(model_dirs, tmp_path, mo
         copies.append(tuple(t.shape))
         return host_memory.host_copy(t, dtype)
 
-    monkeypatch.setattr(loader, "huge_pages_available", lambda: True)
+    monkeypatch.setattr("fiddlerc.loader.model.huge_pages_available", lambda: True)
     monkeypatch.setattr(loader, "host_copy", host_copy)
     monkeypatch.setattr(experts, "host_copy", host_copy)
     src = model_dirs("mixtral")  # an fp32 checkpoint

@@ -149,7 +149,7 @@ def test_edited_plan_is_refused(artifact):
 
 
 def test_edited_or_wrong_weight_sources_are_refused(artifact):
-    from fiddlerc.loader import MANIFEST_FILE, SOURCES_FILE, sha256_bytes
+    from fiddlerc.artifact import MANIFEST_FILE, SOURCES_FILE, sha256_bytes
 
     path = artifact / SOURCES_FILE
     sources = json.loads(path.read_text())
@@ -257,7 +257,7 @@ def test_remote_code_is_never_run(model_copy, tmp_path):
 
 def test_dense_model_exits_2_from_the_cli(tmp_path, capsys):
     from fiddlerc.cli import main
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
     from tests.conftest import tiny_config
 
     src = write_model(tiny_config("llama"), tmp_path / "llama")

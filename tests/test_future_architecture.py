@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 import fiddlerc
-from fiddlerc.demo import write_model
+from fiddlerc.tools.demo import write_model
 from tests.conftest import VOCAB, hf_greedy
 
 

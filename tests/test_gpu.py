@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import fiddlerc
-from fiddlerc.families import VERIFIED
+from fiddlerc.model.families import VERIFIED
 from tests.conftest import VOCAB, hf_greedy
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]

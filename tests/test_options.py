@@ -1,7 +1,8 @@
 import pytest
 
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import OptionError
-from fiddlerc.options import CompileOptions, parse_size
+from fiddlerc.units import parse_size
 
 
 @pytest.mark.parametrize(

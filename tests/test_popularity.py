@@ -25,7 +25,7 @@ def biased(tmp_path_factory):
     makes one expert per MoE layer win every token, with a byte tokenizer; and a data file."""
     from transformers import AutoModelForCausalLM
 
-    from fiddlerc.demo import byte_tokenizer
+    from fiddlerc.tools.demo import byte_tokenizer
     from tests.conftest import tiny_config
 
     root = tmp_path_factory.mktemp("biased")
@@ -49,7 +49,7 @@ def hand_count(model_dir, data):
     """Hugging Face's own routing: the top-k indices its experts modules are called with."""
     from transformers import AutoModelForCausalLM
 
-    from fiddlerc.model_io import load_tokenizer
+    from fiddlerc.model.tokenizer import load_tokenizer
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     counts = {layer: [0] * 8 for layer in FAVOURITE}
@@ -71,7 +71,7 @@ def hand_count(model_dir, data):
 
 
 def test_profile_counts_equal_a_hand_count(biased, tmp_path):
-    from fiddlerc.profiling import profile_model
+    from fiddlerc.tools.profiling import profile_model
 
     model_dir, data = biased
     run = profile_model(model_dir, data, tmp_path / "p.json", progress=False)
@@ -97,7 +97,7 @@ def test_profile_counts_equal_a_hand_count(biased, tmp_path):
 
 
 def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
-    from fiddlerc.profiling import profile_model
+    from fiddlerc.tools.profiling import profile_model
 
     model_dir, data = biased
     doc = json.loads(profile_model(model_dir, data, tmp_path / "p.json", decode_tokens=3).path.read_text())
@@ -115,8 +115,8 @@ def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
 
 
 def test_ctrl_c_keeps_what_was_counted(biased, tmp_path, monkeypatch):
-    from fiddlerc import loader
     from fiddlerc.cli import main
+    from fiddlerc.loader import model as loader
 
     model_dir, data = biased
     calls = []
@@ -137,7 +137,7 @@ def test_ctrl_c_keeps_what_was_counted(biased, tmp_path, monkeypatch):
 
 def test_placement_moves_the_popular_experts_to_the_gpu(biased, tmp_path):
     import fiddlerc
-    from fiddlerc.profiling import profile_model
+    from fiddlerc.tools.profiling import profile_model
 
     model_dir, data = biased
     pop = profile_model(model_dir, data, tmp_path / "p.json").path

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import fiddlerc
-from fiddlerc.quant import dequantize_mxfp4
+from fiddlerc.model.quant import dequantize_mxfp4
 from tests.conftest import VOCAB, tiny_config
 
 
@@ -46,7 +46,7 @@ def mxfp4_gpt_oss(tmp_path_factory):
     from transformers import AutoModelForCausalLM
     from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
 
     root = tmp_path_factory.mktemp("mxfp4")
     cfg = tiny_config("gpt_oss")

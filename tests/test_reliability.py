@@ -16,8 +16,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import fiddlerc
+from fiddlerc.artifact import read_manifest
 from fiddlerc.errors import ArtifactError, FiddlerError, ModelFolderError, OptionError, PlanError
-from fiddlerc.loader import read_manifest
 from fiddlerc.plan import plan_from_json
 from tests.conftest import VOCAB
 
@@ -133,7 +133,7 @@ def test_two_threads_generating_at_once(artifact):
 
 
 def test_ctrl_c_during_run_exits_130_quickly(model_dirs, tmp_path):
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
     from tests.conftest import tiny_config
 
     cfg = tiny_config("mixtral")
@@ -206,8 +206,8 @@ _PAYLOAD = "__import__('os').system('echo pwned')"
 @given(st.sampled_from(["reason", "device"]), st.text(max_size=12))
 def test_hostile_strings_never_reach_the_module(artifact, model_dirs, field, junk):
     """Codegen fuzz: a plan whose strings carry code either fails verification or leaves no trace in module.py."""
-    from fiddlerc.loader import regenerate_module
-    from fiddlerc.model_io import open_model_folder
+    from fiddlerc.artifact import regenerate_module
+    from fiddlerc.model.folder import open_model_folder
 
     data = json.loads((artifact / "plan.json").read_text())
     data["experts"][0][field] = junk + _PAYLOAD

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 from fiddlerc.api import plan as plan_model
-from fiddlerc.report import report_html, report_text, time_split
+from fiddlerc.compiler.report import report_html, report_text, time_split
 
 MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
 HISTORY = (

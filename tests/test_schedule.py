@@ -8,7 +8,7 @@ import torch
 
 import fiddlerc
 from fiddlerc.errors import OptionError
-from fiddlerc.families import VERIFIED
+from fiddlerc.model.families import VERIFIED
 from fiddlerc.passes.schedule_overlap import list_schedule
 from tests.conftest import VOCAB, hf_greedy, tiny_config
 
@@ -43,7 +43,7 @@ def test_the_cost_model_picks_micro_batches_only_where_they_pay():
 
 
 def compile_micro(arch, tmp_path, batch=4, micro=2):
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
 
     src = write_model(tiny_config(arch), tmp_path / arch, seed=0, router_scale=8.0)
     probe = fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64)

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from fiddlerc.cost import CostModel, predict_decode
+from fiddlerc.compiler.cost import CostModel, predict_decode
+from fiddlerc.compiler.simulate import Timeline, Workload, simulate
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import load_profile
-from fiddlerc.simulate import Timeline, Workload, simulate
 from tests.test_cost import CPU_, GPU, plan, profile
 
 ROW = 0.0002  # ms to copy one activation row either way

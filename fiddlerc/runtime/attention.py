@@ -3,7 +3,7 @@
 Hugging Face's attention modules are general (any cache, any attention backend, output of weights)
 and allocate as they go (a dynamic cache concatenates every step). For the common kind, grouped-query
 attention with rotary embeddings and plain q/k/v/o projections, the generated module.py carries
-its own `attention` method instead (fiddlerc.codegen writes it): one fused QKV projection, the
+its own `attention` method instead (fiddlerc.compiler.codegen writes it): one fused QKV projection, the
 family's own rotary function, keys and values written in place into a static cache
 (transformers' `StaticCache`, sized for the compiled context), SDPA over the filled prefix only.
 Any other kind stays a call of Hugging Face's module (the fallback); the plan records which path each

@@ -3,7 +3,7 @@
 The runtime records what each thread does (`Tracer.span`): the main thread drives the fast device
 (attention, resident and fetched experts, the routing sync, the combine), the CPU worker runs the
 cpu-tier experts, and activation and weight copies get a track of their own. The simulator writes
-the same format for a predicted schedule (`fiddlerc.simulate.Simulation.trace_json`), so measured
+the same format for a predicted schedule (`fiddlerc.compiler.simulate.Simulation.trace_json`), so measured
 and predicted timelines open side by side in https://ui.perfetto.dev or chrome://tracing.
 
 Times are host wall-clock. On a CUDA device, slices on the main track measure issue time unless the

@@ -1,13 +1,14 @@
 import pytest
 import torch
 
-from fiddlerc.capture import capture
+from fiddlerc.compiler.capture import capture
+from fiddlerc.compiler.options import CompileOptions
+from fiddlerc.compiler.pipeline import initial_plan
 from fiddlerc.errors import BudgetError
-from fiddlerc.model_io import build_meta_model, load_config, open_model_folder
-from fiddlerc.options import CompileOptions
+from fiddlerc.model.folder import load_config, open_model_folder
+from fiddlerc.model.meta import build_meta_model
 from fiddlerc.passes.account_memory import account_memory, kv_bytes_per_token
 from fiddlerc.passes.find_experts import find_experts
-from fiddlerc.pipeline import initial_plan
 
 
 def _captured(path):

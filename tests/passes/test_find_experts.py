@@ -1,12 +1,13 @@
 import pytest
 import torch
 
-from fiddlerc.capture import META_KEY, capture, moe_sites
+from fiddlerc.compiler.capture import META_KEY, capture, moe_sites
+from fiddlerc.compiler.options import CompileOptions
+from fiddlerc.compiler.pipeline import initial_plan
 from fiddlerc.errors import UnsupportedModelError
-from fiddlerc.model_io import build_meta_model, load_config, open_model_folder
-from fiddlerc.options import CompileOptions
+from fiddlerc.model.folder import load_config, open_model_folder
+from fiddlerc.model.meta import build_meta_model
 from fiddlerc.passes.find_experts import find_experts
-from fiddlerc.pipeline import initial_plan
 
 
 def _find(path):
@@ -37,7 +38,7 @@ def test_qwen2_moe_shared_expert_and_gate(model_dirs):
 
 
 def test_dense_model_is_refused(model_dirs, tmp_path):
-    from fiddlerc.demo import write_model
+    from fiddlerc.tools.demo import write_model
     from tests.conftest import tiny_config
 
     path = write_model(tiny_config("llama"), tmp_path / "llama")

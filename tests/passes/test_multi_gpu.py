@@ -6,8 +6,8 @@ import random
 import pytest
 import torch
 
+from fiddlerc.compiler.options import parse_gpu_memory
 from fiddlerc.errors import BudgetError, OptionError
-from fiddlerc.options import parse_gpu_memory
 from fiddlerc.passes.place_experts import assign_by_flow
 from fiddlerc.plan import CPU
 
@@ -67,7 +67,7 @@ def test_flow_breaks_ties_by_rank_and_fills_the_first_gpu_first():
 def test_a_two_gpu_plan_compiles_reports_and_runs_on_the_cpu(model_dirs, hf_model, tmp_path):
     import fiddlerc
     from fiddlerc.api import plan as plan_model
-    from fiddlerc.report import report_html, report_text
+    from fiddlerc.compiler.report import report_html, report_text
 
     src = model_dirs("mixtral")
     one = plan_model(src, "1GiB", context=64)

@@ -2,8 +2,8 @@
 
 import pytest
 
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import BudgetError
-from fiddlerc.options import CompileOptions
 from fiddlerc.passes.place_experts import place_experts
 from fiddlerc.plan import Memory, ModelInfo, MoeLayer, Plan, Target, verify_plan
 
@@ -93,7 +93,7 @@ def test_placement_is_a_brute_force_optimum_of_predicted_time(n_fit, profile_nam
     from dataclasses import replace
     from itertools import combinations
 
-    from fiddlerc.cost import predict_decode
+    from fiddlerc.compiler.cost import predict_decode
     from fiddlerc.hardware import load_profile
     from fiddlerc.plan import CPU
 

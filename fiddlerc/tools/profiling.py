@@ -85,7 +85,8 @@ def profile_model(
 ) -> ProfileRun:
     """Count routing decisions over the documents in `data` and write them to `out` (popularity JSON)."""
     from fiddlerc.api import compile, load  # profiling runs the compiler's own runtime
-    from fiddlerc.model_io import load_tokenizer, open_model_folder
+    from fiddlerc.model.folder import open_model_folder
+    from fiddlerc.model.tokenizer import load_tokenizer
 
     if max_tokens is not None and max_tokens <= 0:
         raise OptionError(f"--max-tokens must be positive, got {max_tokens}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from fiddlerc.families import find_layout
+from fiddlerc.model.families import find_layout
 
 
 def byte_tokenizer():

@@ -1,5 +1,5 @@
 """The latency model: what one expert call, one layer's fixed costs and one decode step cost on a
-hardware profile. The discrete-event simulator (fiddlerc.simulate) plays whole runs over these costs.
+hardware profile. The discrete-event simulator (fiddlerc.compiler.simulate) plays whole runs over these costs.
 
 An expert call reads its weights once and does 2 flops per weight per token; whichever takes
 longer bounds it (a roofline): `t(n) = overhead + max(bytes / bandwidth, n * flops / throughput)`.
@@ -30,8 +30,8 @@ from math import comb
 
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
-from fiddlerc.options import format_size, parse_dtype
 from fiddlerc.plan import CPU, Plan
+from fiddlerc.units import format_size, parse_dtype
 
 
 @dataclass(frozen=True)

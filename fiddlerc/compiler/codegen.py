@@ -23,12 +23,12 @@ import torch
 import torch.fx
 
 from fiddlerc import __version__
-from fiddlerc.capture import META_KEY, moe_sites, source_model
+from fiddlerc.compiler.capture import META_KEY, moe_sites, source_model
 from fiddlerc.errors import PlanError, UnsupportedModelError
-from fiddlerc.options import format_size
 from fiddlerc.plan import CPU, Plan, verify_plan
 from fiddlerc.runtime import attention as gen_attention
 from fiddlerc.runtime import norms
+from fiddlerc.units import format_size
 
 _HEADER_GLOBALS = {  # what fx-generated code may reference, and how module.py imports it
     "torch": "import torch",

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import json
 
-from fiddlerc.options import format_size
 from fiddlerc.plan import CPU, Plan, plan_to_dict
+from fiddlerc.units import format_size
 
 
 def report_json(plan: Plan) -> str:

@@ -2,7 +2,7 @@
 and each resource's busy time, for a workload (prompt length, output length, batch, beams).
 
 It plays the schedule the runtime (fiddlerc.runtime.experts) executes, priced by the cost model
-(fiddlerc.cost). Four resources, each an in-order queue like a CUDA stream or the one CPU worker
+(fiddlerc.compiler.cost). Four resources, each an in-order queue like a CUDA stream or the one CPU worker
 thread:
 
     gpu  the fast device: each layer's dense part (with the per-layer overhead), resident experts,
@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fiddlerc.cost import CostModel
+from fiddlerc.compiler.cost import CostModel
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
-from fiddlerc.options import parse_dtype
 from fiddlerc.plan import CPU, ExpertPlacement, MoeLayer, Plan
 from fiddlerc.runtime.trace import chrome_trace
+from fiddlerc.units import parse_dtype
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
 

@@ -2,7 +2,7 @@
 
 The recipe (see DESIGN.md): trace a small wrapper with an explicit signature; keep token mixers
 (attention, linear attention: the modules that read the cache), rotary embeddings and MoE blocks
-(any block `fiddlerc.families` recognises) opaque; wrap the modeling files' mask helpers; keep the
+(any block `fiddlerc.model.families` recognises) opaque; wrap the modeling files' mask helpers; keep the
 config object as a `get_attr` node. (Tracing through MoE blocks fails on some families, e.g.
 DeepSeek's `view(*shape)`; as leaves they run Hugging Face's own code, so the router, shared
 experts and each family's gating arithmetic stay exactly as Hugging Face computes them.)
@@ -29,7 +29,7 @@ import torch.fx
 from torch import nn
 
 from fiddlerc.errors import UnsupportedModelError
-from fiddlerc.families import find_layout
+from fiddlerc.model.families import find_layout
 
 META_KEY = "fiddlerc"  # the one namespaced node.meta key fiddlerc writes
 

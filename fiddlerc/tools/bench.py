@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fiddlerc.options import parse_dtype
+from fiddlerc.units import parse_dtype
 
 PROBE_BYTES = 512 * 2**20  # larger than any cache
 
@@ -161,7 +161,8 @@ def _run_every_expert(model, dtype: torch.dtype) -> None:
 
 def startup_here(out_dir: str, device: str, threads: int) -> dict:
     """`Startup`'s numbers, measured in this process (which must not have loaded a model before)."""
-    from fiddlerc.loader import MANIFEST_FILE, PLAN_FILE, load
+    from fiddlerc.artifact import MANIFEST_FILE, PLAN_FILE
+    from fiddlerc.loader import load
     from fiddlerc.plan import plan_from_json
 
     torch.set_num_threads(threads)
@@ -198,7 +199,7 @@ def startup_here(out_dir: str, device: str, threads: int) -> dict:
 def measure_startup(out_dir: str | Path, device: torch.device, threads: int) -> Startup:
     """Startup of the compiled model (see `Startup`), in a fresh Python process, so that memory an earlier
     load freed cannot hide what this one adds; a first such run caches the kernel choices and pages."""
-    code = "import json, sys; from fiddlerc.bench import startup_here; print(json.dumps(startup_here(*sys.argv[1:3], int(sys.argv[3]))))"
+    code = "import json, sys; from fiddlerc.tools.bench import startup_here; print(json.dumps(startup_here(*sys.argv[1:3], int(sys.argv[3]))))"
     for _ in range(2):
         proc = subprocess.run(
             [sys.executable, "-c", code, str(out_dir), str(device), str(threads)],
@@ -268,7 +269,8 @@ def bench(
 ) -> BenchResult:
     """Measure the compiled model in `out_dir` (and Hugging Face on its weights, unless `hf` is False)."""
     from fiddlerc.hardware import cpu_name
-    from fiddlerc.loader import load, resolve_device
+    from fiddlerc.loader import load
+    from fiddlerc.loader.devices import resolve_device
 
     if min(prompt_tokens, new_tokens, batch, rounds) < 1:
         raise ValueError("prompt, new tokens, batch and rounds must be positive")

@@ -11,9 +11,9 @@ import torch
 import torch.fx
 
 from fiddlerc import __version__
-from fiddlerc.capture import META_KEY, moe_sites
+from fiddlerc.compiler.capture import META_KEY, moe_sites
+from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import PlanError
-from fiddlerc.options import CompileOptions, dtype_name
 from fiddlerc.passes.account_memory import account_memory
 from fiddlerc.passes.find_experts import find_experts
 from fiddlerc.passes.place_experts import place_experts
@@ -22,6 +22,7 @@ from fiddlerc.passes.predict_speed import predict_speed
 from fiddlerc.passes.schedule_overlap import schedule_overlap
 from fiddlerc.passes.select_attention import select_attention
 from fiddlerc.plan import ModelInfo, Plan, Target, verify_plan
+from fiddlerc.units import dtype_name
 
 log = logging.getLogger(__name__)
 

@@ -150,8 +150,8 @@ def _decode_ms(config, dtype: torch.dtype, device: str, threads: int, tokens: in
     from transformers.utils import logging as hf_logging
 
     from fiddlerc.api import compile, load  # calibration measures our own compiler's runtime
-    from fiddlerc.demo import write_model
-    from fiddlerc.model_io import build_meta_model
+    from fiddlerc.model.meta import build_meta_model
+    from fiddlerc.tools.demo import write_model
 
     n_params = sum(p.numel() for p in build_meta_model(config, dtype).parameters())
     if n_params > _MAX_NARROW_PARAMS:

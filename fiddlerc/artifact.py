@@ -1,0 +1,149 @@
+"""The compiled folder: its file names, the manifest, writing one, and verifying one before it runs.
+
+A compiled folder holds plan.json, module.py, sources.json, report.txt and manifest.json (written
+last: it marks the folder complete). Nothing from a compiled folder is executed unless it equals
+what this fiddlerc generates from the plan: `verify_artifact` regenerates module.py from the plan
+and a fresh capture of the model (which is why this module sits above the compiler), and checks
+every hash and the weight files' headers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fiddlerc import __version__
+from fiddlerc.compiler.capture import capture
+from fiddlerc.compiler.codegen import generate_module
+from fiddlerc.compiler.pipeline import annotate_from_plan, config_sha256
+from fiddlerc.errors import ArtifactError
+from fiddlerc.model.folder import ModelFolder, load_config, open_model_folder
+from fiddlerc.model.meta import build_meta_model
+from fiddlerc.model.weights import sources_from_json
+from fiddlerc.plan import Plan, plan_from_json
+from fiddlerc.units import parse_dtype
+
+log = logging.getLogger(__name__)
+
+PLAN_FILE, MODULE_FILE, MANIFEST_FILE = "plan.json", "module.py", "manifest.json"
+SOURCES_FILE = "sources.json"  # where each weight is in the model folder (transformers' conversion rules, resolved)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def software_versions() -> dict[str, str]:
+    import transformers
+
+    return {"fiddlerc": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
+
+
+def make_manifest(plan: Plan, plan_text: str, module_text: str, sources_text: str, folder: ModelFolder) -> dict:
+    return {
+        "versions": software_versions(),
+        "model_dir": str(folder.path),
+        "files": {
+            PLAN_FILE: sha256_bytes(plan_text.encode()),
+            MODULE_FILE: sha256_bytes(module_text.encode()),
+            SOURCES_FILE: sha256_bytes(sources_text.encode()),
+        },
+        "weights": folder.fingerprint(),
+        "hardware": None
+        if plan.target.hardware is None
+        else {"name": plan.target.hardware, "sha256": plan.target.hardware_sha256},
+    }
+
+
+def regenerate_module(folder: ModelFolder, plan: Plan) -> tuple[str, nn.Module]:
+    """module.py text for a plan, from a fresh capture of the model (and that meta model)."""
+    config = load_config(folder)
+    if config_sha256(folder.config_json) != plan.model.config_sha256:
+        raise ArtifactError(f"{folder.path}/config.json changed since this model was compiled: recompile")
+    model = build_meta_model(config, parse_dtype(plan.model.dtype))
+    gm = capture(model)
+    annotate_from_plan(gm, plan)
+    return generate_module(gm, plan), model
+
+
+def read_manifest(data: bytes, where: Path | str = MANIFEST_FILE) -> dict:
+    """Parse manifest.json, checking its shape; any malformed input is an ArtifactError."""
+    try:
+        manifest = json.loads(data)
+        ok = isinstance(manifest, dict) and all(
+            isinstance(manifest.get(k), t)
+            for k, t in (("files", dict), ("versions", dict), ("model_dir", str), ("weights", dict))
+        )
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError, ValueError):
+        ok = False
+    if not ok:
+        raise ArtifactError(f"{where} is corrupt: recompile")
+    return manifest
+
+
+@dataclass(frozen=True)
+class Artifact:
+    """A verified compiled folder."""
+
+    path: Path
+    plan: Plan
+    manifest: dict
+    folder: ModelFolder
+    module_text: str
+    sources: dict | None = None  # parameter name -> its Source in the model folder (sources.json)
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} is missing: {what}; recompile with `fiddlerc compile`") from None
+
+
+def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Artifact, nn.Module]:
+    """Check a compiled folder against its manifest, its model's weights and a fresh codegen."""
+    out = Path(out_dir)
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is not a compiled folder (run `fiddlerc compile MODEL_DIR -o {out}` first)")
+    manifest = read_manifest(_read(out / MANIFEST_FILE, "the compiled folder is incomplete"), out / MANIFEST_FILE)
+    files, versions, recorded_dir, weights = (
+        manifest["files"],
+        manifest["versions"],
+        manifest["model_dir"],
+        manifest["weights"],
+    )
+
+    now = software_versions()
+    for name in ("fiddlerc", "torch", "transformers"):  # each shapes the generated code
+        if versions.get(name) != now[name]:
+            raise ArtifactError(
+                f"{out} was compiled with {name} {versions.get(name)}, this is {now[name]}: recompile it with this version"
+            )
+    plan_bytes = _read(out / PLAN_FILE, "the compiled folder is incomplete")
+    if sha256_bytes(plan_bytes) != files.get(PLAN_FILE):
+        raise ArtifactError(f"{out / PLAN_FILE} was changed after compiling (hash mismatch): recompile")
+    plan = plan_from_json(plan_bytes)
+
+    folder = open_model_folder(model_dir if model_dir is not None else recorded_dir)
+    if folder.fingerprint() != weights:
+        raise ArtifactError(
+            f"the weights in {folder.path} are not the ones {out} was compiled for (safetensors headers differ): recompile"
+        )
+    module_text, meta_model = regenerate_module(folder, plan)
+    on_disk = _read(out / MODULE_FILE, "the compiled folder is incomplete")
+    if on_disk != module_text.encode() or sha256_bytes(on_disk) != files.get(MODULE_FILE):
+        raise ArtifactError(
+            f"{out / MODULE_FILE} differs from what this fiddlerc generates from plan.json (edited?); "
+            "it was not run: recompile"
+        )
+    sources_bytes = _read(out / SOURCES_FILE, "the compiled folder is incomplete")
+    if sha256_bytes(sources_bytes) != files.get(SOURCES_FILE):
+        raise ArtifactError(f"{out / SOURCES_FILE} was changed after compiling (hash mismatch): recompile")
+    sources = sources_from_json(sources_bytes, meta_model, folder)
+    return Artifact(out, plan, manifest, folder, module_text, sources), meta_model

@@ -1,0 +1,283 @@
+"""The loaded model users hold: `load(OUT)` verifies a compiled folder and binds it; `CompiledModel`
+gives logits, tokens and routing statistics."""
+
+from __future__ import annotations
+
+import re
+import threading
+import weakref
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from fiddlerc.artifact import MODULE_FILE, Artifact, verify_artifact
+from fiddlerc.compiler.capture import cache_class, new_cache
+from fiddlerc.compiler.codegen import load_module
+from fiddlerc.errors import OptionError
+from fiddlerc.loader.bind import bind_weights
+from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve_device
+from fiddlerc.runtime.generate import MicroBatchCache
+from fiddlerc.runtime.generate import beam_search as _beam_search
+from fiddlerc.runtime.generate import generate as _generate
+from fiddlerc.runtime.host_memory import huge_pages_available
+from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
+from fiddlerc.runtime.trace import MAIN, Tracer
+from fiddlerc.runtime.worker import CpuWorker
+
+_ATTENTION = re.compile(r"\.layers\.(\d+)\.(?:[A-Za-z_]+\.)?(self_attn|attention|attn)$")
+
+
+def _trace_attention(model: nn.Module, tracer: Tracer) -> None:
+    """A slice on the main track for each decoder layer's attention call."""
+    for name, module in model.named_modules():
+        m = _ATTENTION.search(name)
+        if m is None:
+            continue
+        label = f"L{m.group(1)} attention"
+        starts: list[float] = []
+        module.register_forward_pre_hook(lambda mod, args, starts=starts: starts.append(tracer.now_us()))
+        module.register_forward_hook(
+            lambda mod, args, out, starts=starts, label=label: tracer.add(label, MAIN, starts.pop(), tracer.now_us())
+        )
+
+
+def _trace_generated_attention(forward: nn.Module, tracer: Tracer) -> None:
+    """The same slices for the generated attention method of module.py."""
+    inner = forward.attention
+
+    def traced(layer, *args):
+        start = tracer.now_us()
+        try:
+            return inner(layer, *args)
+        finally:
+            tracer.add(f"L{layer} attention", MAIN, start, tracer.now_us())
+
+    forward.attention = traced
+
+
+class CompiledModel:
+    """A loaded, placed model: call it for logits, `generate` for tokens."""
+
+    def __init__(
+        self,
+        artifact: Artifact,
+        meta_model: nn.Module,
+        device: torch.device,
+        num_threads: int | None = None,
+        trace: str | Path | None = None,
+        kernels: str = "auto",
+    ) -> None:
+        self.artifact = artifact
+        self.plan = artifact.plan
+        self.device = device
+        self.config = meta_model.config
+        if device.type == "cuda":
+            check_gpu_memory(self.plan, device)
+        check_host_memory(self.plan, device)
+        self._worker = CpuWorker(num_threads)
+        self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
+        self._lock = threading.Lock()
+        try:
+            self._placed, dense = bind_weights(
+                meta_model,
+                artifact.folder,
+                self.plan,
+                device,
+                self._worker,
+                kernels,
+                huge_pages_available(),
+                artifact.sources,
+            )
+        except BaseException:
+            self._finalizer()
+            raise
+        self.hf_model = meta_model
+        self.tracer: Tracer | None = None
+        self._trace_path = Path(trace) if trace is not None else None
+        if trace is not None:
+            self.tracer = Tracer()
+            _trace_attention(meta_model, self.tracer)
+            for placed in self._placed:
+                placed.tracer = self.tracer
+        module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
+        self._forward = module.CompiledForward(meta_model, meta_model.config)
+        self._forward.placed = {p.layer: p for p in self._placed}
+        self._forward.dense = dense
+        if self.tracer is not None and dense:
+            _trace_generated_attention(self._forward, self.tracer)
+        # Generated attention writes into a static cache sized for the compiled context.
+        self._static_cache = bool(dense)
+        self._cache_class = cache_class(meta_model)
+        gen = getattr(meta_model, "generation_config", None)
+        self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
+        pad = getattr(gen, "pad_token_id", None) or getattr(self.config, "pad_token_id", None)
+        self.pad_token_id = pad if isinstance(pad, int) else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def new_cache(self):
+        def one():
+            if self._static_cache:
+                from transformers import StaticCache
+
+                return StaticCache(config=self.config, max_cache_len=self.plan.target.context_tokens)
+            return new_cache(self._cache_class, self.config)
+
+        micro = self.plan.target.micro_batches
+        return MicroBatchCache([one() for _ in range(micro)]) if micro > 1 else one()
+
+    def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
+        if isinstance(cache, MicroBatchCache):
+            micro = len(cache.caches)
+            if cache.split is None:  # the prefill decides; decode steps follow it
+                cache.split = input_ids.shape[0] >= micro and input_ids.shape[0] % micro == 0
+            if cache.split:
+                return self._forward.forward_micro(input_ids, cache.caches, attention_mask, position_ids)
+            cache = cache.caches[0]
+        return self._forward(input_ids, cache, attention_mask, position_ids)
+
+    def _check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:
+        if (
+            not isinstance(input_ids, torch.Tensor)
+            or input_ids.ndim != 2
+            or input_ids.dtype not in (torch.int64, torch.int32)
+        ):
+            raise OptionError("input_ids must be an integer tensor of shape [batch, tokens]")
+        context = self.plan.target.context_tokens
+        if input_ids.shape[1] + new_tokens > context:
+            raise OptionError(
+                f"{input_ids.shape[1]} prompt tokens + {new_tokens} new tokens exceed the context of {context} tokens "
+                f"this model was compiled for: shorten the prompt or recompile with --context {input_ids.shape[1] + new_tokens}"
+            )
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits [B, T, V] of a full forward pass from an empty cache (as Hugging Face's model(...) computes)."""
+        self._check_input(input_ids)
+        input_ids = input_ids.to(self.device)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self.device)
+        if position_ids is None:
+            position_ids = torch.arange(input_ids.shape[1], device=self.device)[None, :]
+        with self._lock:
+            return self._run(input_ids, self.new_cache(), attention_mask, position_ids.to(self.device))
+
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        max_new_tokens: int = 16,
+        *,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        eos_token_id: int | list[int] | None = None,
+        ignore_eos: bool = False,
+        seed: int | None = None,
+        on_token=None,
+        num_beams: int = 1,
+        length_penalty: float = 1.0,
+        early_stopping: bool = False,
+    ) -> torch.Tensor:
+        """Prompt + new tokens [B, T + n]: greedy unless do_sample, beam search with num_beams > 1 (as
+        Hugging Face's, with its length_penalty and early_stopping); stops at EOS unless ignore_eos."""
+        self._check_input(input_ids, max_new_tokens)
+        eos = () if ignore_eos else (_as_ids(eos_token_id) if eos_token_id is not None else self.eos_token_ids)
+        if num_beams > 1:
+            if do_sample or on_token is not None:
+                raise OptionError("beam search is deterministic here: drop do_sample and on_token, or use num_beams=1")
+            if max_new_tokens < 1:
+                raise OptionError("beam search needs max_new_tokens >= 1")
+            with self._lock:
+                return _beam_search(
+                    self._run,
+                    self.new_cache,
+                    input_ids.to(self.device),
+                    None if attention_mask is None else attention_mask.to(self.device),
+                    max_new_tokens,
+                    num_beams,
+                    eos_token_ids=eos,
+                    pad_token_id=self.pad_token_id,
+                    length_penalty=length_penalty,
+                    early_stopping=early_stopping,
+                )
+        with self._lock:
+            out = _generate(
+                self._run,
+                self.new_cache,
+                input_ids.to(self.device),
+                attention_mask,
+                max_new_tokens,
+                do_sample=do_sample,
+                temperature=temperature,
+                top_p=top_p,
+                eos_token_ids=eos,
+                pad_token_id=self.pad_token_id,
+                seed=seed,
+                on_token=on_token,
+            )
+        return out
+
+    def routing_stats(self) -> dict:
+        """Routed (token, expert) pairs since load, per MoE layer and in total: served by resident experts
+        on the fast device ("fast"), by the CPU worker ("cpu"), or by cpu-tier experts whose weights were
+        fetched for a big call ("fetched"); per expert; and the resident hit rate."""
+
+        def summary(fast: int, cpu: int, fetched: int) -> dict:
+            total = fast + cpu + fetched
+            return {"fast": fast, "cpu": cpu, "fetched": fetched, "hit_rate": fast / total if total else 0.0}
+
+        layers = {
+            p.layer: {**summary(p.tokens_fast, p.tokens_cpu, p.tokens_fetched), "per_expert": list(p.expert_tokens)}
+            for p in self._placed
+        }
+        totals = [sum(v[k] for v in layers.values()) for k in ("fast", "cpu", "fetched")]
+        return {"layers": layers, **summary(*totals)}
+
+    def close(self) -> None:
+        """Stop the CPU worker thread (also done when the model is garbage-collected); write the trace
+        if one was asked for."""
+        self._finalizer()
+        if self.tracer is not None and self._trace_path is not None:
+            self.tracer.save(self._trace_path)
+            self._trace_path = None
+
+    def __enter__(self) -> CompiledModel:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_ids(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+def load(
+    out_dir: str | Path,
+    device: str | None = None,
+    model_dir: str | Path | None = None,
+    num_threads: int | None = None,
+    trace: str | Path | None = None,
+    kernels: str = "auto",
+) -> CompiledModel:
+    """Verify a compiled folder and load it onto this machine's devices. With `trace`, record a
+    Chrome/Perfetto timeline of every call and write it there on `close()`.
+
+    `kernels` picks the CPU matrix kernels (fiddlerc.runtime.kernels): "auto" measures, once per
+    weight shape on this machine, whether a packed copy is faster than the plain weight (and on a
+    CPU-only machine whether one-token products split over two threads); "reference" computes exactly as
+    Hugging Face does; "packed" packs wherever this CPU can."""
+    if kernels not in KERNEL_MODES:
+        raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
+    fast = resolve_device(device)
+    artifact, meta_model = verify_artifact(out_dir, model_dir)
+    return CompiledModel(artifact, meta_model, fast, num_threads, trace, kernels)
