@@ -16,18 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.fx
 from torch import nn
 
-from fiddlerc import __version__
 from fiddlerc.compiler.capture import capture
 from fiddlerc.compiler.codegen import generate_module
-from fiddlerc.compiler.pipeline import annotate_from_plan, config_sha256
-from fiddlerc.errors import ArtifactError
+from fiddlerc.compiler.options import CompileOptions
+from fiddlerc.compiler.pipeline import config_sha256, initial_plan, run_passes
+from fiddlerc.compiler.report import report_text
+from fiddlerc.errors import ArtifactError, OptionError
+from fiddlerc.files import write_atomic
 from fiddlerc.model.folder import ModelFolder, load_config, open_model_folder
 from fiddlerc.model.meta import build_meta_model
-from fiddlerc.model.weights import sources_from_json
-from fiddlerc.plan import Plan, plan_from_json
+from fiddlerc.model.weights import resolve_sources, sources_from_json, sources_to_json
+from fiddlerc.plan import Plan, Target, plan_from_json, plan_to_json
 from fiddlerc.units import parse_dtype
+from fiddlerc.version import __version__
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +72,6 @@ def regenerate_module(folder: ModelFolder, plan: Plan) -> tuple[str, nn.Module]:
         raise ArtifactError(f"{folder.path}/config.json changed since this model was compiled: recompile")
     model = build_meta_model(config, parse_dtype(plan.model.dtype))
     gm = capture(model)
-    annotate_from_plan(gm, plan)
     return generate_module(gm, plan), model
 
 
@@ -147,3 +150,49 @@ def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) ->
         raise ArtifactError(f"{out / SOURCES_FILE} was changed after compiling (hash mismatch): recompile")
     sources = sources_from_json(sources_bytes, meta_model, folder)
     return Artifact(out, plan, manifest, folder, module_text, sources), meta_model
+
+
+# ---------------------------------------------------------------------------------------------
+# Writing one
+
+
+REPORT_FILE = "report.txt"
+
+
+def build_plan(
+    folder: ModelFolder, model: nn.Module, dtype: torch.dtype, target: Target, options: CompileOptions
+) -> tuple[torch.fx.GraphModule, Plan]:
+    """The captured graph of `model` (the meta model of `folder`) and its finished plan."""
+    gm = capture(model)
+    return gm, run_passes(gm, initial_plan(model, folder.config_json, dtype, target, options), options)
+
+
+def compile_model(
+    folder: ModelFolder,
+    model: nn.Module,
+    dtype: torch.dtype,
+    target: Target,
+    options: CompileOptions,
+    out_dir: str | Path,
+) -> Artifact:
+    """Compile the meta model of `folder` for `target` into `out_dir`: plan.json, module.py, sources.json,
+    report.txt, and manifest.json last (it marks the folder complete). Every weight is checked present
+    and of the right shape before anything is written."""
+    sources_text = sources_to_json(resolve_sources(model, folder))
+    gm, plan = build_plan(folder, model, dtype, target, options)
+    module_text = generate_module(gm, plan)
+    plan_text = plan_to_json(plan)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise OptionError(f"output {out} exists and is not a folder: choose another -o")
+    if out.resolve() == folder.path:
+        raise OptionError("the output folder must not be the model folder: choose another -o")
+    out.mkdir(parents=True, exist_ok=True)
+    manifest = make_manifest(plan, plan_text, module_text, sources_text, folder)
+    write_atomic(out / PLAN_FILE, plan_text)
+    write_atomic(out / MODULE_FILE, module_text)
+    write_atomic(out / SOURCES_FILE, sources_text)
+    write_atomic(out / REPORT_FILE, report_text(plan))
+    write_atomic(out / MANIFEST_FILE, json.dumps(manifest, indent=1, sort_keys=True) + "\n")
+    log.info("compiled %s -> %s", folder.path, out)
+    return Artifact(out, plan, manifest, folder, module_text)

@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fiddlerc import __version__
+from fiddlerc.version import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130

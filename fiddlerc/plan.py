@@ -17,10 +17,18 @@ from fiddlerc.errors import PlanError
 FORMAT_VERSION = 1
 
 CPU = "cpu"
-_DEVICE_RE = re.compile(r"^(cpu|cuda:[0-9]{1,3})$")
+_GPU_RE = re.compile(r"cuda:[0-9]{1,3}")  # the one rule for a GPU's name
+
+
+def is_gpu_name(name: object) -> bool:
+    """Whether `name` names a GPU of a plan: cuda:0 .. cuda:999."""
+    return isinstance(name, str) and _GPU_RE.fullmatch(name) is not None
+
+
 _PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
 _NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _DTYPES = ("float32", "bfloat16", "float16")
+GENERATED, HF = "generated", "hf"  # AttentionLayer.path: fiddlerc's generated attention, or Hugging Face's module
 
 
 @dataclass(frozen=True)
@@ -288,10 +296,15 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         "model.config_sha256 must be a sha256",
     )
     _check(
-        isinstance(t.device, str) and bool(_DEVICE_RE.match(t.device)) and t.device != CPU,
+        is_gpu_name(t.device),
         "target.device must be cuda:N",
     )
     _check(_is_int(t.budget_bytes), "target.budget_bytes must be a non-negative integer")
+    _check(
+        isinstance(t.more_gpus, dict)
+        and all(is_gpu_name(d) and d != t.device and _is_int(b) for d, b in t.more_gpus.items()),
+        "target.more_gpus must map further cuda:N devices to non-negative budgets",
+    )
     _check(
         _is_int(t.context_tokens, 1) and _is_int(t.batch_size, 1),
         "target.context_tokens and batch_size must be positive",
@@ -415,7 +428,7 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         _check(
             isinstance(a.module, str) and bool(_PATH_RE.match(a.module)), f"attention layer {a.layer}: bad module path"
         )
-        _check(a.path in ("generated", "hf"), f"attention layer {a.layer}: path must be 'generated' or 'hf'")
+        _check(a.path in (GENERATED, HF), f"attention layer {a.layer}: path must be {GENERATED!r} or {HF!r}")
         _check(_is_text(a.reason) and len(a.reason) <= 300, f"attention layer {a.layer}: reason must be short text")
 
     if plan.memory is not None:

@@ -1,7 +1,7 @@
 """account_memory: bytes of the dense weights and of the KV-cache reserve on the target GPU.
 
 Reads: the graph's modules (every parameter outside the routed experts), `plan.moe_layers`,
-the config (attention shapes), `options` (context length and batch for the KV reserve).
+the config (attention shapes), `plan.target` (budget; context length and batch for the KV reserve).
 Writes: `plan.memory` (budget, dense bytes, KV reserve). Raises BudgetError when the budget
 cannot hold the dense weights plus the KV reserve, saying how much is needed.
 """
@@ -38,12 +38,12 @@ def account_memory(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions
     model = source_model(gm)
     experts = sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
     dense = param_bytes(model.parameters(), dtype) - experts
-    kv = kv_bytes_per_token(model.config, dtype) * options.context_tokens * options.batch_size
-    budget = options.gpu_budget_bytes
+    kv = kv_bytes_per_token(model.config, dtype) * plan.target.context_tokens * plan.target.batch_size
+    budget = plan.target.budget_bytes
     if dense + kv > budget:
         raise BudgetError(
             f"--gpu-memory {format_size(budget)} is smaller than the dense weights ({format_size(dense)}) plus the "
-            f"KV-cache reserve ({format_size(kv)} for {options.context_tokens} tokens x {options.batch_size} "
+            f"KV-cache reserve ({format_size(kv)} for {plan.target.context_tokens} tokens x {plan.target.batch_size} "
             f"sequence(s)): give at least {format_size(dense + kv)} ({dense + kv} bytes), or lower --context/--batch"
         )
     return plan.with_(

@@ -1,7 +1,7 @@
 """find_experts: the MoE blocks, their routed experts, router kind and shared experts.
 
 Reads: the expanded graph (dispatch/expert/combine nodes from capture) and its modules.
-Writes: `plan.moe_layers`; `node.meta["fiddlerc"]["bytes"]` on every expert node.
+Writes: `plan.moe_layers`.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import inspect
 import torch
 import torch.fx
 
-from fiddlerc.compiler.capture import META_KEY, moe_sites, source_model
+from fiddlerc.compiler.capture import moe_sites, source_model
 from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import UnsupportedModelError
 from fiddlerc.model.families import find_layout
@@ -113,8 +113,6 @@ def find_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) 
                 shared_expert_bytes=param_bytes(shared, dtype),
             )
         )
-        for node in site.experts:
-            node.meta[META_KEY]["bytes"] = total // n
     if not layers:
         raise UnsupportedModelError(
             f"{plan.model.architecture} has no mixture-of-experts block fiddlerc recognises: it compiles MoE models "

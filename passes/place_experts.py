@@ -20,10 +20,9 @@ Host memory: the bytes the run keeps in host memory (the CPU-tier experts; every
 CPU-only target) against `--cpu-memory` (default: the profile's memory). More than fits is not an
 error: the weights are memory-mapped, so the run pages from disk, and the cost model prices that.
 
-Reads: `plan.moe_layers`, `plan.memory`, `options.fast_experts`, `options.hardware`, `options.cpu_memory_bytes`,
+Reads: `plan.moe_layers`, `plan.memory`, `plan.target` (GPUs, budgets, fast_experts), `options.hardware`, `options.cpu_memory_bytes`,
 `options.popularity`.
-Writes: `plan.experts`, `plan.memory.expert_bytes`, `plan.memory.host_bytes`/`host_budget_bytes`;
-`node.meta["fiddlerc"]["device"]` on expert nodes.
+Writes: `plan.experts`, `plan.memory.expert_bytes`, `plan.memory.host_bytes`/`host_budget_bytes`.
 """
 
 from __future__ import annotations
@@ -33,7 +32,6 @@ from typing import NamedTuple
 
 import torch.fx
 
-from fiddlerc.compiler.capture import META_KEY, moe_sites
 from fiddlerc.compiler.cost import CostModel
 from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import BudgetError
@@ -67,7 +65,7 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
             candidates.append(Candidate(per_byte, use, saving, e, ml.layer, ml.bytes_per_expert))
     candidates.sort(key=lambda c: (-c.per_byte, -c.use, c.expert, c.layer))
 
-    want = options.fast_experts
+    want = plan.target.fast_experts
     gpus = plan.target.gpus()
     free = {fast: plan.memory.free_bytes, **plan.target.more_gpus}  # bytes each GPU has for experts
     if want is not None:
@@ -106,11 +104,6 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
     expert_bytes: dict[str, int] = {}
     for p in placements:
         expert_bytes[p.device] = expert_bytes.get(p.device, 0) + p.bytes
-    devices = {(p.layer, p.expert): p.device for p in placements}
-    for site in moe_sites(gm.graph):
-        for node in site.experts:
-            fact = node.meta[META_KEY]
-            fact["device"] = devices[(fact["layer"], fact["expert"])]
     ordered = {d: expert_bytes[d] for d in sorted(expert_bytes, key=lambda d: (d == CPU, d))}
     hw = options.hardware
     mem = plan.memory

@@ -1,8 +1,7 @@
 """select_attention: which decoder layers run fiddlerc's generated attention, and which Hugging Face's.
 
 Reads: the captured graph's attention calls (token-mixer leaves) and their modules.
-Writes: `plan.attention`, one entry per attention call with its path and the reason;
-`node.meta["fiddlerc"]` = {"kind": "attention", "layer", "path"} on each attention node.
+Writes: `plan.attention`, one entry per attention call with its path and the reason.
 """
 
 from __future__ import annotations
@@ -11,10 +10,10 @@ import re
 
 import torch.fx
 
-from fiddlerc.compiler.capture import META_KEY, is_token_mixer, source_model
+from fiddlerc.compiler.attention import attention_path
+from fiddlerc.compiler.capture import is_token_mixer, source_model
 from fiddlerc.compiler.options import CompileOptions
-from fiddlerc.plan import AttentionLayer, Plan
-from fiddlerc.runtime.attention import GENERATED, attention_path
+from fiddlerc.plan import GENERATED, HF, AttentionLayer, Plan
 
 _LAYER = re.compile(r"\.(?:layers|blocks)\.(\d+)\.")
 
@@ -48,7 +47,6 @@ def select_attention(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptio
         module = gm.get_submodule(node.target)
         path, reason = attention_path(module, model.config)
         if path == GENERATED and not _call_has_standard_arguments(node):
-            path, reason = "hf", "its decoder layer calls it with other arguments than the generated code takes"
-        node.meta[META_KEY] = {"kind": "attention", "layer": layer, "path": path}
+            path, reason = HF, "its decoder layer calls it with other arguments than the generated code takes"
         layers.append(AttentionLayer(layer=layer, module=node.target.removeprefix("m."), path=path, reason=reason))
     return plan.with_(attention=tuple(layers))

@@ -77,7 +77,7 @@ def test_perturbing_one_cpu_expert_changes_logits(family, split_model):
     before = model(ids)
     stats = model.routing_stats()["layers"]
     layer = max(stats)
-    placed = next(p for p in model._placed if p.layer == layer)
+    placed = next(p for p in model.placed_experts if p.layer == layer)
     counts = stats[layer]["per_expert"]
     busiest = max((e for e in range(len(counts)) if placed.on_cpu[e]), key=lambda e: counts[e])
     assert counts[busiest] > 0

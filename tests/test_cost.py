@@ -159,7 +159,7 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     from fiddlerc.tools import calibrate as cal
 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr(cal, "POOL_BYTES", 2**20)
+    monkeypatch.setattr("fiddlerc.measure.POOL_BYTES", 2**20)
     profile, path = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
     assert path.parent == tmp_path / "fiddlerc" / "calibration" and path.is_file()
     assert profile.cpu_only == (not __import__("torch").cuda.is_available())
@@ -271,7 +271,7 @@ def test_fetched_experts_compute_the_same(model_dirs, hf_model, tmp_path):
     fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
     ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
     with fiddlerc.load(tmp_path / "out", device="cpu") as model:
-        for placed in model._placed:  # as a plan for a GPU machine would say: fetch from 3 tokens
+        for placed in model.placed_experts:  # as a plan for a GPU machine would say: fetch from 3 tokens
             placed.fetch_min_tokens = tuple(3 if cpu else None for cpu in placed.on_cpu)
         got = model(ids)
         stats = model.routing_stats()

@@ -34,7 +34,7 @@ def test_generated_attention_equals_hugging_face(family, model_dirs, hf_model, t
     assert art.plan.attention and {a.path for a in art.plan.attention} == {"generated"}
     text = (tmp_path / "out" / "module.py").read_text()
     assert "def attention(self, layer" in text and "= self.attention(0," in text
-    assert "= causal_mask(" in text and "create_causal_mask(" not in text  # no mask built at decode
+    assert "= self.causal_mask(" in text and "create_causal_mask(" not in text  # no mask built at decode
     ref = hf_model(src)
     ids, mask = _prompts()
     with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as model:
@@ -51,7 +51,7 @@ def test_standard_rotary_is_inlined_and_any_other_is_called():
     from transformers.models.ernie4_5_moe import modeling_ernie4_5_moe
     from transformers.models.mixtral import modeling_mixtral
 
-    from fiddlerc.runtime.attention import rotary_is_standard
+    from fiddlerc.compiler.attention import rotary_is_standard
 
     def rotary(dim: int) -> torch.nn.Module:
         m = torch.nn.Module()
@@ -82,7 +82,7 @@ def test_attention_kinds_not_generated_stay_hugging_face_and_say_why(model_dirs,
     assert {a.path for a in art.plan.attention} == {"hf"}
     assert all("not a kind fiddlerc generates" in a.reason for a in art.plan.attention)
     text = (tmp_path / "out" / "module.py").read_text()
-    assert "def attention(" not in text and "= causal_mask(" not in text  # Hugging Face's layers get its mask
+    assert "def attention(" not in text and "= self.causal_mask(" not in text  # Hugging Face's layers get its mask
     assert "Hugging Face module" in report_text(art.plan)
 
 
@@ -149,7 +149,7 @@ def test_packed_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model
     with fiddlerc.load(tmp_path / "out", device="cpu", kernels="packed") as model:
         packed = [name for name, mod in model.hf_model.named_modules() if isinstance(mod, kernels.KernelLinear)]
         assert packed, "lm_head and the dense projections are packed"
-        assert all(w.is_mkldnn for p in model._placed for ew in p.weights for w in ew.matrices)
+        assert all(w.is_mkldnn for p in model.placed_experts for ew in p.weights for w in ew.matrices)
         assert all(d.qkv.is_mkldnn and d.o.is_mkldnn for d in model._forward.dense.values())
         with torch.no_grad():  # teacher-forced logits, not greedy tokens: rounding differs from the reference
             want = ref(input_ids=ids, attention_mask=mask).logits
@@ -271,7 +271,7 @@ def test_weights_stay_mapped_unless_binding_copies_them(model_dirs, tmp_path, mo
         copies.append(tuple(t.shape))
         return host_memory.host_copy(t, dtype)
 
-    monkeypatch.setattr("fiddlerc.loader.model.huge_pages_available", lambda: True)
+    monkeypatch.setattr("fiddlerc.loader.bind.huge_pages_available", lambda: True)
     monkeypatch.setattr(loader, "host_copy", host_copy)
     monkeypatch.setattr(experts, "host_copy", host_copy)
     src = model_dirs("mixtral")  # an fp32 checkpoint
@@ -279,10 +279,10 @@ def test_weights_stay_mapped_unless_binding_copies_them(model_dirs, tmp_path, mo
         copies.clear()
         fiddlerc.compile(src, tmp_path / dtype, gpu_memory="1GiB", context=64, fast_experts=2, dtype=dtype)
         with fiddlerc.load(tmp_path / dtype, device="cpu") as model:
-            w = model._placed[0].weights[0].w_out
+            w = model.placed_experts[0].weights[0].w_out
             assert _mapping(w.data_ptr())[0].endswith(".safetensors") == mapped, dtype
             assert not _mapping(model._forward.dense[0].qkv.data_ptr())[0].endswith(".safetensors")  # fused rows
-            n_layers, n_experts = len(model._placed), model._placed[0].num_experts
+            n_layers, n_experts = len(model.placed_experts), model.placed_experts[0].num_experts
         # what binding copies goes through host_copy: the fused QKV rows; converted, also every expert matrix,
         # the output projections and lm_head
         want = n_layers if mapped else 3 * n_layers * n_experts + 2 * n_layers + 1
@@ -341,15 +341,15 @@ def test_spreading_a_tokens_experts_over_both_threads_keeps_the_arithmetic(model
     with torch.no_grad():
         want = hf_model(src)(input_ids=ids).logits[0]
     with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as model:
-        assert not any(p.spread for p in model._placed)  # tiny weights: not measured, tiers as placed
+        assert not any(p.spread for p in model.placed_experts)  # tiny weights: not measured, tiers as placed
         by_tier = _decode_logits(model, ids)
-        submitted, worker = [], model._placed[0].worker  # one worker serves every layer
+        submitted, worker = [], model.placed_experts[0].worker  # one worker serves every layer
         submit = worker.submit
         worker.submit = lambda fn, *a: submitted.append(len(a[0])) or submit(fn, *a)
-        for p in model._placed:
+        for p in model.placed_experts:
             p.spread = True
         spread = _decode_logits(model, ids)
-    assert submitted == [1] * (ids.shape[1] * len(model._placed))  # one of the two picks, every layer and step
+    assert submitted == [1] * (ids.shape[1] * len(model.placed_experts))  # one of the two picks, every layer and step
     assert torch.equal(spread, by_tier)  # same kernels, same summation order
     torch.testing.assert_close(spread, want, rtol=1e-5, atol=1e-5)
 
@@ -391,7 +391,7 @@ def test_codegen_fuses_every_rms_norm_it_recognises_and_leaves_others(model_dirs
         model_dirs("mixtral"), tmp_path / "m", gpu_memory="1GiB", context=64
     ).plan.model.num_layers
     text = (tmp_path / "m" / "module.py").read_text()
-    assert text.count("= rms_norm(") == 2 * layers + 1 and "rsqrt" not in text  # two per layer and the final one
+    assert text.count("= self.rms_norm(") == 2 * layers + 1 and "rsqrt" not in text  # two per layer and the final one
     fiddlerc.compile(model_dirs("qwen3_next"), tmp_path / "q", gpu_memory="1GiB", context=64)
     text = (tmp_path / "q" / "module.py").read_text()
-    assert "= rms_norm(" not in text and "rsqrt" in text  # Gemma-style `1 + weight` norms are not this pattern
+    assert "= self.rms_norm(" not in text and "rsqrt" in text  # Gemma-style `1 + weight` norms are not this pattern

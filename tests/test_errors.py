@@ -135,7 +135,9 @@ def artifact(model_copy, tmp_path):
 
 def test_edited_module_is_refused(artifact):
     text = (artifact / "module.py").read_text()
-    (artifact / "module.py").write_text(text.replace("self.m = model", "self.m = model; print('pwned')"))
+    (artifact / "module.py").write_text(
+        text.replace("class CompiledForward", "print('pwned')\n\n\nclass CompiledForward")
+    )
     with pytest.raises(ArtifactError, match="module.py differs .* it was not run"):
         fiddlerc.load(artifact, device="cpu")
 

@@ -96,7 +96,7 @@ def test_worker_exception_reaches_the_caller(model_dirs, tmp_path):
     with pytest.raises(RuntimeError) as info:
         m(_ids())
     assert "mat" in str(info.value) or "shape" in str(info.value)
-    assert any("_run_cpu" in str(tb.name) for tb in info.traceback)  # the worker's frames travel with it
+    assert any("run_cpu" in str(tb.name) for tb in info.traceback)  # the worker's frames travel with it
     assert good.shape[1] == placed.weights[1].w_out.shape[1] + 1
     m.close()
     assert set(threading.enumerate()) <= before  # the worker thread is gone

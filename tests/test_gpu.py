@@ -63,7 +63,7 @@ def test_fetched_experts_and_micro_batches_on_cuda_equal_hugging_face(model_dirs
         want = hf_model(src)(input_ids=ids).logits
     with fiddlerc.load(tmp_path / "out", device="cuda:0") as model:
         torch.testing.assert_close(model(ids).cpu(), want, rtol=1e-4, atol=1e-4)  # micro-batched
-        for placed in model._placed:  # as a plan for a slow CPU would say: fetch from 3 tokens
+        for placed in model.placed_experts:  # as a plan for a slow CPU would say: fetch from 3 tokens
             placed.fetch_min_tokens = tuple(3 if cpu else None for cpu in placed.on_cpu)
         torch.testing.assert_close(model(ids).cpu(), want, rtol=1e-4, atol=1e-4)
         assert model.routing_stats()["fetched"] > 0

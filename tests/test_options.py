@@ -1,8 +1,8 @@
 import pytest
 
-from fiddlerc.compiler.options import CompileOptions
+from fiddlerc.compiler.options import parse_target
 from fiddlerc.errors import OptionError
-from fiddlerc.units import parse_size
+from fiddlerc.units import parse_dtype, parse_size
 
 
 @pytest.mark.parametrize(
@@ -29,8 +29,8 @@ def test_parse_size_rejects(text):
 
 def test_options_validate():
     with pytest.raises(OptionError, match="--context"):
-        CompileOptions(gpu_budget_bytes=1, context_tokens=0)
+        parse_target(1, context=0)
     with pytest.raises(OptionError, match="unknown dtype"):
-        CompileOptions(gpu_budget_bytes=1, dtype="float8")
+        parse_dtype("float8")
     with pytest.raises(OptionError, match="--fast-experts"):
-        CompileOptions(gpu_budget_bytes=1, fast_experts=-1)
+        parse_target(1, fast_experts=-1)

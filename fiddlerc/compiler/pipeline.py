@@ -1,4 +1,5 @@
-"""The literal list of passes, run in order, with the plan verifier and a graph check after each."""
+"""The compiler's two literal lists: the planning passes, run in order with the plan verifier after
+each, and the lowering rewrites codegen prints the result of."""
 
 from __future__ import annotations
 
@@ -6,12 +7,20 @@ import hashlib
 import json
 import logging
 import time
+from dataclasses import replace
 
 import torch
 import torch.fx
 
-from fiddlerc import __version__
-from fiddlerc.compiler.capture import META_KEY, moe_sites
+from fiddlerc.compiler.lowering import (
+    call_generated_attention,
+    check_no_constants,
+    fold_moe_calls,
+    fuse_rms_norms,
+    micro_batched,
+    skip_decode_mask,
+    unwrap_calls,
+)
 from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import PlanError
 from fiddlerc.passes.account_memory import account_memory
@@ -23,9 +32,11 @@ from fiddlerc.passes.schedule_overlap import schedule_overlap
 from fiddlerc.passes.select_attention import select_attention
 from fiddlerc.plan import ModelInfo, Plan, Target, verify_plan
 from fiddlerc.units import dtype_name
+from fiddlerc.version import __version__
 
 log = logging.getLogger(__name__)
 
+# Planning: each pass reads the graph and the plan so far and returns the plan with its part filled in.
 PASSES = [
     find_experts,  # MoE blocks, experts, shared experts, bytes per expert
     account_memory,  # dense weights and KV reserve on the target GPU
@@ -36,13 +47,28 @@ PASSES = [
     predict_speed,  # price the placement on the target's hardware profile, if one is given
 ]
 
+# Lowering: graph rewrites, in order, on a copy of the captured graph, between the plan and the text of
+# module.py (fiddlerc.compiler.lowering); then `micro_batched` where the plan micro-batches.
+LOWERING = [
+    fold_moe_calls,  # each MoE layer's dispatch/experts/combine back into one call of its block
+    fuse_rms_norms,  # each inlined Llama-kind RMSNorm as one self.rms_norm call (bit-identical)
+    call_generated_attention,  # the plan's generated attention layers as self.attention(layer, ...)
+    skip_decode_mask,  # no mask at decode without padding, where every attention layer is generated
+    unwrap_calls,  # no torch.fx.wrap registrations: module.py is executed, never traced
+    check_no_constants,  # every tensor read is a model attribute bound at load, none baked in at trace time
+]
+
 
 def config_sha256(config_json: dict) -> str:
     return hashlib.sha256(json.dumps(config_json, sort_keys=True).encode()).hexdigest()
 
 
-def initial_plan(model: torch.nn.Module, config_json: dict, dtype: torch.dtype, options: CompileOptions) -> Plan:
+def initial_plan(
+    model: torch.nn.Module, config_json: dict, dtype: torch.dtype, target: Target, options: CompileOptions
+) -> Plan:
+    """The plan before the passes: the model's facts and the target (with the popularity it is placed by)."""
     cfg = model.config
+    pop = options.popularity
     return Plan(
         fiddlerc_version=__version__,
         model=ModelInfo(
@@ -53,30 +79,12 @@ def initial_plan(model: torch.nn.Module, config_json: dict, dtype: torch.dtype, 
             config_sha256=config_sha256(config_json),
             hidden_size=cfg.hidden_size,
         ),
-        target=Target(
-            device=options.target_device,
-            budget_bytes=options.gpu_budget_bytes,
-            more_gpus=dict(options.more_gpus),
-            context_tokens=options.context_tokens,
-            batch_size=options.batch_size,
-            fast_experts=options.fast_experts,
-            popularity=options.popularity.name if options.popularity else None,
-            popularity_sha256=options.popularity.sha256 if options.popularity else None,
+        target=replace(
+            target,
+            popularity=pop.name if pop is not None else None,
+            popularity_sha256=pop.sha256 if pop is not None else None,
         ),
     )
-
-
-def check_graph_agrees(gm: torch.fx.GraphModule, plan: Plan) -> None:
-    """The expert nodes' annotations and the plan say the same thing."""
-    placed = {(e.layer, e.expert): e.device for e in plan.experts}
-    for site in moe_sites(gm.graph):
-        for node in site.experts:
-            fact = node.meta[META_KEY]
-            key = (fact["layer"], fact["expert"])
-            if fact.get("device") != placed.get(key):
-                raise PlanError(
-                    f"graph node {node.name} says device {fact.get('device')!r}, the plan says {placed.get(key)!r}"
-                )
 
 
 def run_passes(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) -> Plan:
@@ -86,7 +94,6 @@ def run_passes(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) ->
         plan = p(gm, plan, options)
         try:
             verify_plan(plan)
-            check_graph_agrees(gm, plan)
         except PlanError as e:
             raise PlanError(f"pass {p.__name__} (after {ran or 'none'}) produced an invalid plan: {e}") from e
         ran.append(p.__name__)
@@ -95,19 +102,13 @@ def run_passes(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions) ->
     return plan
 
 
-def annotate_from_plan(gm: torch.fx.GraphModule, plan: Plan) -> None:
-    """Write a stored plan's placement onto a freshly captured graph (what load() does before codegen)."""
-    placed = {(e.layer, e.expert): e for e in plan.experts}
-    sites = moe_sites(gm.graph)
-    if sorted(s.layer for s in sites) != sorted(ml.layer for ml in plan.moe_layers):
-        raise PlanError("plan.json's MoE layers do not match the model: recompile")
-    for site in sites:
-        for node in site.experts:
-            fact = node.meta[META_KEY]
-            e = placed.get((fact["layer"], fact["expert"]))
-            if e is None:
-                raise PlanError(
-                    f"plan.json has no placement for layer {fact['layer']} expert {fact['expert']}: recompile"
-                )
-            fact["device"], fact["bytes"] = e.device, e.bytes
-    check_graph_agrees(gm, plan)
+def lower(gm: torch.fx.GraphModule, plan: Plan) -> tuple[torch.fx.Graph, torch.fx.Graph | None]:
+    """The graph codegen prints: a copy of the captured one, rewritten by LOWERING in order; and its
+    micro-batched copy where the plan micro-batches (None otherwise)."""
+    graph = torch.fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    for rewrite in LOWERING:
+        rewrite(graph, gm, plan)
+    graph.lint()
+    micro = micro_batched(graph, plan) if plan.target.micro_batches > 1 else None
+    return graph, micro

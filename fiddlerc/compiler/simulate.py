@@ -28,11 +28,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from fiddlerc.chrome_trace import chrome_trace
 from fiddlerc.compiler.cost import CostModel
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
 from fiddlerc.plan import CPU, ExpertPlacement, MoeLayer, Plan
-from fiddlerc.runtime.trace import chrome_trace
 from fiddlerc.units import parse_dtype
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")

@@ -20,7 +20,6 @@ from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
-from fiddlerc.runtime.host_memory import huge_pages_available
 from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
@@ -79,35 +78,29 @@ class CompiledModel:
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
         try:
-            self._placed, dense = bind_weights(
-                meta_model,
-                artifact.folder,
-                self.plan,
-                device,
-                self._worker,
-                kernels,
-                huge_pages_available(),
-                artifact.sources,
+            bound = bind_weights(
+                meta_model, artifact.folder, self.plan, device, self._worker, kernels, artifact.sources
             )
         except BaseException:
             self._finalizer()
             raise
         self.hf_model = meta_model
+        self.placed_experts = bound.placed  # each MoE layer's PlacedExperts (fiddlerc.runtime.experts)
         self.tracer: Tracer | None = None
         self._trace_path = Path(trace) if trace is not None else None
         if trace is not None:
             self.tracer = Tracer()
             _trace_attention(meta_model, self.tracer)
-            for placed in self._placed:
+            for placed in bound.placed:
                 placed.tracer = self.tracer
         module = load_module(artifact.module_text, str(artifact.path / MODULE_FILE))
         self._forward = module.CompiledForward(meta_model, meta_model.config)
-        self._forward.placed = {p.layer: p for p in self._placed}
-        self._forward.dense = dense
-        if self.tracer is not None and dense:
+        self._forward.placed = {p.layer: p for p in bound.placed}
+        self._forward.dense = bound.attention
+        if self.tracer is not None and bound.attention:
             _trace_generated_attention(self._forward, self.tracer)
         # Generated attention writes into a static cache sized for the compiled context.
-        self._static_cache = bool(dense)
+        self._static_cache = bool(bound.attention)
         self._cache_class = cache_class(meta_model)
         gen = getattr(meta_model, "generation_config", None)
         self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
@@ -131,7 +124,7 @@ class CompiledModel:
             if cache.split is None:  # the prefill decides; decode steps follow it
                 cache.split = input_ids.shape[0] >= micro and input_ids.shape[0] % micro == 0
             if cache.split:
-                return self._forward.forward_micro(input_ids, cache.caches, attention_mask, position_ids)
+                return self._forward.run_micro(input_ids, cache.caches, attention_mask, position_ids)
             cache = cache.caches[0]
         return self._forward(input_ids, cache, attention_mask, position_ids)
 
@@ -233,7 +226,7 @@ class CompiledModel:
 
         layers = {
             p.layer: {**summary(p.tokens_fast, p.tokens_cpu, p.tokens_fetched), "per_expert": list(p.expert_tokens)}
-            for p in self._placed
+            for p in self.placed_experts
         }
         totals = [sum(v[k] for v in layers.values()) for k in ("fast", "cpu", "fetched")]
         return {"layers": layers, **summary(*totals)}

@@ -13,19 +13,53 @@ Each layout answers, for one block: which parameters are routed experts, how one
 
 from __future__ import annotations
 
+import functools
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
-
-from fiddlerc.runtime.experts import ExpertMath, ExpertWeights, PlacedExperts
 
 # get(name, e) -> the parts of parameter `name` (relative to the block) for expert e, as stored
 # (one slice of a fused [E, ...] tensor, or one tensor per stored part); whole(name) -> the full tensor.
 PartsFn = Callable[[str, int], tuple[torch.Tensor, ...]]
 WholeFn = Callable[[str], torch.Tensor]
+
+
+class ExpertParts(NamedTuple):
+    """One expert's weights as the runtime computes with them, in `F.linear` layout ([out, in]; views of
+    the checkpoint's tensors, transposed where stored the other way): `w_in` is the input projection,
+    one tensor ([2I, H] gate and up, or [I, H] up only) or, where the gate applies to its halves, the
+    two halves (gate [I, H], up [I, H]); `w_out` is [H, I]. The loader turns them into the runtime's
+    ExpertWeights (fiddlerc.runtime.experts)."""
+
+    w_in: tuple[torch.Tensor, ...]
+    b_in: tuple[torch.Tensor, ...] | None
+    w_out: torch.Tensor
+    b_out: torch.Tensor | None
+
+
+@dataclass(frozen=True)
+class ExpertMath:
+    """How an expert computes, read off a transformers experts module (its flags and gate function)."""
+
+    act: Callable[[torch.Tensor], torch.Tensor]
+    gate: Callable[[torch.Tensor], torch.Tensor] | None  # the family's `_apply_gate`; None: act(up) only
+    split_gate: bool  # the default gate act(gate) * up, computed on the halves without concatenating
+    scale_input: bool = False  # routing weight multiplies the expert's input (Llama4), not its output
+
+    @staticmethod
+    def of(module: nn.Module) -> ExpertMath:
+        """Keeps the family's exact gate arithmetic (GPT-OSS's clamped SwiGLU, ...) by calling its own code."""
+        from transformers.integrations.moe import _default_apply_gate
+
+        has_gate = getattr(module, "has_gate", True)
+        apply_gate = getattr(type(module), "_apply_gate", _default_apply_gate)
+        split = has_gate and getattr(module, "is_concatenated", True) and apply_gate is _default_apply_gate
+        gate = functools.partial(apply_gate, module) if has_gate else None
+        return ExpertMath(act=getattr(module, "act_fn", None), gate=gate, split_gate=split)
 
 
 def _params(module: nn.Module) -> dict[str, nn.Parameter]:
@@ -53,11 +87,11 @@ class Layout:
     def math(self, block: nn.Module) -> ExpertMath:
         raise NotImplementedError
 
-    def weights(self, block: nn.Module, e: int, parts: PartsFn, whole: WholeFn) -> ExpertWeights:
+    def weights(self, block: nn.Module, e: int, parts: PartsFn, whole: WholeFn) -> ExpertParts:
         raise NotImplementedError
 
-    def install(self, block: nn.Module, placed: PlacedExperts) -> None:
-        """Make the block call `placed` for its routed experts."""
+    def install(self, block: nn.Module, placed: nn.Module) -> None:
+        """Make the block call `placed` (the runtime's PlacedExperts) for its routed experts."""
         setattr(block, self.experts, placed)
 
 
@@ -108,7 +142,7 @@ class ExpertsInterface(Layout):
             b_in = tuple(b_in[0].chunk(2, dim=0)) if b_in else None
         (w_out,) = get("down_proj")
         b_out = get("down_proj_bias")
-        return ExpertWeights(w_in, b_in, w_out, b_out[0] if b_out else None)
+        return ExpertParts(w_in, b_in, w_out, b_out[0] if b_out else None)
 
 
 class Dbrx(Layout):
@@ -126,7 +160,7 @@ class Dbrx(Layout):
         def expert(name: str) -> torch.Tensor:
             return whole(f"experts.mlp.{name}").view(n, inter, -1)[e]  # [I, H], a view
 
-        return ExpertWeights((expert("w1"), expert("v1")), None, expert("w2").t(), None)
+        return ExpertParts((expert("w1"), expert("v1")), None, expert("w2").t(), None)
 
     def install(self, block, placed):
         block.experts = _DbrxExperts(placed)
@@ -135,7 +169,7 @@ class Dbrx(Layout):
 class _DbrxExperts(nn.Module):
     """DBRX's experts call: [B, T, H] in, [B, -1, H] out."""
 
-    def __init__(self, placed: PlacedExperts) -> None:
+    def __init__(self, placed: nn.Module) -> None:
         super().__init__()
         self.placed = placed
 
@@ -160,7 +194,7 @@ class JetMoe(Layout):
     def weights(self, block, e, parts, whole):
         (w_in,) = parts("input_linear.weight", e)
         (w_out,) = parts("output_linear.weight", e)
-        return ExpertWeights(tuple(w_in.chunk(2, dim=0)), None, w_out, None)
+        return ExpertParts(tuple(w_in.chunk(2, dim=0)), None, w_out, None)
 
     def install(self, block, placed):
         del block.input_linear, block.output_linear  # their (meta) weights now live in `placed`
@@ -191,7 +225,7 @@ class Llama4(Layout):
     def weights(self, block, e, parts, whole):
         (gate_up,) = parts("experts.gate_up_proj", e)  # [H, 2I]
         (down,) = parts("experts.down_proj", e)  # [I, H]
-        return ExpertWeights(tuple(gate_up.t().chunk(2, dim=0)), None, down.t(), None)
+        return ExpertParts(tuple(gate_up.t().chunk(2, dim=0)), None, down.t(), None)
 
     def install(self, block, placed):
         block.experts = placed

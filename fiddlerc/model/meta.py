@@ -9,6 +9,8 @@ import torch
 from torch import nn
 
 from fiddlerc.errors import UnsupportedModelError
+from fiddlerc.model.folder import ModelFolder, checkpoint_dtype, load_config
+from fiddlerc.units import dtype_name, parse_dtype
 
 
 @contextlib.contextmanager
@@ -50,3 +52,12 @@ def build_meta_model(config, dtype: torch.dtype) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     return model
+
+
+def meta_model_of(folder: ModelFolder, dtype: str | None = None) -> tuple[nn.Module, torch.dtype]:
+    """The meta model of a model folder and its compute dtype: `dtype` if given, else the checkpoint's
+    (refused where fiddlerc does not compute in it)."""
+    config = load_config(folder)
+    compute_dtype = parse_dtype(dtype) if dtype else checkpoint_dtype(folder, config)
+    dtype_name(compute_dtype)
+    return build_meta_model(config, compute_dtype), compute_dtype

@@ -14,7 +14,6 @@ and gating stay Hugging Face's code). Per call:
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -89,29 +88,9 @@ class ExpertWeights:
         return ExpertWeights(tuple(pack(t) for t in self.w_in), self.b_in, pack(self.w_out), self.b_out)
 
 
-@dataclass(frozen=True)
-class ExpertMath:
-    """How an expert computes, read off a transformers experts module (its flags and gate function)."""
-
-    act: Callable[[torch.Tensor], torch.Tensor]
-    gate: Callable[[torch.Tensor], torch.Tensor] | None  # the family's `_apply_gate`; None: act(up) only
-    split_gate: bool  # the default gate act(gate) * up, computed on the halves without concatenating
-    scale_input: bool = False  # routing weight multiplies the expert's input (Llama4), not its output
-
-    @staticmethod
-    def of(module: nn.Module) -> ExpertMath:
-        """Keeps the family's exact gate arithmetic (GPT-OSS's clamped SwiGLU, ...) by calling its own code."""
-        from transformers.integrations.moe import _default_apply_gate
-
-        has_gate = getattr(module, "has_gate", True)
-        apply_gate = getattr(type(module), "_apply_gate", _default_apply_gate)
-        split = has_gate and getattr(module, "is_concatenated", True) and apply_gate is _default_apply_gate
-        gate = functools.partial(apply_gate, module) if has_gate else None
-        return ExpertMath(act=getattr(module, "act_fn", None), gate=gate, split_gate=split)
-
-
-def run_expert(x: torch.Tensor, w: ExpertWeights, math: ExpertMath) -> torch.Tensor:
-    """One expert on the tokens routed to it: x [n, H] -> [n, H]."""
+def run_expert(x: torch.Tensor, w: ExpertWeights, math) -> torch.Tensor:
+    """One expert on the tokens routed to it: x [n, H] -> [n, H]. `math` says how it computes: the
+    family's activation, gate and flags (fiddlerc.model.families.ExpertMath, read off the model)."""
     b_in = w.b_in or (None,) * len(w.w_in)
     linear = kernels.linear
     if math.split_gate:
@@ -128,7 +107,7 @@ class PlacedExperts(nn.Module):
         self,
         weights: list[ExpertWeights],
         on_cpu: tuple[bool, ...],
-        math: ExpertMath,
+        math,
         fast_device: torch.device,
         worker: CpuWorker,
         layer: int,
@@ -172,7 +151,7 @@ class PlacedExperts(nn.Module):
     def _span(self, name: str, track: str = MAIN, **args):
         return self.tracer.span(f"L{self.layer} {name}", track, **args) if self.tracer is not None else _NO_SPAN
 
-    def _run_cpu(
+    def run_cpu(
         self,
         jobs: list[tuple[int, torch.Tensor, torch.Tensor]],
         ready: torch.cuda.Event | None = None,
@@ -267,13 +246,13 @@ class PlacedExperts(nn.Module):
                     ready.record(torch.cuda.current_stream(dev))
                     bounds = [0, *accumulate(len(tok) for tok, _ in picked)]
                     jobs = [(e, host_x[a:b], host_w[a:b]) for e, a, b in zip(cpu_hit, bounds, bounds[1:], strict=False)]
-                    future = self.worker.submit(self._run_cpu, jobs, ready, host_out)
+                    future = self.worker.submit(self.run_cpu, jobs, ready, host_out)
                 else:  # the fast device is the CPU: the worker reads the activations where they are
                     jobs = [
                         (e, hidden_states[tok], top_k_weights[tok, slot, None])
                         for e, (tok, slot) in zip(cpu_hit, picked, strict=True)
                     ]
-                    future = self.worker.submit(self._run_cpu, jobs)
+                    future = self.worker.submit(self.run_cpu, jobs)
 
         outputs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         copies = self._fetch_copies(fetched, hidden_states.device) if fetched else None
@@ -327,7 +306,7 @@ class PlacedExperts(nn.Module):
         future = None
         if on_worker:
             jobs = [(e, hidden_states, top_k_weights[:, slot, None]) for e, slot in on_worker]
-            future = self.worker.submit(self._run_cpu, jobs)
+            future = self.worker.submit(self.run_cpu, jobs)
         outputs = {}
         for e, slot in picks:
             if (e, slot) not in on_worker:

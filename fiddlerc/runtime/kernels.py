@@ -25,25 +25,19 @@ bf16 425 us vs 521 us (its product already uses both cores).
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import platform
-import statistics
-import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from fiddlerc.hardware import cache_dir, cpu_name
+from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
 from fiddlerc.runtime.worker import CpuWorker
 
 KERNELS = ("reference", "packed")
 MODES = ("auto", *KERNELS)  # what load(kernels=...) accepts
 PACK_TOKENS = 1  # the call size packed layouts are tuned for: decode, the case that matters most
 MIN_AUTO_BYTES = 256 * 2**10  # smaller weights are call-overhead bound: auto keeps the reference
-POOL_BYTES = 96 * 2**20  # the measured weights cycle through more than any L3 cache
 _PROBE_TOKENS = (1, 8)
 
 
@@ -135,20 +129,18 @@ class KernelLinear(nn.Module):
 
 def _time(fn, weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> float:
     """Median seconds per call, cycling through `weights` (larger than the caches together)."""
-    fn(x, weights[0])
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
+
+    def one_pass() -> None:
         for w in weights:
             fn(x, w)
-        times.append((time.perf_counter() - t0) / len(weights))
-    return statistics.median(times)
+
+    return median_seconds(one_pass, rounds) / len(weights)
 
 
 def measure(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict[str, dict[int, float]]:
     """Microseconds per call of each kernel this CPU supports, by token count, for a weight `shape`."""
     out_f, in_f = shape
-    n = max(4, -(-POOL_BYTES // (out_f * in_f * dtype.itemsize)))
+    n = pool_size(out_f * in_f * dtype.itemsize)
     gen = torch.Generator().manual_seed(0)
     plain = [torch.randn(out_f, in_f, generator=gen).to(dtype) for _ in range(n)]
     candidates = {"reference": (F.linear, plain)}
@@ -175,24 +167,17 @@ def pick(timings: dict[str, dict[int, float]]) -> str:
 
 
 def _cached(kind: str, shape: tuple[int, int], dtype: torch.dtype, compute) -> dict:
-    """`compute()`'s document for this machine, thread count, weight shape and dtype, from the cache in
-    the calibration directory when there (a damaged entry is measured again), else measured and stored."""
-    threads = torch.get_num_threads()
-    key_text = json.dumps([kind, platform.node(), cpu_name(), threads, list(shape), str(dtype), torch.__version__])
-    path = cache_dir() / f"kernel-{hashlib.sha256(key_text.encode()).hexdigest()[:12]}.json"
-    if path.is_file():
-        try:
-            doc = json.loads(path.read_text())
-            if doc.get("key") == json.loads(key_text):
-                return doc
-        except (OSError, ValueError):
-            pass
-    doc = {"key": json.loads(key_text), **compute()}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    tmp.replace(path)
-    return doc
+    """`compute()`'s document for this machine, thread count, weight shape and dtype: from the cache
+    beside the calibration profiles when there, else measured and stored (fiddlerc.measure)."""
+    key = [torch.get_num_threads(), list(shape), str(dtype)]
+
+    def read(text: bytes) -> dict:
+        doc = json.loads(text)
+        if not isinstance(doc, dict):
+            raise ValueError("not a measurement")
+        return doc
+
+    return cached(cache_path(f"kernel-{kind}", key), lambda: json.dumps(compute(), indent=1) + "\n", read)
 
 
 def choose(shape: tuple[int, int], dtype: torch.dtype) -> str:
@@ -213,7 +198,7 @@ def measure_spread(shape: tuple[int, int], dtype: torch.dtype, kernel: str, roun
     this thread (`serial`, each with the intra-op threads), and at once, the second on another thread
     (`spread`), as the CPU worker would run it. Weights cycle through more than the caches."""
     out_f, in_f = shape
-    n = 2 * max(4, -(-POOL_BYTES // (2 * out_f * in_f * dtype.itemsize)))
+    n = 2 * pool_size(2 * out_f * in_f * dtype.itemsize)
     gen = torch.Generator().manual_seed(0)
     weights = [torch.randn(out_f, in_f, generator=gen).to(dtype) for _ in range(n)]
     if kernel == "packed":

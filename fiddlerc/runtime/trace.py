@@ -12,36 +12,15 @@ work synchronises (the routing sync does, once per MoE layer).
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from fiddlerc.chrome_trace import chrome_trace
+
 MAIN, WORKER, COPIES = "fast device (main thread)", "CPU worker", "copies"
-
-
-def chrome_trace(events: list[tuple[str, str, float, float, dict]], tracks: list[str], process: str) -> str:
-    """Trace JSON from (name, track, start us, duration us, args) slices, tracks in the given order."""
-    tid = {name: i + 1 for i, name in enumerate(tracks)}
-    out: list[dict] = [{"name": "process_name", "ph": "M", "pid": 1, "tid": 0, "args": {"name": process}}]
-    for name, i in tid.items():
-        out.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": i, "args": {"name": name}})
-        out.append({"name": "thread_sort_index", "ph": "M", "pid": 1, "tid": i, "args": {"sort_index": i}})
-    for name, track, start, dur, args in events:
-        out.append(
-            {
-                "name": name,
-                "ph": "X",
-                "pid": 1,
-                "tid": tid[track],
-                "ts": round(start, 3),
-                "dur": round(dur, 3),
-                "args": args,
-            }  # fmt: skip
-        )
-    return json.dumps({"traceEvents": out, "displayTimeUnit": "ms"}, indent=None) + "\n"
 
 
 class Tracer:

@@ -151,7 +151,7 @@ def read_files_s(folder: Path) -> float:
 def _run_every_expert(model, dtype: torch.dtype) -> None:
     """Call every expert of every MoE layer once (one token each), as a forward pass would that routes
     to all of them: their weights (or packed copies) are then resident."""
-    for placed in model._placed:
+    for placed in model.placed_experts:
         n, k = placed.num_experts, min(2, placed.num_experts)
         hidden = placed.weights[0].w_out.shape[0]
         x = torch.zeros(n, hidden, dtype=dtype, device=placed.fast_device)
@@ -218,7 +218,7 @@ def expert_kernel(model, rounds: int = 5) -> ExpertKernel | None:
     k = int(getattr(model.config, "num_experts_per_tok", 2) or 2)
     cpu_only = model.device.type == "cpu"
     calls, nbytes = [], 0
-    for p in model._placed:
+    for p in model.placed_experts:
         cpu = [e for e, w in enumerate(p.weights) if w.w_out.device.type == "cpu"]
         for i in range(0, len(cpu), k):
             picks = cpu[i : i + k]
@@ -240,11 +240,11 @@ def expert_kernel(model, rounds: int = 5) -> ExpertKernel | None:
                 if cpu_only:
                     p(x, torch.tensor([picks]), weights)
                 else:
-                    p._run_cpu([(e, x, weights[:, :1]) for e in picks])
+                    p.run_cpu([(e, x, weights[:, :1]) for e in picks])
 
     one_pass()  # warm up
     seconds = statistics.median(_timed(one_pass, rounds))
-    return ExpertKernel(nbytes, seconds, k, cpu_only and any(p.spread for p in model._placed))
+    return ExpertKernel(nbytes, seconds, k, cpu_only and any(p.spread for p in model.placed_experts))
 
 
 def _timed(run, rounds: int) -> list[float]:

@@ -1,7 +1,7 @@
 """Calibration: measure this machine for a model and write a hardware profile.
 
 CPU: time one expert (the model's real shape and dtype) at 1..128 tokens, cycling through a pool of
-experts larger than the caches (reusing one expert looks 1.7x faster, DESIGN.md), and fit the
+experts larger than the caches (fiddlerc.measure.POOL_BYTES), and fit the
 roofline the cost model uses, flat then linear where the curve bends; the profile keeps the
 bandwidth and throughput it implies, the measurements, and the fit's worst relative error. With
 CUDA, the same for the GPU plus pinned host<->device copy bandwidth.
@@ -18,11 +18,8 @@ measure again.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import os
-import platform
 import statistics
 import tempfile
 import time
@@ -33,12 +30,12 @@ import torch
 import torch.nn.functional as F
 
 from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, cache_dir, cpu_name, profile_from_json
+from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
 
 log = logging.getLogger(__name__)
 
 TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 LINEAR = 1.9  # time ratio per doubling of the tokens that counts as compute-bound
-POOL_BYTES = 512 * 2**20  # cycle through this much expert weight: larger than any cache
 
 
 def _time_expert(
@@ -50,7 +47,7 @@ def _time_expert(
     that keeps a big expert whose small calls are already compute-bound (bf16 without native support)
     from taking minutes."""
     expert_bytes = 3 * hidden * inter * dtype.itemsize
-    pool = min(max(2, -(-POOL_BYTES // expert_bytes)), 64)
+    pool = min(pool_size(expert_bytes, minimum=2), 64)
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
     weights = [
@@ -149,8 +146,11 @@ def _decode_ms(config, dtype: torch.dtype, device: str, threads: int, tokens: in
     """Median ms per decode step of a random-weight model of `config`, compiled and run by fiddlerc."""
     from transformers.utils import logging as hf_logging
 
-    from fiddlerc.api import compile, load  # calibration measures our own compiler's runtime
-    from fiddlerc.model.meta import build_meta_model
+    from fiddlerc.artifact import compile_model  # calibration measures our own compiler's runtime
+    from fiddlerc.compiler.options import CompileOptions, parse_target
+    from fiddlerc.loader import load
+    from fiddlerc.model.folder import open_model_folder
+    from fiddlerc.model.meta import build_meta_model, meta_model_of
     from fiddlerc.tools.demo import write_model
 
     n_params = sum(p.numel() for p in build_meta_model(config, dtype).parameters())
@@ -161,20 +161,22 @@ def _decode_ms(config, dtype: torch.dtype, device: str, threads: int, tokens: in
     try:
         with tempfile.TemporaryDirectory(prefix="fiddlerc-calibrate-") as tmp:
             src, out = write_model(config, Path(tmp) / "model", seed=0), Path(tmp) / "out"
-            options = {"context": tokens + 16, "dtype": str(dtype).removeprefix("torch.")}
-            n_experts = len(compile(src, out, "1TiB", **options).plan.experts)
-            compile(src, out, "1TiB", fast_experts=n_experts // 2, **options)  # half on each tier, as in a real run
+            folder, name = open_model_folder(src), str(dtype).removeprefix("torch.")
+
+            def compile_with(fast_experts: int | None):
+                target = parse_target("1TiB", context=tokens + 16, fast_experts=fast_experts)
+                return compile_model(folder, *meta_model_of(folder, name), target, CompileOptions(), out)
+
+            compile_with(len(compile_with(None).plan.experts) // 2)  # half on each tier, as in a real run
             ids = torch.randint(3, config.vocab_size, (1, 8), generator=torch.Generator().manual_seed(0))
             with load(out, device=device, num_threads=threads) as model:
 
-                def run(n: int) -> float:
-                    t0 = time.perf_counter()
-                    model.generate(ids, max_new_tokens=n, ignore_eos=True)
-                    return time.perf_counter() - t0
+                def run(n: int):
+                    return lambda: model.generate(ids, max_new_tokens=n, ignore_eos=True)
 
-                run(4)  # warm up
-                long = statistics.median(run(tokens + 1) for _ in range(rounds))
-                short = statistics.median(run(1) for _ in range(rounds))
+                run(4)()  # warm up
+                long = median_seconds(run(tokens + 1), rounds, warmup=0)
+                short = median_seconds(run(1), rounds, warmup=0)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
@@ -226,14 +228,11 @@ def disk_gbps(folder: Path, n_bytes: int = 256 * 2**20) -> float:
 def _copy_gbps(n_bytes: int, to_device: bool) -> float:
     host = torch.empty(n_bytes, dtype=torch.uint8).pin_memory()
     dev = torch.empty(n_bytes, dtype=torch.uint8, device="cuda")
-    times = []
-    for _ in range(4):
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
+
+    def copy() -> None:
         (dev.copy_(host, non_blocking=True) if to_device else host.copy_(dev, non_blocking=True))
-        torch.cuda.synchronize()
-        times.append(time.perf_counter() - t0)
-    return round(n_bytes / statistics.median(times[1:]) / 1e9, 3)
+
+    return round(n_bytes / median_seconds(copy, 3, sync=torch.cuda.synchronize) / 1e9, 3)
 
 
 def calibrate(
@@ -251,14 +250,20 @@ def calibrate(
     threads = threads or torch.get_num_threads()
     cuda = torch.cuda.is_available()
     family = None if config is None else config.model_type
-    key_text = json.dumps(
-        ["v3", platform.node(), cpu_name(), threads, hidden, inter, str(dtype), torch.__version__, cuda, family]
-    )
-    key = hashlib.sha256(key_text.encode()).hexdigest()[:12]
-    path = cache_dir() / f"calibrated-{key}.json"
-    if use_cache and path.is_file():
-        return profile_from_json(path.read_bytes(), str(path)), path
+    path = cache_path("calibrated", ["v3", threads, hidden, inter, str(dtype), cuda, family])
+    name = path.stem
 
+    def read(text: bytes) -> HardwareProfile:
+        return profile_from_json(text, str(path))
+
+    def measure() -> str:
+        return _measure(name, hidden, inter, dtype, config, threads, repeats, cuda).to_json()
+
+    return cached(path, measure, read, use_cache=use_cache), path
+
+
+def _measure(name, hidden, inter, dtype, config, threads, repeats, cuda) -> HardwareProfile:
+    """Measure this machine into the profile `calibrate` caches (see the module docstring)."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -315,15 +320,10 @@ def calibrate(
         log.info("calibrated in %.1f s", time.perf_counter() - t0)
     finally:
         torch.set_num_threads(old_threads)
-    profile = HardwareProfile(
-        name=f"calibrated-{key}",
+    return HardwareProfile(
+        name=name,
         description=f"this machine ({cpu_name()}, {threads} threads{', ' + gpu.name if gpu else ', no GPU'}), measured for a {hidden}x{inter} {dtype} expert",
         cpu=cpu,
         gpu=gpu,
         sources=sources,
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(profile.to_json())
-    tmp.replace(path)
-    return profile, path

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import tempfile
 import time
@@ -21,6 +20,7 @@ from pathlib import Path
 import torch
 
 from fiddlerc.errors import OptionError
+from fiddlerc.files import write_atomic
 from fiddlerc.popularity import RoutingCounter
 
 
@@ -84,8 +84,11 @@ def profile_model(
     progress: bool = True,
 ) -> ProfileRun:
     """Count routing decisions over the documents in `data` and write them to `out` (popularity JSON)."""
-    from fiddlerc.api import compile, load  # profiling runs the compiler's own runtime
+    from fiddlerc.artifact import compile_model  # profiling runs the compiler's own runtime
+    from fiddlerc.compiler.options import CompileOptions, parse_target
+    from fiddlerc.loader import load
     from fiddlerc.model.folder import open_model_folder
+    from fiddlerc.model.meta import meta_model_of
     from fiddlerc.model.tokenizer import load_tokenizer
 
     if max_tokens is not None and max_tokens <= 0:
@@ -101,14 +104,16 @@ def profile_model(
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="fiddlerc-profile-") as tmp:
         context = max(len(ids) for ids in encoded) + decode_tokens
-        art = compile(folder.path, Path(tmp) / "all-fast", "1024TiB", context=context)  # every expert on the fast tier
+        model, dtype = meta_model_of(folder)
+        target = parse_target("1024TiB", context=context)  # every expert on the fast tier
+        art = compile_model(folder, model, dtype, target, CompileOptions(), Path(tmp) / "all-fast")
         moe = art.plan.moe_layers
         counter = RoutingCounter(tuple(ml.layer for ml in moe), tuple(ml.num_experts for ml in moe))
         bar = _Progress(len(encoded), progress)
         done = tokens = 0
         interrupted = False
         with load(Path(tmp) / "all-fast", device="cpu", num_threads=threads) as model:
-            for placed in model._placed:
+            for placed in model.placed_experts:
                 placed.observer = counter
             try:
                 for ids in encoded:
@@ -141,7 +146,5 @@ def profile_model(
         "model_type": art.plan.model.model_type,
         "config_sha256": art.plan.model.config_sha256,
     }
-    tmp_out = out.with_name(f".{out.name}.tmp")
-    tmp_out.write_text(counter.to_json(source, interrupted, info))
-    os.replace(tmp_out, out)
+    write_atomic(out, counter.to_json(source, interrupted, info))
     return ProfileRun(out, done, tokens, interrupted)

@@ -1,8 +1,10 @@
+from dataclasses import replace
+
 import pytest
 import torch
 
 from fiddlerc.compiler.capture import capture
-from fiddlerc.compiler.options import CompileOptions
+from fiddlerc.compiler.options import CompileOptions, parse_target
 from fiddlerc.compiler.pipeline import initial_plan
 from fiddlerc.errors import BudgetError
 from fiddlerc.model.folder import load_config, open_model_folder
@@ -19,8 +21,8 @@ def _captured(path):
 
 def test_dense_bytes_and_kv_reserve(model_dirs):
     folder, model, gm = _captured(model_dirs("mixtral"))
-    options = CompileOptions(gpu_budget_bytes=2**30, context_tokens=100, batch_size=3)
-    plan = find_experts(gm, initial_plan(model, folder.config_json, torch.float32, options), options)
+    options, target = CompileOptions(), parse_target(2**30, context=100, batch=3)
+    plan = find_experts(gm, initial_plan(model, folder.config_json, torch.float32, target, options), options)
     plan = account_memory(gm, plan, options)
     total = sum(p.numel() * 4 for p in model.parameters())
     experts = sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
@@ -38,12 +40,12 @@ def test_mla_kv_bytes(model_dirs):
 
 def test_budget_below_dense_weights_says_what_is_needed(model_dirs):
     folder, model, gm = _captured(model_dirs("qwen2_moe"))
-    options = CompileOptions(gpu_budget_bytes=1000, context_tokens=10)
-    plan = find_experts(gm, initial_plan(model, folder.config_json, torch.float32, options), options)
+    options, target = CompileOptions(), parse_target(1000, context=10)
+    plan = find_experts(gm, initial_plan(model, folder.config_json, torch.float32, target, options), options)
     with pytest.raises(BudgetError, match=r"give at least .* \((\d+) bytes\)") as info:
         account_memory(gm, plan, options)
     import re
 
     need = int(re.search(r"\((\d+) bytes\)", str(info.value)).group(1))
-    ok = CompileOptions(gpu_budget_bytes=need, context_tokens=10)
-    assert account_memory(gm, plan, ok).memory.free_bytes == 0
+    ok = plan.with_(target=replace(plan.target, budget_bytes=need))
+    assert account_memory(gm, ok, options).memory.free_bytes == 0

@@ -1,5 +1,7 @@
 """place_experts: Before (a plan with memory accounted) -> run -> Expected placement."""
 
+from dataclasses import replace
+
 import pytest
 
 from fiddlerc.compiler.options import CompileOptions
@@ -9,7 +11,7 @@ from fiddlerc.plan import Memory, ModelInfo, MoeLayer, Plan, Target, verify_plan
 
 
 class _NoGraph:
-    """place_experts annotates graph nodes; these tests look at the plan only."""
+    """place_experts reads the plan only: no graph."""
 
     class graph:  # noqa: N801
         nodes = ()
@@ -40,9 +42,7 @@ def before(
 
 
 def run(plan: Plan, fast_experts=None) -> Plan:
-    out = place_experts(
-        _NoGraph, plan, CompileOptions(gpu_budget_bytes=plan.target.budget_bytes, fast_experts=fast_experts)
-    )
+    out = place_experts(_NoGraph, plan.with_(target=replace(plan.target, fast_experts=fast_experts)), CompileOptions())
     verify_plan(out, complete=True)
     return out
 
@@ -112,9 +112,7 @@ def test_priced_placement_states_the_saving_and_the_host_memory():
     from fiddlerc.hardware import load_profile
 
     gpu_box = load_profile("quadro-rtx6000-skylake48")
-    plan = place_experts(
-        _NoGraph, before(budget=700), CompileOptions(gpu_budget_bytes=700, hardware=gpu_box, cpu_memory_bytes=250)
-    )
+    plan = place_experts(_NoGraph, before(budget=700), CompileOptions(hardware=gpu_box, cpu_memory_bytes=250))
     fast = [e for e in plan.experts if e.device == "cuda:0"]
     assert len(fast) == 2 and all("ms/token on the fast tier" in e.reason for e in plan.experts)
     # host memory holds the cpu-tier experts: 6 x 100 B against 250 B
@@ -122,6 +120,6 @@ def test_priced_placement_states_the_saving_and_the_host_memory():
     assert plan.memory.paged_fraction == pytest.approx(1 - 250 / 600)
     # a CPU-only target keeps everything in host memory; the budget defaults to the profile's memory
     cpu_box = load_profile("cpu-2core")
-    plan = place_experts(_NoGraph, before(budget=700), CompileOptions(gpu_budget_bytes=700, hardware=cpu_box))
+    plan = place_experts(_NoGraph, before(budget=700), CompileOptions(hardware=cpu_box))
     assert plan.memory.host_bytes == 400 + 100 + 8 * 100
     assert plan.memory.host_budget_bytes == cpu_box.cpu.memory_bytes and plan.memory.paged_fraction == 0

@@ -1,0 +1,53 @@
+"""The base class of every generated module.py (`class CompiledForward(GeneratedForward)`).
+
+module.py holds what the plan decides: the straight-line forward, the generated attention written
+with the model's numbers, the micro-batched forward. This class holds what is the same for every
+model: the Hugging Face model and config the generated code reads (`self.m`, `self._cfg`), the
+runtime objects the loader sets (`placed`, `dense`), and the helpers the generated code calls as
+`self.<name>(...)`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from fiddlerc.runtime import attention, norms
+
+
+class GeneratedForward(nn.Module):
+    def __init__(self, model: nn.Module, config) -> None:
+        super().__init__()
+        self.m = model
+        self._cfg = config
+        self.placed: dict = {}  # MoE layer -> its PlacedExperts (fiddlerc.runtime.experts), set by the loader
+        self.dense: dict = {}  # layer -> its generated attention's AttentionWeights, set by the loader
+
+    rms_norm = staticmethod(norms.rms_norm)
+    causal_mask = staticmethod(attention.causal_mask)
+
+    @staticmethod
+    def micro_rows(x: torch.Tensor | None, micro_batch: int, count: int) -> torch.Tensor | None:
+        """Micro-batch `micro_batch` of `count` equal parts of a batch's rows; a tensor of one row (position
+        ids shared by the batch) or None is the same for every micro-batch."""
+        if x is None or x.shape[0] == 1:
+            return x
+        rows = x.shape[0] // count
+        return x[micro_batch * rows : (micro_batch + 1) * rows]
+
+    def defer(self, micro_batch: int | None) -> None:
+        """From here on MoE calls leave their CPU experts running for `micro_batch` (None: wait as usual)."""
+        for placed in self.placed.values():
+            placed.deferred = micro_batch
+
+    def wait(self, layer: int, micro_batch: int, out: torch.Tensor) -> torch.Tensor:
+        """The block output of a deferred MoE call plus its CPU experts' part."""
+        part = self.placed[layer].finish(micro_batch)
+        return out if part is None else out + part.view_as(out).to(out.dtype)
+
+    def run_micro(self, input_ids, caches, attention_mask, position_ids) -> torch.Tensor:
+        """`forward_micro` (generated where the plan micro-batches), leaving no MoE call deferred if it raises."""
+        try:
+            return self.forward_micro(input_ids, caches, attention_mask, position_ids)
+        finally:
+            self.defer(None)
