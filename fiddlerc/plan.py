@@ -170,6 +170,13 @@ class Plan:
         return tuple(e.device for e in mine)
 
 
+def fetches(fetch_min_tokens: int | None, tokens: int) -> bool:
+    """The execution policy of a cpu-tier expert (`ExpertPlacement.fetch_min_tokens`): whether a call
+    of `tokens` tokens copies the expert's weights to the GPU and computes it there, rather than sending
+    the tokens to the CPU. The runtime and the simulator both decide with this."""
+    return fetch_min_tokens is not None and tokens >= fetch_min_tokens
+
+
 # ---------------------------------------------------------------------------------------------
 # JSON
 

@@ -29,7 +29,7 @@ import networkx as nx
 import torch.fx
 
 from fiddlerc.compiler.capture import moe_sites
-from fiddlerc.compiler.cost import CostModel
+from fiddlerc.compiler.cost import CostModel, layer_dense_ms
 from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import OptionError
 from fiddlerc.plan import CPU, Plan
@@ -99,7 +99,7 @@ def _stage_costs(plan: Plan, options: CompileOptions, rows: int) -> tuple[list[f
     model = CostModel.for_plan(plan, hw)
     itemsize = parse_dtype(plan.model.dtype).itemsize
     assert plan.memory is not None
-    dense = model.layer_overhead_ms + model.dense_ms(plan.memory.dense_bytes // plan.model.num_layers, rows, itemsize)
+    dense = layer_dense_ms(model, plan, rows)
     code, submit, cpu = [], [], []
     for ml in plan.moe_layers:
         on_cpu = sum(1 for d in plan.placement(ml.layer) if d == CPU) / ml.num_experts

@@ -316,3 +316,19 @@ def test_loading_warns_when_host_memory_is_short(model_dirs, tmp_path, monkeypat
     with caplog.at_level(logging.WARNING, logger="fiddlerc.loader.devices"):
         fiddlerc.load(tmp_path / "out", device="cpu").close()
     assert "page from disk" not in caplog.text
+
+
+def test_closed_form_and_simulator_price_a_layer_alike():
+    """The closed form's dense time is the per-step overhead plus every layer's `layer_dense_ms`, the cost
+    the simulator and the micro-batch scheduler charge for a layer too."""
+    from fiddlerc.api import plan
+    from fiddlerc.compiler.cost import CostModel, layer_dense_ms, predict_decode
+    from fiddlerc.hardware import load_profile
+
+    hw = load_profile("rtx4090-ddr5")
+    p = plan(Path(__file__).parent / "data" / "mixtral-8x7b-config.json", "24GiB", context=512, hardware=hw.name)
+    model, t = CostModel.for_plan(p, hw), p.target
+    kv = p.memory.kv_reserve_bytes // (t.context_tokens * t.batch_size * p.model.num_layers)
+    want = model.step_overhead_ms + p.model.num_layers * layer_dense_ms(model, p, 1, kv * 100)
+    assert predict_decode(p, hw, position=100).dense_ms == pytest.approx(want)
+    assert layer_dense_ms(model, p, 1, 10**9) > layer_dense_ms(model, p, 1, 0)  # the cache read counts

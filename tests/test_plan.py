@@ -100,3 +100,10 @@ def test_complete_requires_every_expert():
     partial = plan.with_(experts=plan.experts[:3], memory=Memory(1000, 500, 100, {"cuda:0": 100, "cpu": 200}))
     with pytest.raises(PlanError, match="no placement"):
         verify_plan(partial, complete=True)
+
+
+def test_fetch_rule_is_from_the_threshold_on():
+    from fiddlerc.plan import fetches
+
+    assert not fetches(None, 10**6)  # no threshold: never fetched (decode, CPU-only targets)
+    assert not fetches(8, 7) and fetches(8, 8) and fetches(8, 9)

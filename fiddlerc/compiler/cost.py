@@ -131,6 +131,18 @@ class DecodePrediction:
         return 1000.0 / self.ms_per_token
 
 
+def layer_dense_ms(model: CostModel, plan: Plan, n_tokens: int, kv_bytes: int = 0) -> float:
+    """One decoder layer's work beside its routed experts, on the fast device, for a call of `n_tokens`
+    rows that reads `kv_bytes` of KV cache: the per-layer overhead, the layer's share of the dense weights
+    (a roofline) and the cache read. The closed form (`predict_decode`), the simulator
+    (fiddlerc.compiler.simulate) and the micro-batch scheduler (passes/schedule_overlap.py) all price a
+    layer with this."""
+    assert plan.memory is not None
+    itemsize = parse_dtype(plan.model.dtype).itemsize
+    share = model.dense_ms(plan.memory.dense_bytes // plan.model.num_layers, n_tokens, itemsize)
+    return model.layer_overhead_ms + share + model.fast_read_ms(kv_bytes)
+
+
 def _layer_ms(
     k: int, n_fast: int, n_cpu: int, t_fast: float, t_cpu: float, shared: bool, cpu_share: float | None
 ) -> float:
@@ -159,12 +171,8 @@ def predict_decode(plan: Plan, profile: HardwareProfile, position: int | None = 
     itemsize = parse_dtype(plan.model.dtype).itemsize
     t = plan.target
     pos = t.context_tokens // 2 if position is None else position
-    kv_per_token = plan.memory.kv_reserve_bytes // (t.context_tokens * t.batch_size)
-    dense = (
-        model.fast_read_ms(plan.memory.dense_bytes + kv_per_token * pos)
-        + model.step_overhead_ms
-        + plan.model.num_layers * model.layer_overhead_ms
-    )
+    kv_per_token_layer = plan.memory.kv_reserve_bytes // (t.context_tokens * t.batch_size * plan.model.num_layers)
+    dense = model.step_overhead_ms + plan.model.num_layers * layer_dense_ms(model, plan, 1, kv_per_token_layer * pos)
     fast_total = cpu_total = layers = 0.0
     by_layer: dict[int, list] = {ml.layer: [] for ml in plan.moe_layers}
     for e in plan.experts:

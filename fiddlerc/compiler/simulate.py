@@ -29,10 +29,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from fiddlerc.chrome_trace import chrome_trace
-from fiddlerc.compiler.cost import CostModel
+from fiddlerc.compiler.cost import CostModel, layer_dense_ms
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
-from fiddlerc.plan import CPU, ExpertPlacement, MoeLayer, Plan
+from fiddlerc.plan import CPU, ExpertPlacement, MoeLayer, Plan, fetches
 from fiddlerc.units import parse_dtype
 
 RESOURCES = ("gpu", "cpu", "h2d", "d2h")
@@ -148,8 +148,7 @@ def play_layer(
     itemsize = parse_dtype(plan.model.dtype).itemsize
     mem = plan.memory
     assert mem is not None
-    dense = model.layer_overhead_ms + model.dense_ms(mem.dense_bytes // plan.model.num_layers, n_tokens, itemsize)
-    routed = tl.add("gpu", dense + model.fast_read_ms(kv_bytes), after, f"L{layer} dense")
+    routed = tl.add("gpu", layer_dense_ms(model, plan, n_tokens, kv_bytes), after, f"L{layer} dense")
     if moe is None or counts is None:
         return routed
     nbytes = moe.layer.bytes_per_expert
@@ -157,10 +156,9 @@ def play_layer(
     cpu_calls, fetched = [], []
     for e in np.flatnonzero(counts):
         n = int(counts[e])
-        threshold = moe.fetch_min_tokens[e]
         if not moe.on_cpu[e]:
             tl.add("gpu", model.fast_expert_ms(n, nbytes, itemsize), routed, f"L{layer} E{e} fast")
-        elif threshold is not None and n >= threshold:
+        elif fetches(moe.fetch_min_tokens[e], n):
             fetched.append((int(e), n))
         else:
             cpu_calls.append((int(e), n))

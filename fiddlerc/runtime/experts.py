@@ -23,6 +23,7 @@ from math import prod as math_prod
 import torch
 from torch import nn
 
+from fiddlerc.plan import fetches
 from fiddlerc.runtime import kernels
 from fiddlerc.runtime.host_memory import host_copy
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
@@ -210,10 +211,9 @@ class PlacedExperts(nn.Module):
 
         fast_hit, cpu_hit, fetched = [], [], []
         for e in hit:
-            threshold = self.fetch_min_tokens[e]
             if not self.on_cpu[e]:
                 fast_hit.append(e)
-            elif threshold is not None and counts[e] >= threshold:
+            elif fetches(self.fetch_min_tokens[e], counts[e]):
                 fetched.append(e)  # a big call of a cpu-tier expert: copy its weights rather than its tokens
             else:
                 cpu_hit.append(e)
