@@ -12,7 +12,7 @@ from fiddlerc.model.families import VERIFIED
 from fiddlerc.passes.schedule_overlap import list_schedule
 from tests.conftest import VOCAB, hf_greedy, tiny_config
 
-MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+MIXTRAL = Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json"
 TUPLE_BLOCKS = {"gpt_oss", "llama4_text"}  # their MoE blocks return (output, router scores)
 
 

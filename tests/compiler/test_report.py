@@ -8,9 +8,9 @@ import pytest
 from fiddlerc.api import plan as plan_model
 from fiddlerc.compiler.report import report_html, report_text, time_split
 
-MIXTRAL = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+MIXTRAL = Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json"
 HISTORY = (
-    Path(__file__).parent / "data" / "mixtral-8x7b-popularity" / "mixtral_8x7b_instruct-high_school_us_history.json"
+    Path(__file__).parents[1] / "data" / "mixtral-8x7b-popularity" / "mixtral_8x7b_instruct-high_school_us_history.json"
 )
 VOID = {"meta", "br", "img", "hr", "input", "link"}
 

@@ -15,7 +15,7 @@ from fiddlerc.compiler.cost import CostModel, predict_decode
 from fiddlerc.compiler.simulate import Timeline, Workload, simulate
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import load_profile
-from tests.test_cost import CPU_, GPU, plan, profile
+from tests.compiler.test_cost import CPU_, GPU, plan, profile
 
 ROW = 0.0002  # ms to copy one activation row either way
 
@@ -95,7 +95,7 @@ def test_sampled_routing_agrees_with_the_closed_form_and_is_deterministic():
     activation copies) is within 3 % of the closed-form expectation, and a seed fixes it."""
     from fiddlerc.api import plan as plan_model
 
-    config = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+    config = Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json"
     hw = load_profile("quadro-rtx6000-skylake48")
     p = plan_model(config, "24GiB", context=1024, dtype="bfloat16", hardware=hw.name)
     work = Workload(prompt_tokens=400, output_tokens=201)

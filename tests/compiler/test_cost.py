@@ -81,7 +81,7 @@ def test_mixtral_8x7b_on_the_papers_machine_from_config_alone():
     from fiddlerc.api import plan as plan_model
     from fiddlerc.hardware import load_profile
 
-    config = Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+    config = Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json"
     p = plan_model(config, "24GiB", context=512)
     n_fast = sum(e.device != "cpu" for e in p.experts)
     assert 50 <= n_fast <= 70  # the paper: about 56 of 256 experts fit beside the dense weights
@@ -96,7 +96,7 @@ def test_deepseek_v3_from_config_alone_pages_on_a_1_tib_host():
     from fiddlerc.api import plan as plan_model
     from fiddlerc.hardware import load_profile
 
-    config = Path(__file__).parent / "data" / "deepseek-v3-config.json"
+    config = Path(__file__).parents[1] / "data" / "deepseek-v3-config.json"
     p = plan_model(config, "80GiB", hardware="h100-server")
     assert len(p.moe_layers) == 58 and len(p.experts) == 58 * 256
     assert p.moe_layers[0].bytes_per_expert == 3 * 7168 * 2048 * 2
@@ -183,7 +183,7 @@ def test_narrowed_configs_keep_the_family_and_fit_in_memory(name):
     from fiddlerc.model.meta import build_meta_model
     from fiddlerc.tools.calibrate import narrow_config
 
-    full = AutoConfig.from_pretrained(Path(__file__).parent / "data" / f"{name}-config.json")
+    full = AutoConfig.from_pretrained(Path(__file__).parents[1] / "data" / f"{name}-config.json")
     small = narrow_config(full, 5)
     assert (small.model_type, small.num_hidden_layers, small.hidden_size) == (full.model_type, 5, 64)
     model = build_meta_model(small, torch.float32)
@@ -326,7 +326,7 @@ def test_closed_form_and_simulator_price_a_layer_alike():
     from fiddlerc.hardware import load_profile
 
     hw = load_profile("rtx4090-ddr5")
-    p = plan(Path(__file__).parent / "data" / "mixtral-8x7b-config.json", "24GiB", context=512, hardware=hw.name)
+    p = plan(Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json", "24GiB", context=512, hardware=hw.name)
     model, t = CostModel.for_plan(p, hw), p.target
     kv = p.memory.kv_reserve_bytes // (t.context_tokens * t.batch_size * p.model.num_layers)
     want = model.step_overhead_ms + p.model.num_layers * layer_dense_ms(model, p, 1, kv * 100)

@@ -34,7 +34,7 @@ def test_run_trace_shows_cpu_experts_under_main_thread_work(model_dirs, tmp_path
 def test_simulated_trace_has_the_same_format(tmp_path):
     from fiddlerc.cli import main
 
-    config = __import__("pathlib").Path(__file__).parent / "data" / "mixtral-8x7b-config.json"
+    config = __import__("pathlib").Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json"
     args = [
         "plan",
         str(config),

@@ -1,0 +1,59 @@
+"""Lowering: the rewrites codegen prints the result of, and micro-batching as a graph copy."""
+
+from dataclasses import replace
+
+import pytest
+
+from fiddlerc.compiler.capture import capture
+from fiddlerc.compiler.lowering import micro_batched
+from fiddlerc.compiler.options import CompileOptions, parse_target
+from fiddlerc.compiler.pipeline import initial_plan, lower, run_passes
+from fiddlerc.errors import PlanError
+from fiddlerc.model.folder import open_model_folder
+from fiddlerc.model.meta import meta_model_of
+
+
+def _planned(path, **target):
+    folder = open_model_folder(path)
+    model, dtype = meta_model_of(folder)
+    gm = capture(model)
+    options = CompileOptions(micro_batches=target.pop("micro_batches", None))
+    return gm, run_passes(
+        gm, initial_plan(model, folder.config_json, dtype, parse_target("1GiB", context=64, **target), options), options
+    )
+
+
+def test_each_moe_layer_folds_into_one_commented_block_call(model_dirs):
+    gm, plan = _planned(model_dirs("mixtral"))
+    graph, micro = lower(gm, plan)
+    calls = [n for n in graph.nodes if n.op == "call_module" and n.name.startswith("moe_")]
+    assert [n.target for n in calls] == [f"m.{ml.block}" for ml in plan.moe_layers] and micro is None
+    assert all(
+        n.meta["fiddlerc"]["comment"].startswith(f"layer {ml.layer} MoE: experts")
+        for n, ml in zip(calls, plan.moe_layers)
+    )
+    assert not [n for n in graph.nodes if n.op == "call_function" and "fiddlerc_expert" in str(n.target)]
+    assert {n.target for n in graph.nodes if n.op == "call_module" and not n.target.startswith("m.")} == {
+        "attention", "rms_norm", "causal_mask"}  # fmt: skip
+
+
+def test_micro_batched_graph_copies_each_stage_once_per_micro_batch_in_schedule_order(model_dirs):
+    gm, plan = _planned(model_dirs("mixtral"), batch=4, micro_batches=2)
+    graph, micro = lower(gm, plan)
+    moe = [n for n in micro.nodes if n.op == "call_module" and n.target.startswith("m.") and ".mlp" in n.target]
+    assert len(moe) == 2 * len(plan.moe_layers)
+    waits = [n for n in micro.nodes if n.target == "wait"]
+    order = [n.args[:2] for n in waits]  # (layer, micro-batch) in the order the schedule joins them
+    want = [
+        (plan.moe_layers[int(op[1:].split(".")[1])].layer, int(op[1])) for op in plan.target.schedule if op[0] == "w"
+    ]
+    assert order == want
+    bad = plan.with_(target=replace(plan.target, schedule=tuple(reversed(plan.target.schedule))))
+    with pytest.raises(PlanError, match="before"):
+        micro_batched(graph, bad)
+
+
+def test_a_plan_for_other_moe_layers_is_refused(model_dirs):
+    gm, plan = _planned(model_dirs("mixtral"))
+    with pytest.raises(PlanError, match="MoE layers do not match"):
+        lower(gm, plan.with_(moe_layers=plan.moe_layers[:1], experts=tuple(e for e in plan.experts if e.layer == 0)))
