@@ -280,11 +280,7 @@ def _is_text(x: object) -> bool:
     return isinstance(x, str) and not any(ord(c) < 32 or ord(c) == 127 for c in x)
 
 
-def verify_plan(plan: Plan, *, complete: bool = False) -> None:
-    """Raise PlanError unless every field is well-typed and the parts agree.
-
-    `complete` also requires what the last pass produces (memory and a placement per expert).
-    """
+def _check_model_and_target(plan: Plan) -> None:
     m, t = plan.model, plan.target
     _check(plan.format_version == FORMAT_VERSION, f"format_version must be {FORMAT_VERSION}")
     _check(_is_text(plan.fiddlerc_version), "fiddlerc_version must be text")
@@ -351,29 +347,35 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         and (t.micro_batches > 1 or not t.schedule),
         "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
     )
-    if plan.prediction is not None:
-        pr = plan.prediction
-        _check(t.hardware is not None, "a prediction needs target.hardware")
-        _check(
-            isinstance(pr.busy_ms, dict) and set(pr.busy_ms) <= {"gpu", "cpu", "h2d", "d2h"},
-            "prediction.busy_ms must map gpu, cpu, h2d, d2h to milliseconds",
-        )
-        numbers = (
-            pr.decode_ms_per_token,
-            pr.dense_ms,
-            pr.fast_expert_ms,
-            pr.cpu_expert_ms,
-            pr.simulated_ms_per_token,
-            *pr.busy_ms.values(),
-        )
-        _check(
-            all(
-                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in numbers
-            )
-            and _is_int(pr.position),
-            "prediction numbers must be finite and non-negative",
-        )
 
+
+def _check_prediction(plan: Plan) -> None:
+    t = plan.target
+    if plan.prediction is None:
+        return
+    pr = plan.prediction
+    _check(t.hardware is not None, "a prediction needs target.hardware")
+    _check(
+        isinstance(pr.busy_ms, dict) and set(pr.busy_ms) <= {"gpu", "cpu", "h2d", "d2h"},
+        "prediction.busy_ms must map gpu, cpu, h2d, d2h to milliseconds",
+    )
+    numbers = (
+        pr.decode_ms_per_token,
+        pr.dense_ms,
+        pr.fast_expert_ms,
+        pr.cpu_expert_ms,
+        pr.simulated_ms_per_token,
+        *pr.busy_ms.values(),
+    )
+    _check(
+        all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in numbers)
+        and _is_int(pr.position),
+        "prediction numbers must be finite and non-negative",
+    )
+
+
+def _check_moe_layers(plan: Plan) -> dict[int, MoeLayer]:
+    m = plan.model
     layers: dict[int, MoeLayer] = {}
     for ml in plan.moe_layers:
         _check(_is_int(ml.layer) and ml.layer < m.num_layers, f"moe layer {ml.layer!r} out of range")
@@ -402,6 +404,11 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         )
         layers[ml.layer] = ml
 
+    return layers
+
+
+def _check_experts(plan: Plan, layers: dict[int, MoeLayer]) -> set[tuple[int, int]]:
+    t = plan.target
     seen: set[tuple[int, int]] = set()
     for e in plan.experts:
         where = f"expert ({e.layer!r}, {e.expert!r})"
@@ -427,6 +434,11 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
             f"{where}: fetch_min_tokens must be null or a positive integer on a cpu-tier expert",
         )
 
+    return seen
+
+
+def _check_attention(plan: Plan) -> None:
+    m = plan.model
     attn_layers: set[int] = set()
     for a in plan.attention:
         _check(_is_int(a.layer) and a.layer < m.num_layers, f"attention layer {a.layer!r} out of range")
@@ -438,38 +450,54 @@ def verify_plan(plan: Plan, *, complete: bool = False) -> None:
         _check(a.path in (GENERATED, HF), f"attention layer {a.layer}: path must be {GENERATED!r} or {HF!r}")
         _check(_is_text(a.reason) and len(a.reason) <= 300, f"attention layer {a.layer}: reason must be short text")
 
-    if plan.memory is not None:
-        mem = plan.memory
-        _check(
-            all(_is_int(x) for x in (mem.budget_bytes, mem.dense_bytes, mem.kv_reserve_bytes)),
-            "memory byte counts must be non-negative integers",
-        )
-        _check(
-            mem.budget_bytes == t.budget_bytes and mem.gpu == t.device,
-            "memory.budget_bytes and memory.gpu must be target.budget_bytes and target.device",
-        )
-        _check(
-            all(x is None or _is_int(x) for x in (mem.host_bytes, mem.host_budget_bytes)),
-            "memory.host_bytes and host_budget_bytes must be null or non-negative integers",
-        )
-        _check(isinstance(mem.expert_bytes, dict), "memory.expert_bytes must be an object")
-        for dev, b in mem.expert_bytes.items():
-            _check(
-                isinstance(dev, str) and (dev == CPU or dev in t.gpus()) and _is_int(b),
-                f"memory.expert_bytes[{dev!r}] is invalid",
-            )
-        if plan.experts:
-            sums: dict[str, int] = {}
-            for e in plan.experts:
-                sums[e.device] = sums.get(e.device, 0) + e.bytes
-            _check(
-                sums == {d: b for d, b in mem.expert_bytes.items() if b},
-                "memory.expert_bytes does not match the experts' placement",
-            )
-            _check(mem.free_bytes >= 0, "experts on the GPU exceed the budget")
-            for dev, budget in t.more_gpus.items():
-                _check(mem.expert_bytes.get(dev, 0) <= budget, f"experts on {dev} exceed its budget")
 
+def _check_memory(plan: Plan) -> None:
+    t = plan.target
+    if plan.memory is None:
+        return
+    mem = plan.memory
+    _check(
+        all(_is_int(x) for x in (mem.budget_bytes, mem.dense_bytes, mem.kv_reserve_bytes)),
+        "memory byte counts must be non-negative integers",
+    )
+    _check(
+        mem.budget_bytes == t.budget_bytes and mem.gpu == t.device,
+        "memory.budget_bytes and memory.gpu must be target.budget_bytes and target.device",
+    )
+    _check(
+        all(x is None or _is_int(x) for x in (mem.host_bytes, mem.host_budget_bytes)),
+        "memory.host_bytes and host_budget_bytes must be null or non-negative integers",
+    )
+    _check(isinstance(mem.expert_bytes, dict), "memory.expert_bytes must be an object")
+    for dev, b in mem.expert_bytes.items():
+        _check(
+            isinstance(dev, str) and (dev == CPU or dev in t.gpus()) and _is_int(b),
+            f"memory.expert_bytes[{dev!r}] is invalid",
+        )
+    if plan.experts:
+        sums: dict[str, int] = {}
+        for e in plan.experts:
+            sums[e.device] = sums.get(e.device, 0) + e.bytes
+        _check(
+            sums == {d: b for d, b in mem.expert_bytes.items() if b},
+            "memory.expert_bytes does not match the experts' placement",
+        )
+        _check(mem.free_bytes >= 0, "experts on the GPU exceed the budget")
+        for dev, budget in t.more_gpus.items():
+            _check(mem.expert_bytes.get(dev, 0) <= budget, f"experts on {dev} exceed its budget")
+
+
+def verify_plan(plan: Plan, *, complete: bool = False) -> None:
+    """Raise PlanError unless every field is well-typed and the parts agree.
+
+    `complete` also requires what the last pass produces (memory and a placement per expert).
+    """
+    _check_model_and_target(plan)
+    _check_prediction(plan)
+    layers = _check_moe_layers(plan)
+    seen = _check_experts(plan, layers)
+    _check_attention(plan)
+    _check_memory(plan)
     if complete:
         _check(plan.memory is not None, "memory accounting is missing")
         _check(bool(plan.moe_layers), "the plan has no MoE layers")

@@ -41,7 +41,7 @@ def _configs():
         "jetmoe": lambda: T.JetMoeConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_key_value_heads=2, kv_channels=8, intermediate_size=24, num_local_experts=4,
                                          num_experts_per_tok=2, max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2),
         "dbrx": lambda: T.DbrxConfig(vocab_size=VOCAB, d_model=32, n_heads=4, n_layers=2, max_seq_len=256, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-                                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # DESIGN.md: DBRX needs rope_theta; HF's clamp needs clip_qkv
+                                     attn_config={"kv_n_heads": 2, "rope_theta": 10000.0, "clip_qkv": 8.0},  # DBRX needs rope_theta to build, and clip_qkv for its clamp
                                      ffn_config={"ffn_hidden_size": 24, "moe_num_experts": 4, "moe_top_k": 2}),
         "llama4_text": lambda: T.Llama4TextConfig(**c, intermediate_size=24, intermediate_size_mlp=48, num_local_experts=4, num_experts_per_tok=1, head_dim=8, interleave_moe_layer_step=1),
         "llama": lambda: T.LlamaConfig(**c, intermediate_size=48),  # dense: not MoE

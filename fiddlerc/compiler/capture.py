@@ -1,6 +1,6 @@
 """Capture a Hugging Face causal LM as a torch.fx graph, then expand each experts call.
 
-The recipe (see DESIGN.md): trace a small wrapper with an explicit signature; keep token mixers
+The recipe: trace a small wrapper with an explicit signature; keep token mixers
 (attention, linear attention: the modules that read the cache), rotary embeddings and MoE blocks
 (any block `fiddlerc.model.families` recognises) opaque; wrap the modeling files' mask helpers; keep the
 config object as a `get_attr` node. (Tracing through MoE blocks fails on some families, e.g.
