@@ -3,7 +3,7 @@
 The captured graph inlines each RMSNorm of the Llama kind (Mixtral, Qwen-MoE, DeepSeek, ...) as
 `h = x.to(float32); h = h * rsqrt(h.pow(2).mean(-1, keepdim=True) + eps); weight * h.to(x.dtype)`.
 At decode every op costs about as much as its dispatch (several microseconds here), and a model
-has two such norms per layer, so codegen (`fiddlerc.compiler.codegen`) rewrites each match into one call of
+has two such norms per layer, so lowering (`fiddlerc.compiler.lowering.fuse_rms_norms`) rewrites each match into one call of
 `rms_norm` below. `torch.rms_norm` computes the same fp32 expression in one ATen call, and the
 weight is applied after the cast back as Hugging Face does, so results are bit-identical (checked
 by tests/test_dense_path.py over sizes and dtypes). Norms of other forms (Gemma's `1 + weight`,
@@ -13,7 +13,6 @@ norms without a weight) do not match and stay as they were traced.
 from __future__ import annotations
 
 import torch
-import torch.fx
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -30,7 +30,7 @@ def test_each_moe_layer_folds_into_one_commented_block_call(model_dirs):
     assert [n.target for n in calls] == [f"m.{ml.block}" for ml in plan.moe_layers] and micro is None
     assert all(
         n.meta["fiddlerc"]["comment"].startswith(f"layer {ml.layer} MoE: experts")
-        for n, ml in zip(calls, plan.moe_layers)
+        for n, ml in zip(calls, plan.moe_layers, strict=True)
     )
     assert not [n for n in graph.nodes if n.op == "call_function" and "fiddlerc_expert" in str(n.target)]
     assert {n.target for n in graph.nodes if n.op == "call_module" and not n.target.startswith("m.")} == {
