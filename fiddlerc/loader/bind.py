@@ -17,7 +17,6 @@ decision.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -98,6 +97,7 @@ class WeightBinder:
         self.huge_pages = huge_pages_available()
         self.devices = device_map(plan, fast)
         self.converted: dict[tuple[str, torch.device], torch.Tensor] = {}
+        self._memo: dict[tuple, object] = {}
         self.split_rows = False  # set by bind_weights from `rows_split`, before any dense matrix is placed
         self.layouts: dict[int, Layout] = {}
         hidden = getattr(model.config, "hidden_size", None)
@@ -114,18 +114,26 @@ class WeightBinder:
 
     # -- kernel choices, measured once per shape on this machine (cached by fiddlerc.runtime.kernels)
 
-    @functools.cache  # noqa: B019 - one binder per load: the cache dies with it
+    # Caches held by the binder itself (not functools.cache on the methods, which would keep every binder,
+    # and the model it bound, alive after its load).
+
     def kernel_for(self, shape: tuple[int, int], dtype: torch.dtype) -> str:
-        return kernels.resolve(self.kernel_mode, shape, dtype)
+        key = ("kernel", shape, dtype)
+        if key not in self._memo:
+            self._memo[key] = kernels.resolve(self.kernel_mode, shape, dtype)
+        return self._memo[key]
 
-    @functools.cache  # noqa: B019
     def spread_for(self, shape: tuple[int, int], dtype: torch.dtype, kernel: str) -> bool:
-        return kernels.spread_experts(shape, dtype, kernel)
+        key = ("spread", shape, dtype, kernel)
+        if key not in self._memo:
+            self._memo[key] = kernels.spread_experts(shape, dtype, kernel)
+        return self._memo[key]
 
-    @functools.cache  # noqa: B019
     def fused(self, key: str) -> torch.Tensor:
-        """One memory map per fused [E, ...] experts tensor."""
-        return self.reader.get(key)
+        """One memory map view per fused [E, ...] experts tensor."""
+        if ("fused", key) not in self._memo:
+            self._memo[("fused", key)] = self.reader.get(key)
+        return self._memo[("fused", key)]
 
     # -- steps
 
@@ -260,6 +268,7 @@ class WeightBinder:
         reference cycles."""
         collect = any(t.device.type == "cpu" and not self.reader.maps(t) for t in self.converted.values())
         self.converted.clear()
+        self._memo.clear()
         return_freed_heap(collect)
         self.reader.close()
         leftover = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
