@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -70,6 +72,14 @@ def model_dirs(tmp_path_factory):
     return get
 
 
+@pytest.fixture
+def model_copy(model_dirs, tmp_path):
+    """A private copy of the mixtral test model, for tests that edit or break the folder."""
+    dst = tmp_path / "model"
+    shutil.copytree(model_dirs("mixtral"), dst)
+    return dst
+
+
 @pytest.fixture(scope="session")
 def hf_model():
     """arch folder -> the Hugging Face reference model loaded from disk (fp32, eval)."""
@@ -93,3 +103,28 @@ def hf_greedy(ref, ids, mask, new_tokens: int):
     config = copy.deepcopy(ref.generation_config)
     config.eos_token_id, config.pad_token_id, config.do_sample = 10**9, 0, False
     return ref.generate(input_ids=ids, attention_mask=mask, generation_config=config, max_new_tokens=new_tokens)
+
+
+def padded_prompts():
+    """Two prompts of 10 tokens, the first left-padded by 3 (the mask path of the generated attention)."""
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(3, VOCAB, (2, 10), generator=g)
+    mask = torch.ones_like(ids)
+    ids[0, :3], mask[0, :3] = 0, 0
+    return ids, mask
+
+
+def mapping_of(ptr: int) -> tuple[str, int]:
+    """(file name or "", AnonHugePages kB) of the mapping of this process that holds address `ptr`."""
+    found, name, huge = False, "", 0
+    for line in open("/proc/self/smaps").read().splitlines():
+        head = line.split()
+        if "-" in head[0] and len(head) >= 5 and ":" not in head[0]:
+            if found:
+                break
+            lo, hi = (int(x, 16) for x in head[0].split("-"))
+            found, name = lo <= ptr < hi, head[5] if len(head) > 5 else ""
+        elif found and head[0] == "AnonHugePages:":
+            huge = int(head[1])
+    assert found, f"no mapping holds {ptr:#x}"
+    return name, huge

@@ -128,3 +128,14 @@ def test_calibrate_then_compile_with_auto(tiny_with_tokenizer, tmp_path, monkeyp
     )
     plan = json.loads((tmp_path / "out" / "plan.json").read_text())
     assert plan["target"]["hardware"].startswith("calibrated-") and plan["prediction"]["decode_ms_per_token"] > 0
+
+
+def test_dense_model_exits_2_from_the_cli(tmp_path, capsys):
+    from fiddlerc.cli import main
+    from fiddlerc.tools.demo import write_model
+    from tests.conftest import tiny_config
+
+    src = write_model(tiny_config("llama"), tmp_path / "llama")
+    assert main(["compile", str(src), "-o", str(tmp_path / "out"), "--gpu-memory", "1GiB"]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForCausalLM has no mixture-of-experts block" in err and "DeepSeek-V3" in err

@@ -260,7 +260,7 @@ def find_layout(block: nn.Module, hidden_size: int | None = None) -> Layout | No
     return None
 
 
-# model_type -> name: the families checked end to end against Hugging Face (tests/test_architectures.py).
+# model_type -> name: the families checked end to end against Hugging Face (tests/model/test_families.py).
 # Others whose blocks follow the experts interface compile too; these are the ones we vouch for.
 VERIFIED = {
     "mixtral": "Mixtral",

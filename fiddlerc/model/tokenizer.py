@@ -14,7 +14,8 @@ def load_tokenizer(folder: str | Path):
     try:
         return AutoTokenizer.from_pretrained(str(folder), trust_remote_code=False)
     except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())  # transformers' reasons span lines; the CLI prints errors on one
         raise ModelFolderError(
-            f"{folder} has no usable tokenizer ({e}): add the model's tokenizer files, or use the Python API "
+            f"{folder} has no usable tokenizer ({reason}): add the model's tokenizer files, or use the Python API "
             "with token ids"
         ) from None

@@ -6,7 +6,7 @@ At decode every op costs about as much as its dispatch (several microseconds her
 has two such norms per layer, so lowering (`fiddlerc.compiler.lowering.fuse_rms_norms`) rewrites each match into one call of
 `rms_norm` below. `torch.rms_norm` computes the same fp32 expression in one ATen call, and the
 weight is applied after the cast back as Hugging Face does, so results are bit-identical (checked
-by tests/test_dense_path.py over sizes and dtypes). Norms of other forms (Gemma's `1 + weight`,
+by tests/runtime/test_norms.py over sizes and dtypes). Norms of other forms (Gemma's `1 + weight`,
 norms without a weight) do not match and stay as they were traced.
 """
 

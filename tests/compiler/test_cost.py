@@ -107,27 +107,6 @@ def test_deepseek_v3_from_config_alone_pages_on_a_1_tib_host():
     assert roomy.memory.paged_fraction == 0 and roomy.prediction.decode_ms_per_token < p.prediction.decode_ms_per_token
 
 
-def test_compile_records_the_profile_and_its_prediction(model_dirs, tmp_path):
-    import json
-
-    import fiddlerc
-    from fiddlerc.compiler.report import report_text
-    from fiddlerc.hardware import load_profile
-
-    art = fiddlerc.compile(
-        model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4, hardware="h100-server"
-    )
-    profile = load_profile("h100-server")
-    assert (art.plan.target.hardware, art.plan.target.hardware_sha256) == (profile.name, profile.sha256())
-    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
-    assert manifest["hardware"] == {"name": "h100-server", "sha256": profile.sha256()}
-    want = predict_decode(art.plan, profile, 32)
-    assert art.plan.prediction.decode_ms_per_token == pytest.approx(want.ms_per_token, abs=1e-4)
-    assert "predicted decode on h100-server" in report_text(art.plan)
-    with fiddlerc.load(tmp_path / "out", device="cpu") as model:  # a priced plan loads like any other
-        assert model.plan == art.plan
-
-
 def test_verifier_checks_the_prediction():
     from dataclasses import replace
 
@@ -144,69 +123,6 @@ def test_verifier_checks_the_prediction():
         verify_plan(priced.with_(prediction=Prediction(float("inf"), 0.5, 0.2, 0.3, 10)))
 
 
-def test_roofline_fit_recovers_a_known_machine():
-    from fiddlerc.tools.calibrate import TOKEN_COUNTS, fit_roofline
-
-    expert_bytes, flops = 3 * 1024 * 1024 * 4, 2 * 3 * 1024 * 1024
-    bw, tput = 20.0, 0.05  # GB/s, TFLOP/s
-    ms = [max(expert_bytes / (bw * 1e6), n * flops / (tput * 1e9)) for n in TOKEN_COUNTS]
-    got_bw, got_tput, error = fit_roofline(TOKEN_COUNTS, ms, expert_bytes, flops)
-    assert got_bw == pytest.approx(bw, rel=1e-3) and got_tput == pytest.approx(tput, rel=1e-3) and error < 1e-9
-
-
-def test_calibration_is_cached(tmp_path, monkeypatch):
-    from fiddlerc.hardware import load_profile
-    from fiddlerc.tools import calibrate as cal
-
-    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    monkeypatch.setattr("fiddlerc.measure.POOL_BYTES", 2**20)
-    profile, path = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
-    assert path.parent == tmp_path / "fiddlerc" / "calibration" and path.is_file()
-    assert profile.cpu_only == (not __import__("torch").cuda.is_available())
-    assert profile.cpu.mem_bw_gbps > 0 and profile.cpu.matmul_tflops > 0
-    assert load_profile(path) == profile  # a calibrated profile is an ordinary profile file
-    calls = []
-    monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [(1, 1.0), (2, 1.0)])
-    again, path2 = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
-    assert (again, path2) == (profile, path) and not calls  # read from the cache, not measured
-    assert profile.cpu.disk_gbps > 0 and "page cache" in profile.sources["cpu.disk_gbps"]
-
-
-@pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
-def test_narrowed_configs_keep_the_family_and_fit_in_memory(name):
-    """Overhead calibration runs a narrow copy of the user's model: same family, routing and expert
-    count, a few layers, every width small, so even DeepSeek-V3's copy is a few MB."""
-    import torch
-    from transformers import AutoConfig
-
-    from fiddlerc.compiler.capture import capture, moe_sites
-    from fiddlerc.model.meta import build_meta_model
-    from fiddlerc.tools.calibrate import narrow_config
-
-    full = AutoConfig.from_pretrained(Path(__file__).parents[1] / "data" / f"{name}-config.json")
-    small = narrow_config(full, 5)
-    assert (small.model_type, small.num_hidden_layers, small.hidden_size) == (full.model_type, 5, 64)
-    model = build_meta_model(small, torch.float32)
-    assert sum(p.numel() for p in model.parameters()) < 20_000_000
-    sites = moe_sites(capture(model).graph)
-    assert len(sites) == 5 - getattr(full, "first_k_dense_replace", 0)
-    assert {len(s.experts) for s in sites} == {getattr(full, "n_routed_experts", None) or full.num_local_experts}
-
-
-def test_overheads_are_measured_on_the_runtime_and_fall_back_for_other_families():
-    import torch
-    from transformers import LlamaConfig
-
-    from fiddlerc.tools.calibrate import measure_overheads
-    from tests.conftest import tiny_config
-
-    layer_ms, step_ms, what = measure_overheads(tiny_config("qwen2_moe"), torch.float32, "cpu", 1)
-    assert layer_ms > 0 and step_ms >= 0 and what == "a width-reduced qwen2_moe model"
-    dense = LlamaConfig(hidden_size=32, intermediate_size=64, num_attention_heads=4, num_hidden_layers=2)
-    layer_ms, _, what = measure_overheads(dense, torch.float32, "cpu", 1)  # nothing to place: not an MoE
-    assert layer_ms > 0 and "Mixtral-shaped" in what
-
-
 def test_layer_policy_minimises_the_makespan_by_hand():
     from fiddlerc.compiler.cost import choose_layer
 
@@ -220,64 +136,6 @@ def test_layer_policy_minimises_the_makespan_by_hand():
     # nothing is fetched on a CPU-only machine
     cpu_only = CostModel(HardwareProfile("c", "", CPU_, None, {}))
     assert choose_layer(cpu_only, 1.0, [(2.0, float("inf"))]) == (3.0, [False])
-
-
-def test_fetch_thresholds_by_hand_and_in_the_plan(model_dirs, tmp_path):
-    import fiddlerc
-    from fiddlerc.passes.plan_execution import fetch_thresholds
-
-    m = CostModel(profile())  # copy 1e8 B at 10 GB/s = 10 ms; GPU 0.6 ms; CPU 1 ms: compute-bound CPU needed
-    assert fetch_thresholds(m, 0, 1, 10**8, 2) == [None]  # the CPU never gets slower than a copy here
-    # CPU at 10 GFLOP/s: 1e8 flops per token = 10 ms per token; a fetch costs 10 + 0.6 ms
-    slow_cpu = CostModel(HardwareProfile("t", "", CpuSpec("c", 1, 100.0, 0.01, 0.0, 1), GPU, {}))
-    assert fetch_thresholds(slow_cpu, 0, 1, 10**8, 2) == [2]  # 10.6 < 20 ms from 2 tokens
-    # Two cpu-tier experts: the first is fetched from 2 tokens, the second only from 3 (both fetched:
-    # GPU 21.2 ms, which must beat max(10.6, 10n)). A rule comparing each expert's own times would
-    # say [2, 2]: at 2 tokens the layer would take 21.2 ms instead of 20. At 1 token the makespan
-    # alone would fetch one (max(10.6, 10) < 20), but the lookup cannot tell that call from a decode
-    # step whose only CPU expert it is, where the fetch loses (10.6 > 10): a call is fetched only
-    # where the fetch also beats that expert on the CPU.
-    assert fetch_thresholds(slow_cpu, 0, 2, 10**8, 2) == [2, 3]
-    # A GPU busy with 20 resident experts (0.6 ms each = 12 ms) fetches later: max(22.6, 0) < 10n from 3
-    assert fetch_thresholds(slow_cpu, 20, 1, 10**8, 2) == [3]
-    cpu_only = CostModel(HardwareProfile("c", "", CPU_, None, {}))
-    assert fetch_thresholds(cpu_only, 0, 3, 10**8, 2) == [None] * 3  # nothing to fetch to
-    art = fiddlerc.compile(
-        model_dirs("mixtral"),
-        tmp_path / "out",
-        gpu_memory="1GiB",
-        context=64,
-        fast_experts=3,
-        hardware="quadro-rtx6000-skylake48",
-    )
-    from fiddlerc.hardware import load_profile
-
-    model = CostModel(load_profile("quadro-rtx6000-skylake48"))
-    for ml in art.plan.moe_layers:  # the plan holds the policy's table, cpu-tier experts in expert order
-        mine = sorted((e for e in art.plan.experts if e.layer == ml.layer), key=lambda e: e.expert)
-        cpu = [e.fetch_min_tokens for e in mine if e.device == "cpu"]
-        assert cpu == fetch_thresholds(model, len(mine) - len(cpu), len(cpu), ml.bytes_per_expert, 4)
-        assert all(e.fetch_min_tokens is None for e in mine if e.device != "cpu")
-    assert any(e.fetch_min_tokens is not None for e in art.plan.experts)
-
-
-def test_fetched_experts_compute_the_same(model_dirs, hf_model, tmp_path):
-    """The fetch path (weights copied to the fast device for a big call) gives the reference's logits."""
-    import torch
-
-    import fiddlerc
-
-    src = model_dirs("mixtral")
-    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
-    ids = torch.randint(3, 100, (2, 12), generator=torch.Generator().manual_seed(0))
-    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
-        for placed in model.placed_experts:  # as a plan for a GPU machine would say: fetch from 3 tokens
-            placed.fetch_min_tokens = tuple(3 if cpu else None for cpu in placed.on_cpu)
-        got = model(ids)
-        stats = model.routing_stats()
-    with torch.no_grad():
-        torch.testing.assert_close(got, hf_model(src)(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
-    assert stats["fetched"] > 0 and stats["cpu"] + stats["fetched"] + stats["fast"] == 2 * 12 * 2 * 2
 
 
 def test_a_measured_curve_replaces_the_roofline_for_its_expert_size():
@@ -298,24 +156,6 @@ def test_a_measured_curve_replaces_the_roofline_for_its_expert_size():
     bad = p.to_json().replace("[\n    8,", "[\n    0,")
     with pytest.raises(Exception, match="expert_curve"):
         profile_from_json(bad)
-
-
-def test_loading_warns_when_host_memory_is_short(model_dirs, tmp_path, monkeypatch, caplog):
-    import logging
-
-    import fiddlerc
-    from fiddlerc.loader import devices as loader
-
-    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
-    monkeypatch.setattr(loader, "available_host_memory", lambda: 1000)
-    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader.devices"):
-        fiddlerc.load(tmp_path / "out", device="cpu").close()
-    assert "will page from disk" in caplog.text
-    caplog.clear()
-    monkeypatch.setattr(loader, "available_host_memory", lambda: 2**40)
-    with caplog.at_level(logging.WARNING, logger="fiddlerc.loader.devices"):
-        fiddlerc.load(tmp_path / "out", device="cpu").close()
-    assert "page from disk" not in caplog.text
 
 
 def test_closed_form_and_simulator_price_a_layer_alike():

@@ -4,6 +4,7 @@ from dataclasses import replace
 
 import pytest
 
+import fiddlerc
 from fiddlerc.compiler.capture import capture
 from fiddlerc.compiler.lowering import micro_batched
 from fiddlerc.compiler.options import CompileOptions, parse_target
@@ -57,3 +58,14 @@ def test_a_plan_for_other_moe_layers_is_refused(model_dirs):
     gm, plan = _planned(model_dirs("mixtral"))
     with pytest.raises(PlanError, match="MoE layers do not match"):
         lower(gm, plan.with_(moe_layers=plan.moe_layers[:1], experts=tuple(e for e in plan.experts if e.layer == 0)))
+
+
+def test_codegen_fuses_every_rms_norm_it_recognises_and_leaves_others(model_dirs, tmp_path):
+    layers = fiddlerc.compile(
+        model_dirs("mixtral"), tmp_path / "m", gpu_memory="1GiB", context=64
+    ).plan.model.num_layers
+    text = (tmp_path / "m" / "module.py").read_text()
+    assert text.count("= self.rms_norm(") == 2 * layers + 1 and "rsqrt" not in text  # two per layer and the final one
+    fiddlerc.compile(model_dirs("qwen3_next"), tmp_path / "q", gpu_memory="1GiB", context=64)
+    text = (tmp_path / "q" / "module.py").read_text()
+    assert "= self.rms_norm(" not in text and "rsqrt" in text  # Gemma-style `1 + weight` norms are not this pattern

@@ -3,6 +3,7 @@ from dataclasses import replace
 import pytest
 import torch
 
+import fiddlerc
 from fiddlerc.compiler.capture import capture
 from fiddlerc.compiler.options import CompileOptions, parse_target
 from fiddlerc.compiler.pipeline import initial_plan
@@ -49,3 +50,9 @@ def test_budget_below_dense_weights_says_what_is_needed(model_dirs):
     need = int(re.search(r"\((\d+) bytes\)", str(info.value)).group(1))
     ok = plan.with_(target=replace(plan.target, budget_bytes=need))
     assert account_memory(gm, ok, options).memory.free_bytes == 0
+
+
+def test_budget_too_small(model_copy, tmp_path):
+    with pytest.raises(BudgetError, match="smaller than the dense weights .* give at least"):
+        fiddlerc.compile(model_copy, tmp_path / "out", gpu_memory="10KiB")
+    assert not (tmp_path / "out").exists()  # nothing half-written

@@ -1,0 +1,123 @@
+"""CPU kernel choice: packed oneDNN weights, row-split products, and the measured, cached picks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fiddlerc
+from fiddlerc.runtime import kernels
+from tests.conftest import padded_prompts
+
+
+def test_pick_takes_the_faster_kernel_only_when_it_wins_at_decode_and_holds_at_prefill():
+    ref = {1: 100.0, 8: 400.0}
+    assert kernels.pick({"reference": ref, "packed": {1: 80.0, 8: 300.0}}) == "packed"
+    assert kernels.pick({"reference": ref, "packed": {1: 99.0, 8: 300.0}}) == "reference"  # within noise
+    assert kernels.pick({"reference": ref, "packed": {1: 80.0, 8: 500.0}}) == "reference"  # loses at prefill
+    assert kernels.pick({"reference": ref}) == "reference"
+
+
+needs_packing = pytest.mark.skipif(not kernels.can_pack(torch.float32), reason="this CPU cannot pack fp32 for oneDNN")
+
+
+@needs_packing
+def test_packed_linear_equals_f_linear_within_fp32_rounding():
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(96, 64, generator=g), torch.randn(96, generator=g)
+    packed = kernels.pack(w)
+    assert packed.is_mkldnn
+    for shape in ((1, 64), (7, 64), (2, 3, 64)):
+        x = torch.randn(*shape, generator=g)
+        torch.testing.assert_close(kernels.linear(x, packed, b), F.linear(x, w, b), rtol=1e-5, atol=1e-5)
+    assert kernels.linear(x, w, b).equal(F.linear(x, w, b))  # a plain weight is the reference
+
+
+@needs_packing
+def test_packed_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model, tmp_path):
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+    ref = hf_model(src)
+    ids, mask = padded_prompts()
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="packed") as model:
+        packed = [name for name, mod in model.hf_model.named_modules() if isinstance(mod, kernels.KernelLinear)]
+        assert packed, "lm_head and the dense projections are packed"
+        assert all(w.is_mkldnn for p in model.placed_experts for ew in p.weights for w in ew.matrices)
+        assert all(d.qkv.is_mkldnn and d.o.is_mkldnn for d in model._forward.dense.values())
+        with torch.no_grad():  # teacher-forced logits, not greedy tokens: rounding differs from the reference
+            want = ref(input_ids=ids, attention_mask=mask).logits
+        got = model(ids, attention_mask=mask)
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_row_split_product_equals_f_linear_within_rounding(dtype):
+    from fiddlerc.runtime.worker import CpuWorker
+
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(300, 128, generator=g).to(dtype), torch.randn(300, generator=g).to(dtype)
+    worker = CpuWorker(1)
+    try:
+        split = kernels.RowSplit(w, worker)
+        assert split.shape == w.shape and not split.is_mkldnn
+        shapes = ((1, 128), (1, 1, 128), (2, 3, 128))  # one token split; more run F.linear on the whole weight
+        for x in (torch.randn(*shape, generator=g).to(dtype) for shape in shapes):
+            for bias in (None, b):
+                # MKL's product takes another path for the last rows of a block: equal within rounding
+                torch.testing.assert_close(kernels.linear(x, split, bias), F.linear(x, w, bias))
+    finally:
+        worker.close()
+
+
+def test_cpu_only_decode_splits_dense_products_where_experts_spread(model_dirs, tmp_path, monkeypatch):
+    monkeypatch.setattr(kernels, "spread_experts", lambda shape, dtype, kernel: True)
+    monkeypatch.setattr(kernels, "MIN_AUTO_BYTES", 0)  # the test model's weights are small
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
+    ids = padded_prompts()[0][1:]
+
+    def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
+        cache, n = model.new_cache(), ids.shape[1]
+        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
+        for i, token in enumerate([5, 9, 2, 7]):
+            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
+        return out
+
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
+        want = decode_logits(ref)
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        dense = model._forward.dense.values()
+        assert all(type(d.qkv) is kernels.RowSplit and type(d.o) is kernels.RowSplit for d in dense)
+        assert type(model.hf_model.lm_head) is kernels.KernelLinear and "row-split" in repr(model.hf_model.lm_head)
+        for got, expected in zip(decode_logits(model), want, strict=True):
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_measures_once_and_caches_the_choice(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+    monkeypatch.setattr(kernels, "measure", lambda shape, dtype: calls.append(shape) or {"reference": {1: 1, 8: 1}})
+    monkeypatch.setattr(kernels, "can_pack", lambda dtype: True)
+    shape = (1024, 1024)
+    assert kernels.choose(shape, torch.float32) == "reference"
+    assert kernels.choose(shape, torch.float32) == "reference"
+    assert calls == [shape]
+    assert kernels.choose((8, 8), torch.float32) == "reference" and calls == [shape]  # too small to measure
+
+
+def test_spread_is_measured_once_and_only_for_weights_worth_measuring(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    calls = []
+
+    def fake(shape, dtype, kernel):
+        calls.append((shape, kernel))
+        return {"serial": 100.0, "spread": 60.0 if kernel == "reference" else 99.0}
+
+    monkeypatch.setattr(kernels, "measure_spread", fake)
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    shape = (1024, 1024)
+    assert kernels.spread_experts(shape, torch.float32, "reference") is True
+    assert kernels.spread_experts(shape, torch.float32, "packed") is False  # within noise: stay serial
+    assert kernels.spread_experts(shape, torch.float32, "reference") is True
+    assert calls == [(shape, "reference"), (shape, "packed")]
+    assert kernels.spread_experts((8, 8), torch.float32, "reference") is False and len(calls) == 2

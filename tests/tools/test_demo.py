@@ -1,0 +1,52 @@
+"""Random-weight model folders written the way a user's looks: deterministic, decisive routers, a byte tokenizer."""
+
+import torch
+from safetensors.torch import load_file
+
+from fiddlerc.model.families import find_layout
+from fiddlerc.model.tokenizer import load_tokenizer
+from fiddlerc.tools.demo import byte_tokenizer, demo_config, write_model
+from tests.conftest import tiny_config
+
+
+def test_the_same_seed_writes_the_same_bytes_and_another_seed_does_not(tmp_path):
+    a = write_model(tiny_config("mixtral"), tmp_path / "a", seed=3)
+    b = write_model(tiny_config("mixtral"), tmp_path / "b", seed=3)
+    c = write_model(tiny_config("mixtral"), tmp_path / "c", seed=4)
+    assert (a / "model.safetensors").read_bytes() == (b / "model.safetensors").read_bytes()
+    assert (a / "model.safetensors").read_bytes() != (c / "model.safetensors").read_bytes()
+    assert (a / "config.json").read_text() == (c / "config.json").read_text()
+
+
+def test_router_scale_widens_only_the_routers_and_zeroes_load_balancing_bias(tmp_path):
+    config = tiny_config("deepseek_v3")
+    plain = load_file(write_model(config, tmp_path / "plain", seed=0) / "model.safetensors")
+    scaled = load_file(write_model(config, tmp_path / "scaled", seed=0, router_scale=8.0) / "model.safetensors")
+    routers = [k for k in plain if k.endswith("mlp.gate.weight")]
+    assert routers and all(scaled[k].std() > 4 * plain[k].std() for k in routers)
+    biases = [k for k in scaled if k.endswith("e_score_correction_bias")]
+    assert biases and all(torch.equal(scaled[k], torch.zeros_like(scaled[k])) for k in biases)
+    assert torch.equal(
+        plain["model.layers.0.self_attn.o_proj.weight"], scaled["model.layers.0.self_attn.o_proj.weight"]
+    )
+
+
+def test_byte_tokenizer_round_trips_any_text_and_is_saved_with_the_model(tmp_path):
+    tok = byte_tokenizer()
+    text = "naïve café, 東京 ✓"
+    ids = tok(text)["input_ids"]
+    assert len(ids) == len(text.encode()) and tok.decode(ids) == text
+    folder = write_model(demo_config(), tmp_path / "demo", tokenizer=True)
+    assert load_tokenizer(folder)(text)["input_ids"] == ids
+
+
+def test_the_demo_model_is_a_small_mixtral_with_eight_experts_top_two():
+    from transformers import AutoModelForCausalLM
+
+    config = demo_config()
+    model = AutoModelForCausalLM.from_config(config)
+    blocks = [m for m in model.modules() if find_layout(m, config.hidden_size) is not None]
+    assert len(blocks) == config.num_hidden_layers == 4
+    assert {find_layout(b, config.hidden_size).num_experts(b) for b in blocks} == {8}
+    mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20
+    assert 50 < mib < 60  # "about 55 MiB of fp32 weights", as its docstring says
