@@ -103,7 +103,7 @@ def compile(  # noqa: A001 - the verb users expect
     `hardware` (a profile name or file, or "auto": this machine, calibrated) prices the plan: its
     prediction goes into plan.json and the report. `cpu_memory` is the host memory for the run
     (default: the profile's); CPU-tier weights beyond it page from disk, which the plan records and the
-    prediction prices. `popularity` is a JSON of measured routing counts (`fiddlerc profile`, or the
+    prediction prices. `popularity` is a JSON of measured routing counts (`fiddlerc popularity`, or the
     Fiddler repository's format): placement weighs each expert by it instead of assuming uniform routing.
     """
     folder = open_model_folder(model_dir)

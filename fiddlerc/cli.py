@@ -8,12 +8,15 @@ import sys
 import time
 from pathlib import Path
 
+from fiddlerc.plan import DTYPE_NAMES
 from fiddlerc.version import __version__
 
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 MICRO_HELP = "split a batch into N micro-batches whose CPU experts overlap each other's GPU work (default: the cost model's choice)"
-POPULARITY_HELP = "measured routing counts (fiddlerc profile's JSON) to place by instead of uniform routing"
+POPULARITY_HELP = (
+    "measured routing counts (the JSON `fiddlerc popularity` writes) to place by instead of uniform routing"
+)
 CPU_MEMORY_HELP = (
     "host memory for the run, e.g. 64GiB (default: the hardware profile's); "
     "CPU-tier weights beyond it page from disk, and the prediction says so"
@@ -195,11 +198,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_profile(args: argparse.Namespace) -> int:
-    from fiddlerc.tools.profiling import profile_model
+def _cmd_popularity(args: argparse.Namespace) -> int:
+    from fiddlerc.tools.count_routing import count_routing
 
     t0 = time.perf_counter()
-    run = profile_model(
+    run = count_routing(
         args.model_dir,
         args.data,
         args.out,
@@ -207,7 +210,7 @@ def _cmd_profile(args: argparse.Namespace) -> int:
         decode_tokens=args.decode_tokens,
         threads=args.threads,
     )
-    how = "interrupted: kept the counts of" if run.interrupted else "profiled"
+    how = "interrupted: kept the counts of" if run.interrupted else "counted"
     print(
         f"{how} {run.documents} documents ({run.tokens} prompt tokens) in {time.perf_counter() - t0:.1f} s "
         f"-> {run.path}; compile with --popularity {run.path}"
@@ -242,6 +245,26 @@ def _cmd_architectures(args: argparse.Namespace) -> int:
     return 0
 
 
+def _target_options(p: argparse.ArgumentParser, *, gpu_memory_required: bool) -> None:
+    """What `compile` and `plan` both turn into the plan's target and compile options."""
+    p.add_argument(
+        "--gpu-memory",
+        required=gpu_memory_required,
+        help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes; several as cuda:0=20GiB,cuda:1=10GiB",
+    )
+    p.add_argument(
+        "--fast-experts", type=int, default=None, metavar="N", help="put exactly the best N experts on the GPU"
+    )
+    p.add_argument(
+        "--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for (default 4096)"
+    )
+    p.add_argument("--batch", type=int, default=1, help="sequences to reserve KV cache for (default 1)")
+    p.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None, help="compute dtype (default: the checkpoint's)")
+    p.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
+    p.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
+    p.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fiddlerc", description="Compile Mixture-of-Experts models to run with experts split between GPU and CPU."
@@ -253,30 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a Hugging Face MoE model folder")
     c.add_argument("model_dir")
     c.add_argument("-o", "--out", required=True, help="output folder")
-    c.add_argument(
-        "--gpu-memory", required=True, help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes"
-    )
-    c.add_argument(
-        "--fast-experts", type=int, default=None, metavar="N", help="put exactly the best N experts on the GPU"
-    )
-    c.add_argument(
-        "--context", type=int, default=4096, help="tokens per sequence to reserve KV cache for (default 4096)"
-    )
-    c.add_argument("--batch", type=int, default=1, help="sequences to reserve KV cache for (default 1)")
-    c.add_argument(
-        "--dtype",
-        choices=["float32", "bfloat16", "float16"],
-        default=None,
-        help="compute dtype (default: the checkpoint's)",
-    )
+    _target_options(c, gpu_memory_required=True)
     c.add_argument(
         "--hardware",
         default=None,
         help="price the plan on a hardware profile: a name (plan --list-hardware), a JSON file, or auto (this machine, calibrated)",
     )
-    c.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
-    c.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
-    c.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
     c.set_defaults(func=_cmd_compile)
 
     r = sub.add_parser("report", help="show the placement of a compiled model and why")
@@ -300,18 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="plan a model from its config alone and predict its decode speed")
     pl.add_argument("model", nargs="?", help="config.json or a folder holding one (weights not needed)")
-    pl.add_argument("--gpu-memory", help="budget of the target GPU")
+    _target_options(pl, gpu_memory_required=False)  # not with --list-hardware
     pl.add_argument(
         "--hardware", default="quadro-rtx6000-skylake48", help="profile name or JSON file (see --list-hardware)"
     )
     pl.add_argument("--list-hardware", action="store_true", help="list the shipped hardware profiles, one per line")
-    pl.add_argument("--fast-experts", type=int, default=None)
-    pl.add_argument("--context", type=int, default=4096)
-    pl.add_argument("--batch", type=int, default=1)
-    pl.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
-    pl.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
-    pl.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
-    pl.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
     pl.add_argument("--html", default=None, metavar="FILE", help="also write the HTML report of the plan there")
     pl.add_argument(
         "--trace", default=None, metavar="FILE", help="write the simulated schedule as a Chrome/Perfetto trace"
@@ -323,11 +321,13 @@ def build_parser() -> argparse.ArgumentParser:
     cal = sub.add_parser("calibrate", help="measure this machine for a model's expert shape (cached)")
     cal.add_argument("model", help="model folder or config.json")
     cal.add_argument("--threads", type=int, default=None)
-    cal.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None)
+    cal.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None)
     cal.add_argument("--force", action="store_true", help="measure again even if cached")
     cal.set_defaults(func=_cmd_calibrate)
 
-    pr = sub.add_parser("profile", help="count where the routers send tokens on your text (expert popularity)")
+    pr = sub.add_parser(
+        "popularity", aliases=["profile"], help="count where the routers send tokens on your text (expert popularity)"
+    )
     pr.add_argument("model_dir")
     pr.add_argument("--data", required=True, help="text, one document per line, or a JSON list of prompts")
     pr.add_argument("-o", "--out", required=True, help="popularity JSON to write (compile --popularity reads it)")
@@ -336,7 +336,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-tokens", type=int, default=0, help="also generate N tokens per document, counted as decode"
     )
     pr.add_argument("--threads", type=int, default=None)
-    pr.set_defaults(func=_cmd_profile)
+    pr.set_defaults(func=_cmd_popularity)
 
     b = sub.add_parser("bench", help="decode/prefill speed and memory of a compiled model beside Hugging Face")
     b.add_argument("out")

@@ -25,7 +25,7 @@ T = TypeVar("T")
 
 # Measured weights cycle through this much memory: more than the last-level cache a core can use
 # (AMD's 3D V-cache parts have 96 MiB per CCD), so each call streams its weight from DRAM as a
-# decode step does. Reusing one expert instead looks 1.7x faster on the development machine.
+# decode step does. Reusing one expert instead would time the cache, and flatter the CPU.
 POOL_BYTES = 256 * 2**20
 
 

@@ -25,9 +25,10 @@ def is_gpu_name(name: object) -> bool:
     return isinstance(name, str) and _GPU_RE.fullmatch(name) is not None
 
 
-_PATH_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*$")
-_NAME_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
-_DTYPES = ("float32", "bfloat16", "float16")
+_PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*"  # a module path: model.layers.3.mlp
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+_SHA256 = r"[0-9a-f]{64}"
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a plan computes in (fiddlerc.units maps them to torch)
 GENERATED, HF = "generated", "hf"  # AttentionLayer.path: fiddlerc's generated attention, or Hugging Face's module
 
 
@@ -280,28 +281,26 @@ def _is_text(x: object) -> bool:
     return isinstance(x, str) and not any(ord(c) < 32 or ord(c) == 127 for c in x)
 
 
+def _matches(x: object, pattern: str) -> bool:
+    return isinstance(x, str) and re.fullmatch(pattern, x) is not None
+
+
+def _is_number(x: object, hi: float = math.inf) -> bool:
+    """A finite real in [0, hi] (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and 0 <= x <= hi
+
+
 def _check_model_and_target(plan: Plan) -> None:
     m, t = plan.model, plan.target
     _check(plan.format_version == FORMAT_VERSION, f"format_version must be {FORMAT_VERSION}")
     _check(_is_text(plan.fiddlerc_version), "fiddlerc_version must be text")
-    _check(
-        isinstance(m.architecture, str) and bool(_NAME_RE.match(m.architecture)),
-        "model.architecture must be an identifier",
-    )
-    _check(
-        isinstance(m.model_type, str) and bool(_NAME_RE.match(m.model_type)), "model.model_type must be an identifier"
-    )
-    _check(m.dtype in _DTYPES, f"model.dtype must be one of {_DTYPES}")
+    _check(_matches(m.architecture, _NAME), "model.architecture must be an identifier")
+    _check(_matches(m.model_type, _NAME), "model.model_type must be an identifier")
+    _check(m.dtype in DTYPE_NAMES, f"model.dtype must be one of {DTYPE_NAMES}")
     _check(_is_int(m.num_layers, 1), "model.num_layers must be a positive integer")
     _check(_is_int(m.hidden_size), "model.hidden_size must be a non-negative integer")
-    _check(
-        isinstance(m.config_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", m.config_sha256)),
-        "model.config_sha256 must be a sha256",
-    )
-    _check(
-        is_gpu_name(t.device),
-        "target.device must be cuda:N",
-    )
+    _check(_matches(m.config_sha256, _SHA256), "model.config_sha256 must be a sha256")
+    _check(is_gpu_name(t.device), "target.device must be cuda:N")
     _check(_is_int(t.budget_bytes), "target.budget_bytes must be a non-negative integer")
     _check(
         isinstance(t.more_gpus, dict)
@@ -317,23 +316,14 @@ def _check_model_and_target(plan: Plan) -> None:
     )
     _check(
         (t.hardware is None) == (t.hardware_sha256 is None)
-        and (
-            t.hardware is None
-            or (isinstance(t.hardware, str) and bool(re.fullmatch(r"[A-Za-z0-9_-]{1,60}", t.hardware)))
-        )
-        and (
-            t.hardware_sha256 is None
-            or (isinstance(t.hardware_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", t.hardware_sha256)))
-        ),
+        and (t.hardware is None or _matches(t.hardware, r"[A-Za-z0-9_-]{1,60}"))
+        and (t.hardware_sha256 is None or _matches(t.hardware_sha256, _SHA256)),
         "target.hardware must be a profile name with its sha256, or both null",
     )
     _check(
         (t.popularity is None) == (t.popularity_sha256 is None)
         and (t.popularity is None or (_is_text(t.popularity) and 0 < len(t.popularity) <= 200))
-        and (
-            t.popularity_sha256 is None
-            or (isinstance(t.popularity_sha256, str) and bool(re.fullmatch(r"[0-9a-f]{64}", t.popularity_sha256)))
-        ),
+        and (t.popularity_sha256 is None or _matches(t.popularity_sha256, _SHA256)),
         "target.popularity must be a file name with its sha256, or both null",
     )
     _check(
@@ -342,7 +332,7 @@ def _check_model_and_target(plan: Plan) -> None:
     )
     _check(
         isinstance(t.schedule, (tuple, list))
-        and all(isinstance(op, str) and re.fullmatch(r"[cw][0-9]{1,3}\.[0-9]{1,4}", op) for op in t.schedule)
+        and all(_matches(op, r"[cw][0-9]{1,3}\.[0-9]{1,4}") for op in t.schedule)
         and len(set(t.schedule)) == len(t.schedule)
         and (t.micro_batches > 1 or not t.schedule),
         "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
@@ -368,8 +358,7 @@ def _check_prediction(plan: Plan) -> None:
         *pr.busy_ms.values(),
     )
     _check(
-        all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x >= 0 for x in numbers)
-        and _is_int(pr.position),
+        all(_is_number(x) for x in numbers) and _is_int(pr.position),
         "prediction numbers must be finite and non-negative",
     )
 
@@ -381,18 +370,12 @@ def _check_moe_layers(plan: Plan) -> dict[int, MoeLayer]:
         _check(_is_int(ml.layer) and ml.layer < m.num_layers, f"moe layer {ml.layer!r} out of range")
         _check(ml.layer not in layers, f"moe layer {ml.layer} listed twice")
         for name in ("block", "experts_module"):
-            v = getattr(ml, name)
-            _check(
-                isinstance(v, str) and bool(_PATH_RE.match(v)), f"moe layer {ml.layer}: {name} must be a module path"
-            )
+            _check(_matches(getattr(ml, name), _PATH), f"moe layer {ml.layer}: {name} must be a module path")
         _check(
             ml.experts_module == ml.block or ml.experts_module.startswith(ml.block + "."),
             f"moe layer {ml.layer}: experts_module must be inside block",
         )
-        _check(
-            isinstance(ml.layout, str) and bool(re.fullmatch(r"[a-z0-9-]{1,40}", ml.layout)),
-            f"moe layer {ml.layer}: bad layout",
-        )
+        _check(_matches(ml.layout, r"[a-z0-9-]{1,40}"), f"moe layer {ml.layer}: bad layout")
         _check(_is_text(ml.routing) and len(ml.routing) <= 200, f"moe layer {ml.layer}: routing must be short text")
         _check(
             _is_int(ml.num_experts, 1) and _is_int(ml.top_k, 1) and ml.top_k <= ml.num_experts,
@@ -421,13 +404,7 @@ def _check_experts(plan: Plan, layers: dict[int, MoeLayer]) -> set[tuple[int, in
             _is_int(e.bytes) and e.bytes == layers[e.layer].bytes_per_expert,
             f"{where}: bytes must equal the layer's bytes_per_expert",
         )
-        _check(
-            isinstance(e.expected_use, (int, float))
-            and not isinstance(e.expected_use, bool)
-            and math.isfinite(e.expected_use)
-            and 0 <= e.expected_use <= 1,
-            f"{where}: expected_use must be a fraction in [0, 1]",
-        )
+        _check(_is_number(e.expected_use, 1), f"{where}: expected_use must be a fraction in [0, 1]")
         _check(_is_text(e.reason) and len(e.reason) <= 500, f"{where}: reason must be text without control characters")
         _check(
             e.fetch_min_tokens is None or (_is_int(e.fetch_min_tokens, 1) and e.device == CPU),
@@ -444,9 +421,7 @@ def _check_attention(plan: Plan) -> None:
         _check(_is_int(a.layer) and a.layer < m.num_layers, f"attention layer {a.layer!r} out of range")
         _check(a.layer not in attn_layers, f"attention layer {a.layer} listed twice")
         attn_layers.add(a.layer)
-        _check(
-            isinstance(a.module, str) and bool(_PATH_RE.match(a.module)), f"attention layer {a.layer}: bad module path"
-        )
+        _check(_matches(a.module, _PATH), f"attention layer {a.layer}: bad module path")
         _check(a.path in (GENERATED, HF), f"attention layer {a.layer}: path must be {GENERATED!r} or {HF!r}")
         _check(_is_text(a.reason) and len(a.reason) <= 300, f"attention layer {a.layer}: reason must be short text")
 

@@ -5,7 +5,7 @@ measurements (shared/data/mixtral-8x7b-popularity/), so those files load as they
 
     {"total_input_tokens": N, "expert_popularity": [[count per expert] per MoE layer]}
 
-`fiddlerc profile` writes a superset: the decoder layer of each row (`layers`), `top_k`, the split
+`fiddlerc popularity` writes a superset: the decoder layer of each row (`layers`), `top_k`, the split
 by phase (`phases`: prompt tokens vs generated tokens, each also by position bucket,
 `position_buckets`), co-selection counts per layer (`coselection`:
 how many tokens picked both expert i and expert j), what was run (`source`) and whether the run
@@ -44,16 +44,16 @@ class Popularity:
         return tuple(top_k * x / total for x in c)
 
     def check_against(self, moe_layers) -> None:
-        """Refuse a profile measured on another model: layer count, decoder layers and experts per layer."""
+        """Refuse counts measured on another model: layer count, decoder layers and experts per layer."""
         where = f"popularity {self.name}"
         if len(self.counts) != len(moe_layers):
             raise OptionError(
                 f"{where} has {len(self.counts)} MoE layers, the model has {len(moe_layers)}: "
-                "it was measured on another model; run `fiddlerc profile` on this one"
+                "it was measured on another model; run `fiddlerc popularity` on this one"
             )
         if self.layers is not None and tuple(self.layers) != tuple(ml.layer for ml in moe_layers):
             raise OptionError(f"{where} covers decoder layers {list(self.layers)}, the model's MoE layers are "
-                              f"{[ml.layer for ml in moe_layers]}: run `fiddlerc profile` on this model")  # fmt: skip
+                              f"{[ml.layer for ml in moe_layers]}: run `fiddlerc popularity` on this model")  # fmt: skip
         for row, ml in zip(self.counts, moe_layers, strict=True):
             if len(row) != ml.num_experts:
                 raise OptionError(
@@ -96,7 +96,7 @@ def popularity_from_json(text: str | bytes, name: str = "popularity") -> Popular
 def load_popularity(path: str | Path) -> Popularity:
     p = Path(path)
     if not p.is_file():
-        raise OptionError(f"popularity file {p} does not exist: give the JSON that `fiddlerc profile` wrote")
+        raise OptionError(f"popularity file {p} does not exist: give the JSON that `fiddlerc popularity` wrote")
     return popularity_from_json(p.read_bytes(), p.name)
 
 

@@ -8,6 +8,7 @@ import re
 import torch
 
 from fiddlerc.errors import OptionError
+from fiddlerc.plan import DTYPE_NAMES
 
 _UNITS = {
     "": 1,
@@ -24,11 +25,7 @@ _UNITS = {
 _SIZE_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*$")
 _MAX_BYTES = 2**60  # 1 EiB: anything larger is a typo, not a machine
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def parse_size(text: str | int) -> int:

@@ -2,13 +2,13 @@
 
 Objective: the minimal predicted decode time per token under the memory left after the dense
 weights and the KV reserve. An expert on the fast tier saves `use * (t_cpu(1) - t_fast(1))` per
-token, where `use` is its expected share of its layer's routed tokens (uniform until profiling
-exists: top_k / num_experts; measured with `--popularity`) and the times come from the cost
+token, where `use` is its expected share of its layer's routed tokens (uniform unless measured:
+top_k / num_experts; measured counts with `--popularity`) and the times come from the cost
 model of `options.hardware`.
 Experts are taken in order of that saving per byte (the knapsack greedy, exact when experts are
 one size, as they are within a model), ties broken round-robin over layers so every layer gets a
 similar share, and placed while they fit. With measured popularity the skewed layers' busy experts
-rank first, so those layers get more of the fast tier. Without a profile, or on a CPU-only one where both
+rank first, so those layers get more of the fast tier. Without a hardware profile, or on a CPU-only one where both
 tiers are the CPU, the saving is taken as proportional to the bytes read, so the order is by
 expected use. `--fast-experts N` takes the best N instead and fails if they do not fit.
 

@@ -139,3 +139,11 @@ def test_dense_model_exits_2_from_the_cli(tmp_path, capsys):
     assert main(["compile", str(src), "-o", str(tmp_path / "out"), "--gpu-memory", "1GiB"]) == 2
     err = capsys.readouterr().err
     assert "LlamaForCausalLM has no mixture-of-experts block" in err and "DeepSeek-V3" in err
+
+
+def test_popularity_is_also_spelt_profile_as_in_the_fiddler_paper():
+    from fiddlerc.cli import build_parser
+
+    for spelling in ("popularity", "profile"):
+        args = build_parser().parse_args([spelling, "model", "--data", "d.txt", "-o", "pop.json"])
+        assert args.func.__name__ == "_cmd_popularity" and (args.model_dir, args.out) == ("model", "pop.json")

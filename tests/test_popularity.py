@@ -1,4 +1,4 @@
-"""Expert popularity: profiling counts, the shared Mixtral measurements, and placement by popularity."""
+"""Expert popularity files: the shared Mixtral measurements, coverage, and malformed files refused."""
 
 import json
 from pathlib import Path

@@ -225,23 +225,11 @@ def _heatmap(plan: Plan) -> str:
     return "".join(out)
 
 
-def report_html(plan: Plan) -> str:
-    """One self-contained page (inline CSS and SVG, no scripts, no network): heatmap, memory, time, decisions."""
-    m, t, mem = plan.model, plan.target, plan.memory
-    assert mem is not None
+def _html_memory(plan: Plan) -> list[str]:
+    """Each GPU's budget as a bar (dense, KV reserve, experts, headroom); the CPU tier and host memory."""
+    t, mem = plan.target, plan.memory
     fast_bytes = mem.expert_bytes.get(t.device, 0)
-    n_fast = sum(1 for e in plan.experts if e.device != CPU)
-    source = f"measured popularity {_esc(t.popularity)}" if t.popularity else "uniform routing (no --popularity)"
     parts = [
-        "<!DOCTYPE html>",
-        '<html lang="en"><head><meta charset="utf-8">',
-        f"<title>fiddlerc report: {_esc(m.architecture)}</title>",
-        f"<style>{_CSS}</style></head><body>",
-        f"<h1>fiddlerc plan for {_esc(m.architecture)}</h1>",
-        f'<p class="sub">{_esc(m.model_type)}, {_esc(m.dtype)}, {m.num_layers} layers, {len(plan.moe_layers)} MoE layers; '
-        f"target {_esc(t.device)} with {_esc(format_size(t.budget_bytes))}; KV reserve for {t.context_tokens} tokens x "
-        f"{t.batch_size}; placed by {source}; hardware profile {_esc(t.hardware or 'none')}</p>",
-        f"<p>{n_fast} of {len(plan.experts)} experts on {_esc(' + '.join(t.gpus()))}.</p>",
         "<h2>Memory</h2>",
         _stacked_bar(
             [
@@ -259,23 +247,21 @@ def report_html(plan: Plan) -> str:
                 (f"headroom {format_size(mem.free_bytes)}", _MEMORY_COLOURS["free"]),
             ]
         ),
-        *(
-            f"<p>{_esc(dev)}: {_esc(format_size(mem.expert_bytes.get(dev, 0)))} of experts in a budget of "
-            f"{_esc(format_size(budget))}.</p>"
+    ]
+    for dev, budget in t.more_gpus.items():
+        used = mem.expert_bytes.get(dev, 0)
+        parts.append(
+            f"<p>{_esc(dev)}: {_esc(format_size(used))} of experts in a budget of {_esc(format_size(budget))}.</p>"
             + _stacked_bar(
                 [
-                    (
-                        f"experts {format_size(mem.expert_bytes.get(dev, 0))}",
-                        mem.expert_bytes.get(dev, 0),
-                        _MEMORY_COLOURS["fast"],
-                    ),
-                    ("free", budget - mem.expert_bytes.get(dev, 0), _MEMORY_COLOURS["free"]),
+                    (f"experts {format_size(used)}", used, _MEMORY_COLOURS["fast"]),
+                    ("free", budget - used, _MEMORY_COLOURS["free"]),
                 ]
             )
-            for dev, budget in t.more_gpus.items()
-        ),
-        f"<p>Experts on the CPU: {_esc(format_size(mem.expert_bytes.get(CPU, 0)))} (host memory, memory-mapped).</p>",
-    ]
+        )
+    parts.append(
+        f"<p>Experts on the CPU: {_esc(format_size(mem.expert_bytes.get(CPU, 0)))} (host memory, memory-mapped).</p>"
+    )
     if mem.host_bytes is not None and mem.host_budget_bytes is not None:
         warn = (
             f' <span class="warn">Pages from disk: {mem.paged_fraction:.0%} of host-resident weight reads.</span>'
@@ -285,32 +271,73 @@ def report_html(plan: Plan) -> str:
         parts.append(
             f"<p>Host memory: {_esc(format_size(mem.host_bytes))} needed of {_esc(format_size(mem.host_budget_bytes))}.{warn}</p>"
         )
-    parts.append("<h2>Predicted time per token</h2>")
+    return parts
+
+
+def _html_time(plan: Plan) -> list[str]:
+    """The predicted token: one bar per resource, busy then idle; or how to get a prediction."""
+    parts = ["<h2>Predicted time per token</h2>"]
     split = time_split(plan)
     pr = plan.prediction
     if pr is None or split is None:
-        parts.append("<p>No prediction: compile with <code>--hardware NAME</code> to price the plan.</p>")
-    else:
-        total = pr.simulated_ms_per_token
+        return [*parts, "<p>No prediction: compile with <code>--hardware NAME</code> to price the plan.</p>"]
+    total = pr.simulated_ms_per_token
+    parts.append(
+        f"<p>Decode, batch 1, position {pr.position}, on {_esc(plan.target.hardware)}: {total:.2f} ms per token "
+        f"simulated ({1000 / total:.2f} tokens/s; closed form {pr.decode_ms_per_token:.2f} ms). Each bar is one "
+        "resource over one token: busy, then idle.</p>"
+    )
+    for name in ("GPU", "CPU", "transfers"):
+        busy = split[name]
+        parts.append(f"<div>{name}: {busy:.2f} ms busy</div>")
         parts.append(
-            f"<p>Decode, batch 1, position {pr.position}, on {_esc(t.hardware)}: {total:.2f} ms per token simulated "
-            f"({1000 / total:.2f} tokens/s; closed form {pr.decode_ms_per_token:.2f} ms). Each bar is one resource "
-            "over one token: busy, then idle.</p>"
-        )
-        for name in ("GPU", "CPU", "transfers"):
-            busy = split[name]
-            parts.append(f"<div>{name}: {busy:.2f} ms busy</div>")
-            parts.append(
-                _stacked_bar(
-                    [
-                        (f"{name} busy {busy:.2f} ms", busy, _TIME_COLOURS[name]),
-                        ("idle", max(0.0, total - busy), _TIME_COLOURS["idle"]),
-                    ],
-                    height=16,
-                )
+            _stacked_bar(
+                [
+                    (f"{name} busy {busy:.2f} ms", busy, _TIME_COLOURS[name]),
+                    ("idle", max(0.0, total - busy), _TIME_COLOURS["idle"]),
+                ],
+                height=16,
             )
-        parts.append(f"<p>The fast device waits {split['idle']:.2f} ms per token (idle).</p>")
-    parts += [
+        )
+    parts.append(f"<p>The fast device waits {split['idle']:.2f} ms per token (idle).</p>")
+    return parts
+
+
+def _html_decisions(plan: Plan) -> list[str]:
+    """The per-expert table: device, size, expected use, fetch threshold and the reason."""
+    parts = [
+        "<h2>Decisions</h2>",
+        "<table><thead><tr><th>layer</th><th>expert</th><th>device</th><th>size</th><th>expected use</th>"
+        "<th>fetch from</th><th>reason</th></tr></thead><tbody>",
+    ]
+    for e in plan.experts:
+        fetch = "-" if e.fetch_min_tokens is None else f"{e.fetch_min_tokens} tokens"
+        parts.append(
+            f'<tr><td class="n">{e.layer}</td><td class="n">{e.expert}</td><td>{_esc(e.device)}</td>'
+            f'<td class="n">{_esc(format_size(e.bytes))}</td><td class="n">{e.expected_use:.4f}</td>'
+            f"<td>{_esc(fetch)}</td><td>{_esc(e.reason)}</td></tr>"
+        )
+    return [*parts, "</tbody></table>"]
+
+
+def report_html(plan: Plan) -> str:
+    """One self-contained page (inline CSS and SVG, no scripts, no network): heatmap, memory, time, decisions."""
+    m, t = plan.model, plan.target
+    assert plan.memory is not None
+    n_fast = sum(1 for e in plan.experts if e.device != CPU)
+    source = f"measured popularity {_esc(t.popularity)}" if t.popularity else "uniform routing (no --popularity)"
+    parts = [
+        "<!DOCTYPE html>",
+        '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>fiddlerc report: {_esc(m.architecture)}</title>",
+        f"<style>{_CSS}</style></head><body>",
+        f"<h1>fiddlerc plan for {_esc(m.architecture)}</h1>",
+        f'<p class="sub">{_esc(m.model_type)}, {_esc(m.dtype)}, {m.num_layers} layers, {len(plan.moe_layers)} MoE layers; '
+        f"target {_esc(t.device)} with {_esc(format_size(t.budget_bytes))}; KV reserve for {t.context_tokens} tokens x "
+        f"{t.batch_size}; placed by {source}; hardware profile {_esc(t.hardware or 'none')}</p>",
+        f"<p>{n_fast} of {len(plan.experts)} experts on {_esc(' + '.join(t.gpus()))}.</p>",
+        *_html_memory(plan),
+        *_html_time(plan),
         "<h2>Experts</h2>",
         f"<p>Rows are MoE layers, columns experts; red outline: on {_esc(' or '.join(t.gpus()))}. Colour: expected share "
         "of the layer's routed tokens against uniform routing.</p>",
@@ -328,16 +355,8 @@ def report_html(plan: Plan) -> str:
         "<ul>",
         *(f"<li>{_esc(line)}</li>" for line in _attention_lines(plan)),
         "</ul>",
-        "<h2>Decisions</h2>",
-        "<table><thead><tr><th>layer</th><th>expert</th><th>device</th><th>size</th><th>expected use</th>"
-        "<th>fetch from</th><th>reason</th></tr></thead><tbody>",
+        *_html_decisions(plan),
+        f'<p class="sub">fiddlerc {_esc(plan.fiddlerc_version)}</p>',
+        "</body></html>",
     ]
-    for e in plan.experts:
-        fetch = "-" if e.fetch_min_tokens is None else f"{e.fetch_min_tokens} tokens"
-        parts.append(
-            f'<tr><td class="n">{e.layer}</td><td class="n">{e.expert}</td><td>{_esc(e.device)}</td>'
-            f'<td class="n">{_esc(format_size(e.bytes))}</td><td class="n">{e.expected_use:.4f}</td>'
-            f"<td>{_esc(fetch)}</td><td>{_esc(e.reason)}</td></tr>"
-        )
-    parts += ["</tbody></table>", f'<p class="sub">fiddlerc {_esc(plan.fiddlerc_version)}</p>', "</body></html>"]
     return "\n".join(parts) + "\n"

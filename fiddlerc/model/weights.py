@@ -145,7 +145,7 @@ def sources_to_json(sources: dict[str, Source]) -> str:
 def sources_from_json(text: bytes, model: nn.Module, folder: ModelFolder) -> dict[str, Source]:
     """Sources written by `sources_to_json` at compile time, checked against the model and its folder as
     `resolve_sources` checks them (every parameter has one, every key is in the files, shapes agree).
-    Spares the load transformers' conversion rules (~0.5 s to build in a fresh process here)."""
+    Spares the load building transformers' conversion rules, a noticeable part of a fresh process's start."""
     try:
         doc = json.loads(text)
         sources: dict[str, Source] = {}

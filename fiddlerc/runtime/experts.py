@@ -198,7 +198,7 @@ class PlacedExperts(nn.Module):
         k = top_k_index.shape[1]
         # [T*k] flat routing on the host: the one synchronisation of this layer.
         flat = top_k_index.reshape(-1).to("cpu")
-        if self.observer is not None:  # profiling: which experts each token picked
+        if self.observer is not None:  # counting routes (fiddlerc popularity): which experts each token picked
             self.observer(self.layer, flat.view(-1, k))
         order = torch.argsort(flat, stable=True)
         counts = torch.bincount(flat, minlength=self.num_experts).tolist()

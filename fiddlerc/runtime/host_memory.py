@@ -2,15 +2,13 @@
 
 A one-token product reads its weight once, front to back, so it runs at memory speed only if the
 hardware prefetchers and the TLB keep up; they do better on 2 MiB pages than on 4 KiB ones (where
-the kernel allows them: `/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`).
-Measured here (AMD EPYC Zen 1, torch 2.13): a one-token fp32 `F.linear` over 48 [1024, 1024] weights,
-12.3 GB/s from 4 KiB pages vs 13.8 GB/s from huge pages; CPU-only decode of the bench model, 7
-alternating rounds, experts swapped in place: fp32 31.3 -> 30.6 ms per token, bf16 32.0 -> 30.9.
+the kernel allows them: `/sys/kernel/mm/transparent_hugepage/enabled` set to `always` or `madvise`),
+by a few percent of decode speed.
 
 The loader uses huge pages only for the copies it makes anyway: a dtype conversion (a bf16 run of an
 fp32 checkpoint converts each weight straight into huge pages) and the fused QKV rows. A weight that
-needs no copy stays memory-mapped: copying it would cost load time (here ~0.8 s per GB, the faults of
-fresh memory in this VM dominating) for ~2% of decode speed.
+needs no copy stays memory-mapped: copying it would cost load time (the page faults of fresh memory,
+about a second per GB in a VM) for those few percent.
 """
 
 from __future__ import annotations
@@ -55,9 +53,8 @@ def host_copy(t: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor
 def return_freed_heap(collect: bool = True) -> None:
     """Give the heap's free memory back to the kernel (glibc's `malloc_trim`; elsewhere nothing). Binding
     weights frees many temporaries of a few MB (dtype conversions, concatenations) that glibc keeps in its
-    heap once its adaptive mmap threshold has grown past their size: measured here, 59 MB of the bf16 bench
-    model's 0.48 GB stayed resident for nothing. With `collect`, the garbage is collected first (~0.15 s
-    with transformers loaded): Hugging Face modules whose weights were replaced sit in reference cycles
+    heap once its adaptive mmap threshold has grown past their size, an eighth of a bf16 model's weight
+    bytes resident for nothing. With `collect`, the garbage is collected first: Hugging Face modules whose weights were replaced sit in reference cycles
     until the collector runs."""
     if collect:
         gc.collect()

@@ -1,10 +1,9 @@
 """CPU matrix kernels: which implementation of `y = x @ W.T + b` runs, chosen by measurement.
 
 At decode a weight is read once per token, so a CPU linear is bound by memory bandwidth, and the
-default call is often far from it: measured here (AMD EPYC, 2 threads, torch 2.13) `F.linear` on a
-[2048, 1024] fp32 weight reaches 14.7 GB/s at 1 token (MKL's matrix-vector path uses one thread)
-and 3.9 GB/s at 4 tokens, where oneDNN with the weight pre-packed in its blocked layout reaches
-17.7 and 7.6 GB/s. Which wins depends on the CPU, dtype, shape and thread count, so it is measured
+default call is often far from it: `F.linear`'s one-token path (MKL's matrix-vector product) runs
+on one thread, and at a few tokens oneDNN with the weight pre-packed in its blocked layout can read
+it faster. Which wins depends on the CPU, dtype, shape and thread count, so it is measured
 per (shape, dtype, threads) on the machine that runs the model, over a pool of weights larger than
 the caches, and cached beside the calibration profiles.
 
@@ -18,9 +17,8 @@ Kernels:
 
 The same measurements decide how a decode token's experts use the cores of a CPU-only machine
 (`spread_experts`): one after the other, each product with the intra-op threads, or spread over the
-main thread and the CPU worker at once. Measured here, two one-token fp32 products on [1024, 1024]
-take 629 us one after the other and 513 us spread (MKL's matrix-vector product runs on one core);
-bf16 425 us vs 521 us (its product already uses both cores).
+main thread and the CPU worker at once. Spreading pays where one product uses one core (MKL's fp32
+matrix-vector product) and loses where it already uses them all (its bf16 product, on some CPUs).
 """
 
 from __future__ import annotations
@@ -62,11 +60,9 @@ class RowSplit:
     thread, the second on the CPU worker, at once, each with the one-thread matrix-vector product. For
     CPU-only decode where two such products side by side measured faster than one after the other
     (`spread_experts`: MKL's fp32 product runs on one core). Calls of more than one token run `F.linear` on
-    the whole weight. Measured in the bench model (fp32, 2 threads, 9 alternating rounds in one process,
-    attention projections and lm_head): decode 27.8 ms per token split vs 28.8 packed; the price is
-    prefill, which is compute-bound and where oneDNN's packed layout is faster: a 32-token prompt took
-    213 ms vs 190 packed. The weight is held once either way (a packed copy beside the mapped pages would
-    not be)."""
+    the whole weight. Its price is prefill, which is compute-bound and where oneDNN's packed layout is
+    faster; decode, which reads every weight once per token, is what a CPU-only run spends most of its
+    time in. The weight is held once either way (a packed copy beside the mapped pages would not be)."""
 
     is_mkldnn = False
 

@@ -1,1 +1,1 @@
-"""Tools beside compile and load: calibration, the benchmark, routing-count profiling, demo models."""
+"""Tools beside compile and load: calibration, the benchmark, routing counts (expert popularity), demo models."""

@@ -24,9 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fiddlerc.measure import POOL_BYTES, median_seconds, seconds
 from fiddlerc.units import parse_dtype
-
-PROBE_BYTES = 512 * 2**20  # larger than any cache
 
 
 @dataclass
@@ -108,16 +107,9 @@ class BenchResult:
 
 def read_bandwidth_gbps(device: torch.device, rounds: int = 5) -> float:
     """Median GB/s of summing a buffer larger than the caches (what a memory-bound kernel can read)."""
-    x = torch.ones(PROBE_BYTES // 4, dtype=torch.float32, device=device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times = []
-    for _ in range(rounds + 1):
-        sync()
-        t0 = time.perf_counter()
-        x.sum()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return PROBE_BYTES / statistics.median(times[1:]) / 1e9
+    x = torch.ones(POOL_BYTES // 4, dtype=torch.float32, device=device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else None
+    return POOL_BYTES / median_seconds(x.sum, rounds, sync=sync) / 1e9
 
 
 def _rss() -> int:
@@ -242,18 +234,34 @@ def expert_kernel(model, rounds: int = 5) -> ExpertKernel | None:
                 else:
                     p.run_cpu([(e, x, weights[:, :1]) for e in picks])
 
-    one_pass()  # warm up
-    seconds = statistics.median(_timed(one_pass, rounds))
-    return ExpertKernel(nbytes, seconds, k, cpu_only and any(p.spread for p in model.placed_experts))
+    return ExpertKernel(
+        nbytes, median_seconds(one_pass, rounds), k, cpu_only and any(p.spread for p in model.placed_experts)
+    )
 
 
-def _timed(run, rounds: int) -> list[float]:
-    out = []
+def _speeds(generate, names: list[str], shape: tuple[int, int], new_tokens: int, rounds: int, rss: dict) -> dict:
+    """Time to first token and full generations of each runner, alternating them round by round so that
+    noise hits all alike; medians. Decode speed is what the tokens after the first took."""
+    batch, prompt_tokens = shape
+    for name in names:  # warm up
+        generate(name, 2)
+    full: dict[str, list[float]] = {n: [] for n in names}
+    first: dict[str, list[float]] = {n: [] for n in names}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        run()
-        out.append(time.perf_counter() - t0)
-    return out
+        for name in names:
+            first[name] += seconds(lambda name=name: generate(name, 1), 1, warmup=0)
+            full[name] += seconds(lambda name=name: generate(name, new_tokens), 1, warmup=0)
+    speeds = {}
+    for name in names:
+        ttft, total = statistics.median(first[name]), statistics.median(full[name])
+        decode = batch * (new_tokens - 1) / max(total - ttft, 1e-9) if new_tokens > 1 else float("nan")
+        speeds[name] = Speed(
+            decode_tokens_per_s=decode,
+            prefill_tokens_per_s=batch * prompt_tokens / ttft,
+            time_to_first_token_s=ttft,
+            resident_bytes_added=rss[name],
+        )
+    return speeds
 
 
 def bench(
@@ -308,24 +316,8 @@ def bench(
                 do_sample=False, pad_token_id=0,
             )  # fmt: skip
 
-    for name in runners:  # warm up
-        generate(name, 2)
-    full: dict[str, list[float]] = {n: [] for n in runners}
-    first: dict[str, list[float]] = {n: [] for n in runners}
-    for _ in range(rounds):  # alternate, so noise hits both alike
-        for name in runners:
-            first[name] += _timed(lambda name=name: generate(name, 1), 1)
-            full[name] += _timed(lambda name=name: generate(name, new_tokens), 1)
-    speeds = {}
-    for name in runners:
-        ttft, total = statistics.median(first[name]), statistics.median(full[name])
-        decode = batch * (new_tokens - 1) / max(total - ttft, 1e-9) if new_tokens > 1 else float("nan")
-        speeds[name] = Speed(
-            decode_tokens_per_s=decode,
-            prefill_tokens_per_s=batch * prompt_tokens / ttft,
-            time_to_first_token_s=ttft,
-            resident_bytes_added=ours_rss if name == "fiddlerc" else hf_rss,
-        )
+    rss = {"fiddlerc": ours_rss, "hf": hf_rss}
+    speeds = _speeds(generate, list(runners), ids.shape, new_tokens, rounds, rss)
     experts = expert_kernel(model)
     model.close()
     ref = runners = None

@@ -1,4 +1,4 @@
-"""`fiddlerc profile`: run text through a model on the CPU and count where its routers send tokens.
+"""`fiddlerc popularity`: run text through a model on the CPU and count where its routers send tokens.
 
 The model is compiled into a temporary folder with every expert on the fast tier and run by
 fiddlerc's own runtime on the CPU (the same numerics the tests hold equal to Hugging Face), with
@@ -25,7 +25,7 @@ from fiddlerc.popularity import RoutingCounter
 
 
 @dataclass(frozen=True)
-class ProfileRun:
+class RoutingRun:
     path: Path
     documents: int  # documents run (all of them unless interrupted or the token budget ran out)
     tokens: int  # prompt tokens run
@@ -65,7 +65,7 @@ class _Progress:
         if self.enabled and (force or now - self.last > 0.2):
             self.last = now
             rate = tokens / max(now - self.t0, 1e-9)
-            sys.stderr.write(f"\rprofiling: {docs}/{self.total} documents, {tokens} tokens, {rate:.0f} tokens/s ")
+            sys.stderr.write(f"\rcounting routes: {docs}/{self.total} documents, {tokens} tokens, {rate:.0f} tokens/s ")
             sys.stderr.flush()
 
     def close(self) -> None:
@@ -73,7 +73,7 @@ class _Progress:
             sys.stderr.write("\n")
 
 
-def profile_model(
+def count_routing(
     model_dir: str | Path,
     data: str | Path,
     out: str | Path,
@@ -82,9 +82,9 @@ def profile_model(
     decode_tokens: int = 0,
     threads: int | None = None,
     progress: bool = True,
-) -> ProfileRun:
+) -> RoutingRun:
     """Count routing decisions over the documents in `data` and write them to `out` (popularity JSON)."""
-    from fiddlerc.artifact import compile_model  # profiling runs the compiler's own runtime
+    from fiddlerc.artifact import compile_model  # counting runs the compiler's own runtime
     from fiddlerc.compiler.options import CompileOptions, parse_target
     from fiddlerc.loader import load
     from fiddlerc.model.folder import open_model_folder
@@ -102,7 +102,7 @@ def profile_model(
     encoded = [tokenizer.encode(d)[: max(1, limit - decode_tokens)] for d in docs]
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="fiddlerc-profile-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="fiddlerc-popularity-") as tmp:
         context = max(len(ids) for ids in encoded) + decode_tokens
         model, dtype = meta_model_of(folder)
         target = parse_target("1024TiB", context=context)  # every expert on the fast tier
@@ -147,4 +147,4 @@ def profile_model(
         "config_sha256": art.plan.model.config_sha256,
     }
     write_atomic(out, counter.to_json(source, interrupted, info))
-    return ProfileRun(out, done, tokens, interrupted)
+    return RoutingRun(out, done, tokens, interrupted)

@@ -1,4 +1,4 @@
-"""Routing counts gathered by running the model on text (`fiddlerc profile`), and placement from them."""
+"""Routing counts gathered by running the model on text (`fiddlerc popularity`), and placement from them."""
 
 import json
 from pathlib import Path
@@ -67,11 +67,11 @@ def hand_count(model_dir, data):
     return [counts[layer] for layer in sorted(FAVOURITE)]
 
 
-def test_profile_counts_equal_a_hand_count(biased, tmp_path):
-    from fiddlerc.tools.profiling import profile_model
+def test_routing_counts_equal_a_hand_count(biased, tmp_path):
+    from fiddlerc.tools.count_routing import count_routing
 
     model_dir, data = biased
-    run = profile_model(model_dir, data, tmp_path / "p.json", progress=False)
+    run = count_routing(model_dir, data, tmp_path / "p.json", progress=False)
     doc = json.loads(run.path.read_text())
     assert (run.documents, run.interrupted, doc["interrupted"]) == (3, False, False)
     assert doc["layers"] == [1, 2] and doc["top_k"] == 2
@@ -94,10 +94,10 @@ def test_profile_counts_equal_a_hand_count(biased, tmp_path):
 
 
 def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
-    from fiddlerc.tools.profiling import profile_model
+    from fiddlerc.tools.count_routing import count_routing
 
     model_dir, data = biased
-    doc = json.loads(profile_model(model_dir, data, tmp_path / "p.json", decode_tokens=3).path.read_text())
+    doc = json.loads(count_routing(model_dir, data, tmp_path / "p.json", decode_tokens=3).path.read_text())
     assert doc["generated_tokens"] == 3 * 2  # generating 3 tokens takes 2 decode steps after the prefill
     prefill, decode = doc["phases"]["prefill"], doc["phases"]["decode"]
     assert prefill["tokens"] == doc["total_input_tokens"] and decode["tokens"] == 6
@@ -107,7 +107,7 @@ def test_decode_tokens_are_counted_apart_and_max_tokens_stops(biased, tmp_path):
     assert sum(decode["by_position"][1][0]) == 2 * sum(in_bucket)
     both = zip(prefill["expert_popularity"], decode["expert_popularity"], strict=True)
     assert [[p + d for p, d in zip(a, b, strict=True)] for a, b in both] == doc["expert_popularity"]
-    short = profile_model(model_dir, data, tmp_path / "q.json", max_tokens=10)
+    short = count_routing(model_dir, data, tmp_path / "q.json", max_tokens=10)
     assert (short.tokens, json.loads(short.path.read_text())["total_input_tokens"]) == (10, 10)
 
 
@@ -126,7 +126,7 @@ def test_ctrl_c_keeps_what_was_counted(biased, tmp_path, monkeypatch):
         return real(self, *a, **k)
 
     monkeypatch.setattr(loader.CompiledModel, "__call__", interrupted_on_the_second)
-    assert main(["profile", str(model_dir), "--data", str(data), "-o", str(tmp_path / "p.json")]) == 130
+    assert main(["popularity", str(model_dir), "--data", str(data), "-o", str(tmp_path / "p.json")]) == 130
     doc = json.loads((tmp_path / "p.json").read_text())
     assert doc["interrupted"] is True and doc["source"]["documents"] == 1
     assert sum(doc["expert_popularity"][0]) == 2 * doc["total_input_tokens"] > 0
@@ -134,10 +134,10 @@ def test_ctrl_c_keeps_what_was_counted(biased, tmp_path, monkeypatch):
 
 def test_placement_moves_the_popular_experts_to_the_gpu(biased, tmp_path):
     import fiddlerc
-    from fiddlerc.tools.profiling import profile_model
+    from fiddlerc.tools.count_routing import count_routing
 
     model_dir, data = biased
-    pop = profile_model(model_dir, data, tmp_path / "p.json").path
+    pop = count_routing(model_dir, data, tmp_path / "p.json").path
     uniform = fiddlerc.compile(model_dir, tmp_path / "u", gpu_memory="1GiB", context=64, fast_experts=2)
     placed = fiddlerc.compile(model_dir, tmp_path / "o", gpu_memory="1GiB", context=64, fast_experts=2, popularity=pop)
     fast = {(e.layer, e.expert) for e in placed.plan.experts if e.device != "cpu"}
