@@ -124,40 +124,14 @@ def main() -> None:
     model = fiddlerc.load(out, device=args.device, num_threads=args.threads)
     ids = torch.randint(3, 8000, (1, args.prompt), generator=torch.Generator().manual_seed(0))
 
-    def run_ours() -> float:
-        t = time.perf_counter()
-        model.generate(ids, max_new_tokens=args.new, ignore_eos=True)
-        return time.perf_counter() - t
-
-    def run_hf() -> float:
-        t = time.perf_counter()
-        with torch.no_grad():
-            ref.generate(
-                ids.to(args.device), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0
-            )
-        return time.perf_counter() - t
-
-    def run_ours_one(prompt=ids) -> float:  # prefill + 1 token: subtracted to isolate decode
-        t = time.perf_counter()
-        model.generate(prompt, max_new_tokens=1, ignore_eos=True)
-        return time.perf_counter() - t
-
-    long_ids = torch.randint(3, 8000, (1, 128), generator=torch.Generator().manual_seed(1))
-
-    run_ours(), run_hf()  # warm up
-    ours, hf, ours_one, prefill128 = [], [], [], []
-    for _ in range(args.rounds):  # alternate, so machine noise hits both alike
-        ours.append(run_ours())
-        hf.append(run_hf())
-        ours_one.append(run_ours_one())
-        prefill128.append(run_ours_one(long_ids))
+    times = _alternate(model, ref, ids, args)
     same = torch.equal(
         model.generate(ids, max_new_tokens=16, ignore_eos=True).cpu(),
         ref.generate(ids.to(args.device), max_new_tokens=16, min_new_tokens=16, do_sample=False, pad_token_id=0).cpu(),
     )
     model.close()
     # tokens/s over the whole generate call (prefill of the prompt + new tokens), as the Fiddler paper counts
-    tps_ours, tps_hf = args.new / statistics.median(ours), args.new / statistics.median(hf)
+    tps_ours, tps_hf = args.new / times["ours"], args.new / times["hf"]
     n_fast = sum(e.device != "cpu" for e in art.plan.experts)
     print(f"machine: {torch.get_num_threads()} threads, device {args.device}, torch {torch.__version__}")
     print(
@@ -168,32 +142,64 @@ def main() -> None:
         grown = m["peak_rss"] - m["rss_before"]
         print(f"{name}: {m['load_s']:.2f} s; peak RSS {m['peak_rss'] / 1e9:.2f} GB, of which {grown / 1e9:.2f} GB "
               f"({grown / weight_bytes:.2f}x weights) during load; after load {m['rss_after'] / 1e9:.2f} GB")  # fmt: skip
+    _print_predictions(art.plan, args, times)
+    print(f"decode ({args.prompt} prompt + {args.new} new, median of {args.rounds}): fiddlerc {tps_ours:.1f} tok/s, "
+          f"HF generate {tps_hf:.1f} tok/s, ratio {tps_ours / tps_hf:.2f}x; greedy tokens equal: {same}")  # fmt: skip
+
+
+def _alternate(model, ref, ids: torch.Tensor, args) -> dict[str, float]:
+    """Median seconds of: our generate, HF's, ours with one new token (subtracted to isolate decode) and a
+    128-token prefill; run in turn round by round, so machine noise hits them alike."""
+    from fiddlerc.measure import seconds
+
+    long_ids = torch.randint(3, 8000, (1, 128), generator=torch.Generator().manual_seed(1))
+
+    def hf_generate() -> None:
+        with torch.no_grad():
+            ref.generate(
+                ids.to(args.device), max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False, pad_token_id=0
+            )
+
+    runs = {
+        "ours": lambda: model.generate(ids, max_new_tokens=args.new, ignore_eos=True),
+        "hf": hf_generate,
+        "ours_one": lambda: model.generate(ids, max_new_tokens=1, ignore_eos=True),
+        "prefill128": lambda: model.generate(long_ids, max_new_tokens=1, ignore_eos=True),
+    }
+    runs["ours"](), runs["hf"]()  # warm up
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for _ in range(args.rounds):
+        for name, run in runs.items():
+            times[name] += seconds(run, 1, warmup=0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def _print_predictions(plan, args, times: dict[str, float]) -> None:
+    """The cost model's decode and prefill times beside the measured ones, on this machine calibrated."""
     from fiddlerc.compiler.cost import predict_decode
     from fiddlerc.compiler.simulate import Workload, simulate
     from fiddlerc.tools.calibrate import calibrate
 
     hidden = bench_config().hidden_size
-    inter = art.plan.moe_layers[0].bytes_per_expert // (3 * hidden * 4)  # fp32, gated experts
+    inter = plan.moe_layers[0].bytes_per_expert // (3 * hidden * 4)  # fp32, gated experts
     t0 = time.perf_counter()
     profile, _ = calibrate(hidden, inter, torch.float32, config=bench_config(), threads=args.threads)
     print(f"calibration: {time.perf_counter() - t0:.1f} s (0 if cached) -> {profile.name}")
-    measured_ms = 1e3 * (statistics.median(ours) - statistics.median(ours_one)) / (args.new - 1)
-    run = simulate(art.plan, profile, Workload(args.prompt, args.new))
+    measured_ms = 1e3 * (times["ours"] - times["ours_one"]) / (args.new - 1)
+    run = simulate(plan, profile, Workload(args.prompt, args.new))
     simulated_ms = run.decode_ms / (args.new - 1)
-    analytic = predict_decode(art.plan, profile, position=args.prompt + args.new // 2).ms_per_token
+    analytic = predict_decode(plan, profile, position=args.prompt + args.new // 2).ms_per_token
     print(
         f"decode per token: measured {measured_ms:.2f} ms; simulated {simulated_ms:.2f} ms "
         f"(error {simulated_ms / measured_ms - 1:+.0%}), closed form {analytic:.2f} ms "
         f"(error {analytic / measured_ms - 1:+.0%}); busy {', '.join(f'{k} {v:.0f} ms' for k, v in run.busy_ms.items() if v)}"
     )
-    measured_prefill = 1e3 * statistics.median(prefill128)
-    predicted_prefill = simulate(art.plan, profile, Workload(128, 1)).prefill_ms
+    measured_prefill = 1e3 * times["prefill128"]
+    predicted_prefill = simulate(plan, profile, Workload(128, 1)).prefill_ms
     print(
         f"prefill of 128 tokens (+1 token): measured {measured_prefill:.1f} ms, simulated {predicted_prefill:.1f} ms "
         f"(error {predicted_prefill / measured_prefill - 1:+.0%})"
     )
-    print(f"decode ({args.prompt} prompt + {args.new} new, median of {args.rounds}): fiddlerc {tps_ours:.1f} tok/s, "
-          f"HF generate {tps_hf:.1f} tok/s, ratio {tps_ours / tps_hf:.2f}x; greedy tokens equal: {same}")  # fmt: skip
 
 
 if __name__ == "__main__":
