@@ -1,0 +1,62 @@
+"""One-token products over a pool of expert matrices larger than the caches, against the read-bandwidth probe.
+
+    python examples/bench_quant_kernels.py [--threads 2] [--rounds 5]
+
+For each matrix of the two full-width slices (Mixtral-8x7B: 14336 x 4096 and 4096 x 14336;
+Qwen3-30B-A3B: 768 x 2048 and 2048 x 768): fiddlerc's int8 and int4 kernels (activations quantized
+once per token, as the runtime does for a token's experts) and bf16 `F.linear`, each cycling over
+`fiddlerc.measure.POOL_BYTES` of copies so every call streams its weight from memory. Prints ms per
+matrix, GB/s in the bytes the format reads, and that as a fraction of the probe. Random weights: for
+speed only (their values do not change the work).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+import torch.nn.functional as F
+
+from fiddlerc.measure import median_seconds, pool_size
+from fiddlerc.runtime import quant
+from fiddlerc.tools.bench import read_bandwidth_gbps
+
+SHAPES = [(14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]
+
+
+def _quantized_pass(x: torch.Tensor, pool: list) -> None:
+    xa = quant.quantize_activations(x)  # once, shared by the products that read it
+    for w in pool:
+        quant.matmul(xa, w)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=5)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    probe = read_bandwidth_gbps(torch.device("cpu"))
+    print(f"read-bandwidth probe: {probe:.1f} GB/s, {args.threads} threads, AVX2 kernels: {quant.library().simd}")
+    for rows, cols in SHAPES:
+        x = torch.randn(1, cols, dtype=torch.bfloat16)
+        runs = {}
+        for fmt in quant.FORMATS:
+            one = quant.quantize(torch.randn(rows, cols) * 0.02, fmt)
+            pool = [
+                quant.QuantizedWeight(fmt, one.data.clone(), one.scales.clone()) for _ in range(pool_size(one.nbytes))
+            ]
+            runs[fmt] = (one.nbytes, pool, lambda pool=pool: _quantized_pass(x, pool))
+        w = torch.randn(rows, cols, dtype=torch.bfloat16)
+        pool = [w.clone() for _ in range(pool_size(w.numel() * 2))]
+        runs["bf16"] = (w.numel() * 2, pool, lambda pool=pool: [F.linear(x, p) for p in pool])
+        for name, (nbytes, pool, run) in runs.items():
+            s = median_seconds(run, args.rounds) / len(pool)
+            gbps = nbytes / s / 1e9
+            print(
+                f"{rows:>6} x {cols:<6} {name:5} {s * 1e3:7.3f} ms  {gbps:5.1f} GB/s  {gbps / probe:4.0%} of the probe"
+            )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,276 @@
+/* Quantized matrix products for CPU-tier experts: y = W x with W in blocks of 32 weights.
+ *
+ * Formats (W is [rows][cols], rows a multiple of 4, cols of 64; one fp16 scale `d` per block):
+ *   q8: int8 q,              weight = d * q                 (8.5 bits per weight)
+ *   q4: q + 8 in a nibble,   weight = d * q, q in [-8, 7]   (4.5 bits per weight); a block's 16 bytes
+ *       hold element j in the low nibble of byte j and element j + 16 in its high nibble.
+ * Layout: rows in panels of four, and within a panel block by block, the four rows' bytes of one
+ * block side by side (`panel_offset`); the scales in the same order. A product then reads its weight
+ * as one sequential stream, which the hardware prefetchers follow; four separate rows would be four
+ * short streams, each restarting at every row of a narrow expert.
+ * Activations are quantized the same way on the fly, per block of 32 with an fp32 scale, so a block's
+ * product is an exact integer dot product times two scales; only the order of the float sums differs
+ * from the same arithmetic done in fp32 (fiddlerc.runtime.quant.reference_matmul).
+ *
+ * At one token the product reads each weight once: it is bound by memory bandwidth, and the integer
+ * dot products keep the arithmetic per byte small enough to stay there. The AVX2 path is chosen at run
+ * time (`fc_has_avx2`); the portable path computes the same integers. Panels are split over OpenMP
+ * threads; torch's own thread count is passed in by the caller.
+ *
+ * This file is plain C with no Python or torch API: the package's build compiles it (setuptools) and
+ * fiddlerc.runtime.quant loads it with ctypes, passing tensors' data pointers.
+ */
+#include <Python.h> /* only for the module init that makes this file an importable extension */
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#define FC_X86 1
+#endif
+
+#define QK 32
+#define PANEL 4
+
+/* Index of row r's block b, in blocks: the weights start at this times the block's bytes, the scale
+ * is at this index. */
+static inline int64_t panel_offset(int64_t r, int64_t b, int64_t nb) {
+    return ((r / PANEL) * nb + b) * PANEL + r % PANEL;
+}
+
+static float fp16_to_fp32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            exp = 127 - 15 + 1;
+            while (!(man & 0x400)) {
+                man <<= 1;
+                exp--;
+            }
+            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000 | (man << 13);
+    } else {
+        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* ---- activations: per block of 32, an fp32 scale and int8 values in [-127, 127] ---------------- */
+
+static void quantize_row_portable(const float *x, int64_t cols, int8_t *q, float *d) {
+    for (int64_t b = 0; b < cols / QK; b++) {
+        float amax = 0.0f;
+        for (int j = 0; j < QK; j++) amax = fmaxf(amax, fabsf(x[b * QK + j]));
+        float s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+        d[b] = s;
+        for (int j = 0; j < QK; j++) q[b * QK + j] = (int8_t)lrintf(x[b * QK + j] * inv);
+    }
+}
+
+#ifdef FC_X86
+__attribute__((target("avx2,fma"))) static void quantize_row_avx2(const float *x, int64_t cols, int8_t *q,
+                                                                    float *d) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    for (int64_t b = 0; b < cols / QK; b++) {
+        __m256 v[4], m = _mm256_setzero_ps();
+        for (int i = 0; i < 4; i++) {
+            v[i] = _mm256_loadu_ps(x + b * QK + 8 * i);
+            m = _mm256_max_ps(m, _mm256_andnot_ps(sign, v[i]));
+        }
+        __m128 h = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps(m, 1));
+        h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+        h = _mm_max_ss(h, _mm_movehdup_ps(h));
+        float amax = _mm_cvtss_f32(h), s = amax / 127.0f, inv = s ? 1.0f / s : 0.0f;
+        d[b] = s;
+        __m256 k = _mm256_set1_ps(inv);
+        __m256i i0 = _mm256_cvtps_epi32(_mm256_mul_ps(v[0], k)), i1 = _mm256_cvtps_epi32(_mm256_mul_ps(v[1], k));
+        __m256i i2 = _mm256_cvtps_epi32(_mm256_mul_ps(v[2], k)), i3 = _mm256_cvtps_epi32(_mm256_mul_ps(v[3], k));
+        /* packs interleave 128-bit lanes; the permute puts the 32 values back in order */
+        __m256i p = _mm256_packs_epi16(_mm256_packs_epi32(i0, i1), _mm256_packs_epi32(i2, i3));
+        p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+        _mm256_storeu_si256((__m256i *)(q + b * QK), p);
+    }
+}
+#endif
+
+/* ---- one block's integer dot products ---------------------------------------------------------- */
+
+static int32_t dot_q8_portable(const int8_t *w, const int8_t *x) {
+    int32_t s = 0;
+    for (int j = 0; j < QK; j++) s += (int32_t)w[j] * x[j];
+    return s;
+}
+
+static int32_t dot_q4_portable(const uint8_t *w, const int8_t *x) {
+    int32_t s = 0;
+    for (int j = 0; j < QK / 2; j++) {
+        s += ((int32_t)(w[j] & 0x0f) - 8) * x[j];
+        s += ((int32_t)(w[j] >> 4) - 8) * x[j + QK / 2];
+    }
+    return s;
+}
+
+static void matmul_portable(int q4, const uint8_t *w, const uint16_t *wd, int64_t r0, int64_t r1, int64_t cols,
+                            const int8_t *xq, const float *xd, int64_t ntok, float *y, int64_t rows) {
+    const int64_t nb = cols / QK, block_bytes = q4 ? QK / 2 : QK;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t t = 0; t < ntok; t++) {
+            float acc = 0.0f;
+            for (int64_t b = 0; b < nb; b++) {
+                const int64_t k = panel_offset(r, b, nb);
+                const int8_t *xb = xq + t * cols + b * QK;
+                int32_t s = q4 ? dot_q4_portable(w + k * block_bytes, xb) : dot_q8_portable((const int8_t *)w + k * block_bytes, xb);
+                acc += fp16_to_fp32(wd[k]) * xd[t * nb + b] * (float)s;
+            }
+            y[t * rows + r] = acc;
+        }
+    }
+}
+
+#ifdef FC_X86
+/* 32 signed bytes times 32 signed bytes, summed in pairs into eight int32 lanes. maddubs takes one
+ * operand unsigned: |w| and x with w's sign moved onto it give the same products, and no pair sum of
+ * two 127 * 127 products overflows its int16. */
+__attribute__((target("avx2,fma"))) static inline __m256 dot_block(__m256i w, __m256i x) {
+    const __m256i ones = _mm256_set1_epi16(1);
+    __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
+    return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
+}
+
+__attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_add_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
+/* int4 without the sign trick: the stored nibbles u = q + 8 are unsigned, so maddubs takes them as they
+ * are (15 * 127 * 2 fits an int16), and sum((u - 8) x) = sum(u x) - sum(8 x), whose second term depends
+ * on the activations only: `xc` holds it per block, computed once a call, and is taken off one lane. */
+__attribute__((target("avx2,fma"))) static inline __m256i load_u4(const uint8_t *w) {
+    __m128i b = _mm_loadu_si128((const __m128i *)w);
+    __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b); /* low nibbles: elements 0-15; high: 16-31 */
+    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
+}
+
+static void eight_times_x(const int8_t *xq, int64_t n, int32_t *xc) {
+    for (int64_t b = 0; b < n; b++) {
+        int32_t s = 0;
+        for (int j = 0; j < QK; j++) s += xq[b * QK + j];
+        xc[b] = 8 * s;
+    }
+}
+
+/* One panel (four rows) at a time: each activation block is loaded once for the four, four independent
+ * accumulators keep the multiply-add units busy while the next weights stream in, and the two scales of
+ * two blocks x four rows are multiplied in one vector op and read back by broadcast loads. */
+__attribute__((target("avx2,fma,f16c"))) static void matmul_avx2(int q4, const uint8_t *w, const uint16_t *wd,
+                                                                  int64_t r0, int64_t r1, int64_t cols,
+                                                                  const int8_t *xq, const float *xd,
+                                                                  const int32_t *xc, int64_t ntok, float *y,
+                                                                  int64_t rows) {
+    const int64_t nb = cols / QK, block_bytes = q4 ? QK / 2 : QK;
+    const __m256i ones = _mm256_set1_epi16(1);
+    float sc[2 * PANEL] __attribute__((aligned(32)));
+    for (int64_t r = r0; r < r1; r += PANEL) {
+        const uint8_t *wp = w + panel_offset(r, 0, nb) * block_bytes;
+        const uint16_t *dp = wd + panel_offset(r, 0, nb);
+        for (int64_t t = 0; t < ntok; t++) {
+            __m256 acc[PANEL] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
+            const int8_t *xt = xq + t * cols;
+            const float *xdt = xd + t * nb;
+            const int32_t *xct = q4 ? xc + t * nb : NULL;
+            for (int64_t b2 = 0; b2 < nb; b2 += 2) {
+                __m256 xs = _mm256_set_m128(_mm_set1_ps(xdt[b2 + 1]), _mm_set1_ps(xdt[b2]));
+                __m128i h = _mm_loadu_si128((const __m128i *)(dp + b2 * PANEL));
+                _mm256_store_ps(sc, _mm256_mul_ps(_mm256_cvtph_ps(h), xs));
+                for (int j = 0; j < 2; j++) {
+                    const int64_t b = b2 + j;
+                    __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * QK));
+                    const uint8_t *wb = wp + b * PANEL * block_bytes;
+                    for (int i = 0; i < PANEL; i++) {
+                        __m256 dot;
+                        if (q4) {
+                            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(load_u4(wb + i * block_bytes), x), ones);
+                            dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_setr_epi32(xct[b], 0, 0, 0, 0, 0, 0, 0)));
+                        } else {
+                            dot = dot_block(_mm256_loadu_si256((const __m256i *)(wb + i * block_bytes)), x);
+                        }
+                        acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[j * PANEL + i]), dot, acc[i]);
+                    }
+                }
+            }
+            for (int i = 0; i < PANEL; i++) y[t * rows + r + i] = hsum(acc[i]);
+        }
+    }
+}
+#endif
+
+/* ---- the exported functions (called through ctypes) -------------------------------------------- */
+
+int fc_has_avx2(void) {
+#ifdef FC_X86
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
+/* x [ntok][cols] fp32 -> q [ntok][cols] int8 and d [ntok][cols / 32] fp32. */
+void fc_quantize_activations(const float *x, int64_t ntok, int64_t cols, int8_t *q, float *d, int simd) {
+    for (int64_t t = 0; t < ntok; t++) {
+#ifdef FC_X86
+        if (simd) {
+            quantize_row_avx2(x + t * cols, cols, q + t * cols, d + t * (cols / QK));
+            continue;
+        }
+#endif
+        quantize_row_portable(x + t * cols, cols, q + t * cols, d + t * (cols / QK));
+    }
+}
+
+/* y [ntok][rows] fp32 = W [rows][cols] (q8 or q4 in panels, scales wd likewise) times the quantized
+ * activations xq/xd of `ntok` tokens, panels split over `threads` OpenMP threads. */
+void fc_matmul(int q4, const uint8_t *w, const uint16_t *wd, int64_t rows, int64_t cols, const int8_t *xq,
+               const float *xd, int64_t ntok, float *y, int threads, int simd) {
+    const int64_t tile = 16, tiles = (rows + tile - 1) / tile;
+#ifdef FC_X86
+    int32_t *xc = NULL;
+    if (simd && q4) {
+        xc = malloc((size_t)(ntok * (cols / QK)) * sizeof(int32_t));
+        if (xc == NULL) simd = 0;
+        else eight_times_x(xq, ntok * (cols / QK), xc);
+    }
+#endif
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    for (int64_t i = 0; i < tiles; i++) {
+        int64_t r0 = i * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
+#ifdef FC_X86
+        if (simd) {
+            matmul_avx2(q4, w, wd, r0, r1, cols, xq, xd, xc, ntok, y, rows);
+            continue;
+        }
+#endif
+        matmul_portable(q4, w, wd, r0, r1, cols, xq, xd, ntok, y, rows);
+    }
+#ifdef FC_X86
+    free(xc);
+#endif
+}
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    .m_name = "_quant",
+    .m_doc = "fiddlerc's quantized CPU kernels, called through ctypes (see fiddlerc.runtime.quant)",
+    .m_size = -1,
+};
+
+PyMODINIT_FUNC PyInit__quant(void) { return PyModule_Create(&module); }
