@@ -26,8 +26,9 @@ from fiddlerc.compiler.pipeline import config_sha256, initial_plan, run_passes
 from fiddlerc.compiler.report import report_text
 from fiddlerc.errors import ArtifactError, OptionError
 from fiddlerc.files import write_atomic
-from fiddlerc.model.folder import ModelFolder, load_config, open_model_folder
+from fiddlerc.model.folder import ModelFolder, load_config, open_model_folder, open_weight_files
 from fiddlerc.model.meta import build_meta_model
+from fiddlerc.model.quantize import EXPERTS_FILE, QuantizedExperts
 from fiddlerc.model.weights import resolve_sources, sources_from_json, sources_to_json
 from fiddlerc.plan import Plan, Target, plan_from_json, plan_to_json
 from fiddlerc.units import parse_dtype
@@ -49,8 +50,14 @@ def software_versions() -> dict[str, str]:
     return {"fiddlerc": __version__, "torch": torch.__version__.split("+")[0], "transformers": transformers.__version__}
 
 
-def make_manifest(plan: Plan, plan_text: str, module_text: str, sources_text: str, folder: ModelFolder) -> dict:
+def make_manifest(
+    plan: Plan, plan_text: str, module_text: str, sources_text: str, folder: ModelFolder, out: Path
+) -> dict:
+    """What `verify_artifact` checks: the versions that wrote the folder, its files' hashes, the model's
+    weights (headers and sizes) and, where the plan quantizes experts, the same for EXPERTS_FILE."""
+    quantized = {} if plan.target.expert_dtype is None else {"quantized": quantized_fingerprint(out)}
     return {
+        **quantized,
         "versions": software_versions(),
         "model_dir": str(folder.path),
         "files": {
@@ -63,6 +70,12 @@ def make_manifest(plan: Plan, plan_text: str, module_text: str, sources_text: st
         if plan.target.hardware is None
         else {"name": plan.target.hardware, "sha256": plan.target.hardware_sha256},
     }
+
+
+def quantized_fingerprint(out: Path) -> dict:
+    """Size and header hash of a compiled folder's quantized experts: cheap, and changes when any tensor's
+    place or shape does. `fiddlerc verify` reads every byte."""
+    return open_weight_files(out, [EXPERTS_FILE]).fingerprint()
 
 
 def regenerate_module(folder: ModelFolder, plan: Plan) -> tuple[str, nn.Module]:
@@ -149,6 +162,13 @@ def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) ->
     if sha256_bytes(sources_bytes) != files.get(SOURCES_FILE):
         raise ArtifactError(f"{out / SOURCES_FILE} was changed after compiling (hash mismatch): recompile")
     sources = sources_from_json(sources_bytes, meta_model, folder)
+    if plan.target.expert_dtype is not None:
+        if not (out / EXPERTS_FILE).is_file():
+            raise ArtifactError(
+                f"{out / EXPERTS_FILE} is missing: the quantized experts; recompile with `fiddlerc compile`"
+            )
+        if quantized_fingerprint(out) != manifest.get("quantized"):
+            raise ArtifactError(f"{out / EXPERTS_FILE} was changed after compiling (size or header differ): recompile")
     return Artifact(out, plan, manifest, folder, module_text, sources), meta_model
 
 
@@ -178,8 +198,10 @@ def compile_model(
     """Compile the meta model of `folder` for `target` into `out_dir`: plan.json, module.py, sources.json,
     report.txt, and manifest.json last (it marks the folder complete). Every weight is checked present
     and of the right shape before anything is written."""
-    sources_text = sources_to_json(resolve_sources(model, folder))
+    sources = resolve_sources(model, folder)
+    sources_text = sources_to_json(sources)
     gm, plan = build_plan(folder, model, dtype, target, options)
+    quantized = QuantizedExperts(model, folder, sources, plan) if plan.target.expert_dtype is not None else None
     module_text = generate_module(gm, plan)
     plan_text = plan_to_json(plan)
     out = Path(out_dir)
@@ -188,7 +210,12 @@ def compile_model(
     if out.resolve() == folder.path:
         raise OptionError("the output folder must not be the model folder: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
-    manifest = make_manifest(plan, plan_text, module_text, sources_text, folder)
+    (out / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new one is written
+    if quantized is not None:
+        quantized.write(out)
+    else:
+        (out / EXPERTS_FILE).unlink(missing_ok=True)
+    manifest = make_manifest(plan, plan_text, module_text, sources_text, folder, out)
     write_atomic(out / PLAN_FILE, plan_text)
     write_atomic(out / MODULE_FILE, module_text)
     write_atomic(out / SOURCES_FILE, sources_text)

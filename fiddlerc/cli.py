@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fiddlerc.plan import DTYPE_NAMES
+from fiddlerc.plan import DTYPE_NAMES, QUANTIZED
 from fiddlerc.version import __version__
 
 EXIT_USAGE = 2
@@ -17,6 +17,10 @@ MICRO_HELP = "split a batch into N micro-batches whose CPU experts overlap each 
 POPULARITY_HELP = (
     "measured routing counts (the JSON `fiddlerc popularity` writes) to place by instead of uniform routing"
 )
+EXPERT_DTYPE_HELP = (
+    "store and compute the CPU-tier experts quantized in blocks of 32: int8 (8.5 bits per weight) or int4 (4.5); "
+    "default: the compute dtype. GPU-tier experts keep the compute dtype"
+)
 CPU_MEMORY_HELP = (
     "host memory for the run, e.g. 64GiB (default: the hardware profile's); "
     "CPU-tier weights beyond it page from disk, and the prediction says so"
@@ -24,7 +28,8 @@ CPU_MEMORY_HELP = (
 
 
 def _planning_options(args: argparse.Namespace) -> dict:
-    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory", "popularity", "micro_batches")
+    keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory", "popularity", "micro_batches",
+            "expert_dtype")  # fmt: skip
     return {k: getattr(args, k) for k in keys}
 
 
@@ -263,6 +268,7 @@ def _target_options(p: argparse.ArgumentParser, *, gpu_memory_required: bool) ->
     p.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     p.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
     p.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
+    p.add_argument("--expert-dtype", choices=list(QUANTIZED), default=None, help=EXPERT_DTYPE_HELP)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -29,6 +29,7 @@ _PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*"  # a module path: model.laye
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SHA256 = r"[0-9a-f]{64}"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a plan computes in (fiddlerc.units maps them to torch)
+QUANTIZED = ("int8", "int4")  # what CPU-tier experts may be stored in (fiddlerc.quant_format)
 GENERATED, HF = "generated", "hf"  # AttentionLayer.path: fiddlerc's generated attention, or Hugging Face's module
 
 
@@ -61,6 +62,9 @@ class Target:
     # whose CPU experts are submitted), "w<mb>.<stage>" waits for that call's CPU experts.
     micro_batches: int = 1
     schedule: tuple[str, ...] = ()
+    # The format cpu-tier experts are stored and computed in (one of QUANTIZED), None: the compute dtype.
+    # Experts on a GPU keep the compute dtype and its bytes (ExpertPlacement.bytes).
+    expert_dtype: str | None = None
 
     def gpus(self) -> tuple[str, ...]:
         """Every GPU of the target, the one with the dense weights first."""
@@ -336,6 +340,9 @@ def _check_model_and_target(plan: Plan) -> None:
         and len(set(t.schedule)) == len(t.schedule)
         and (t.micro_batches > 1 or not t.schedule),
         "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
+    )
+    _check(
+        t.expert_dtype is None or t.expert_dtype in QUANTIZED, f"target.expert_dtype must be null or one of {QUANTIZED}"
     )
 
 

@@ -36,6 +36,7 @@ from fiddlerc.compiler.cost import CostModel
 from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import BudgetError
 from fiddlerc.plan import CPU, ExpertPlacement, Plan
+from fiddlerc.quant_format import stored_bytes
 from fiddlerc.units import format_size, parse_dtype
 
 
@@ -56,7 +57,9 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
         pop.check_against(plan.moe_layers)
     candidates: list[Candidate] = []
     for row, ml in enumerate(plan.moe_layers):
-        saved = _saving_ms(options, ml.bytes_per_expert, parse_dtype(plan.model.dtype).itemsize)
+        saved = _saving_ms(
+            options, ml.bytes_per_expert, parse_dtype(plan.model.dtype).itemsize, plan.target.expert_dtype
+        )
         uses = pop.use(row, ml.top_k) if pop is not None else (ml.top_k / ml.num_experts,) * ml.num_experts
         for e in range(ml.num_experts):
             use = uses[e]
@@ -107,9 +110,10 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
     ordered = {d: expert_bytes[d] for d in sorted(expert_bytes, key=lambda d: (d == CPU, d))}
     hw = options.hardware
     mem = plan.memory
-    host = expert_bytes.get(CPU, 0)
+    itemsize = parse_dtype(plan.model.dtype).itemsize
+    host = stored_bytes(expert_bytes.get(CPU, 0), itemsize, plan.target.expert_dtype)  # quantized where asked
     if hw is not None and hw.cpu_only:  # the "GPU" is the CPU: everything lives in host memory
-        host = mem.dense_bytes + mem.kv_reserve_bytes + sum(expert_bytes.values())
+        host = mem.dense_bytes + mem.kv_reserve_bytes + host + sum(b for d, b in expert_bytes.items() if d != CPU)
     host_budget = options.cpu_memory_bytes
     if host_budget is None and hw is not None:
         host_budget = hw.cpu.memory_bytes
@@ -159,10 +163,10 @@ def assign_by_flow(
     return placed + [CPU] * (len(scores) - n)
 
 
-def _saving_ms(options: CompileOptions, expert_bytes: int, itemsize: int) -> float | None:
+def _saving_ms(options: CompileOptions, expert_bytes: int, itemsize: int, cpu_format: str | None) -> float | None:
     """Decode time one token saves when it finds this expert on the fast tier; None: no profile to price it."""
     hw = options.hardware
     if hw is None or hw.cpu_only:
         return None
-    model = CostModel(hw)
+    model = CostModel(hw, cpu_format=cpu_format)  # a quantized cpu tier saves less per expert moved to the GPU
     return model.cpu_expert_ms(1, expert_bytes, itemsize) - model.fast_expert_ms(1, expert_bytes, itemsize)

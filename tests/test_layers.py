@@ -35,4 +35,4 @@ def test_generated_module_imports_no_compiler(model_dirs, tmp_path):
     assert "fiddlerc.runtime.forward" in loaded
     assert not [m for m in loaded if not m.startswith("fiddlerc.runtime") and m not in (
         "fiddlerc", "fiddlerc.errors", "fiddlerc.version", "fiddlerc.measure", "fiddlerc.files", "fiddlerc.hardware",
-        "fiddlerc.chrome_trace", "fiddlerc.runtime")], loaded  # fmt: skip
+        "fiddlerc.chrome_trace", "fiddlerc.plan", "fiddlerc.quant_format", "fiddlerc.runtime")], loaded  # fmt: skip

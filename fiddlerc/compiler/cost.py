@@ -31,6 +31,7 @@ from math import comb
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
 from fiddlerc.plan import CPU, Plan
+from fiddlerc.quant_format import stored_bytes
 from fiddlerc.units import format_size, parse_dtype
 
 
@@ -38,6 +39,7 @@ from fiddlerc.units import format_size, parse_dtype
 class CostModel:
     profile: HardwareProfile
     page_fraction: float = 0.0  # share of CPU-tier weight reads that come from disk (host memory too small)
+    cpu_format: str | None = None  # what cpu-tier experts are stored in (target.expert_dtype); None: the compute dtype
 
     @classmethod
     def for_plan(cls, plan: Plan, profile: HardwareProfile) -> CostModel:
@@ -49,15 +51,18 @@ class CostModel:
                 f"{format_size(plan.memory.host_budget_bytes or 0)} < {format_size(plan.memory.host_bytes or 0)} needed), "
                 f"but hardware profile {profile.name!r} has no cpu.disk_gbps: add it, or raise --cpu-memory"
             )
-        return cls(profile, paged)
+        return cls(profile, paged, plan.target.expert_dtype)
 
     def cpu_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
+        """A cpu-tier expert of `expert_bytes` in the compute dtype, read in `cpu_format`: a roofline (or the
+        profile's measured curve, for the compute dtype and that size)."""
         cpu = self.profile.cpu
-        paging = self.paging_ms(expert_bytes)
-        if cpu.expert_curve and expert_bytes == cpu.expert_curve_bytes:
+        read = stored_bytes(expert_bytes, itemsize, self.cpu_format)
+        paging = self.paging_ms(read)
+        if cpu.expert_curve and expert_bytes == cpu.expert_curve_bytes and self.cpu_format is None:
             return cpu.call_overhead_ms + _interpolate(cpu.expert_curve, n_tokens) + paging
         flops = 2 * (expert_bytes // itemsize) * n_tokens
-        compute = max(expert_bytes / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
+        compute = max(read / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
         return cpu.call_overhead_ms + compute + paging
 
     def fast_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:

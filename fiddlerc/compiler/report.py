@@ -6,7 +6,8 @@ from __future__ import annotations
 import json
 
 from fiddlerc.plan import CPU, Plan, plan_to_dict
-from fiddlerc.units import format_size
+from fiddlerc.quant_format import bits_per_weight, stored_bytes
+from fiddlerc.units import format_size, parse_dtype
 
 
 def report_json(plan: Plan) -> str:
@@ -30,7 +31,7 @@ def report_text(plan: Plan) -> str:
             f"target {dev}: budget {format_size(budget)}, experts {format_size(mem.expert_bytes.get(dev, 0))}"
             for dev, budget in t.more_gpus.items()
         ),
-        f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}",
+        f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}" + _cpu_format(plan),
         *_host_lines(mem),
         "",
         f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on GPU' if t.more_gpus else 'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
@@ -75,6 +76,18 @@ def report_text(plan: Plan) -> str:
                 f"{split['CPU']:.1f} ms, transfers {split['transfers']:.2f} ms, fast device idle {split['idle']:.1f} ms"
             )
     return "\n".join(lines) + "\n"
+
+
+def _cpu_format(plan: Plan) -> str:
+    """What the CPU tier runs in, where it is not the compute dtype."""
+    fmt, mem = plan.target.expert_dtype, plan.memory
+    if fmt is None:
+        return ""
+    stored = stored_bytes(mem.expert_bytes.get(CPU, 0), parse_dtype(plan.model.dtype).itemsize, fmt)
+    return (
+        f" in {plan.model.dtype}; stored and run as {fmt} ({bits_per_weight(fmt)} bits per weight): "
+        f"{format_size(stored)} in experts.safetensors; GPU-tier experts run in {plan.model.dtype}"
+    )
 
 
 def _attention_paths(plan: Plan) -> list[tuple[str, str, list[int]]]:

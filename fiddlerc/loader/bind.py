@@ -27,10 +27,11 @@ from fiddlerc.errors import ArtifactError
 from fiddlerc.loader.devices import device_map
 from fiddlerc.model.families import Layout, find_layout
 from fiddlerc.model.folder import ModelFolder
-from fiddlerc.model.quant import Mxfp4Source, dequantize_mxfp4
-from fiddlerc.model.weights import DirectSource, Source, WeightReader, resolve_sources
+from fiddlerc.model.quantize import EXPERTS_FILE, matrix_key
+from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader, resolve_sources
 from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
-from fiddlerc.runtime import kernels
+from fiddlerc.quant_format import QuantizedWeight
+from fiddlerc.runtime import kernels, quant
 from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv
 from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts
 from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
@@ -54,10 +55,12 @@ def bind_weights(
     worker: CpuWorker,
     kernel_mode: str = "reference",
     sources: dict[str, Source] | None = None,
+    quantized: ModelFolder | None = None,
 ) -> Bound:
     """Put every weight of `model` (built on the meta device) where `plan` says, on this machine's
-    `fast` device and the CPU, for the kernels `kernel_mode` picks (see the module docstring)."""
-    binder = WeightBinder(model, folder, plan, fast, worker, kernel_mode, sources)
+    `fast` device and the CPU, for the kernels `kernel_mode` picks (see the module docstring).
+    `quantized` is the compiled folder's EXPERTS_FILE where the plan quantizes cpu-tier experts."""
+    binder = WeightBinder(model, folder, plan, fast, worker, kernel_mode, sources, quantized)
     binder.bind_dense()
     placed = tuple(binder.bind_experts(ml) for ml in plan.moe_layers)
     binder.split_rows = binder.rows_split(placed)
@@ -89,11 +92,25 @@ class WeightBinder:
         worker: CpuWorker,
         kernel_mode: str,
         sources: dict[str, Source] | None,
+        quantized: ModelFolder | None = None,
     ) -> None:
         self.model, self.plan, self.fast, self.worker, self.kernel_mode = model, plan, fast, worker, kernel_mode
         self.dtype = parse_dtype(plan.model.dtype)
         self.sources = sources if sources is not None else resolve_sources(model, folder)
         self.reader = WeightReader(folder)
+        self.experts = ExpertTensors(model, self.reader, self.sources, self.dtype)
+        self.fmt = plan.target.expert_dtype
+        if self.fmt is not None and (quantized is None or not quant.available()):
+            raise ArtifactError(
+                f"this model's CPU experts are {self.fmt}, and "
+                + (
+                    "its experts file was not given"
+                    if quantized is None
+                    else "fiddlerc's quantized kernels were not built"
+                )
+                + ": reinstall fiddlerc on a machine with a C compiler, or recompile without --expert-dtype"
+            )
+        self.quantized = WeightReader(quantized) if quantized is not None else None
         self.huge_pages = huge_pages_available()
         self.devices = device_map(plan, fast)
         self.converted: dict[tuple[str, torch.device], torch.Tensor] = {}
@@ -129,12 +146,6 @@ class WeightBinder:
             self._memo[key] = kernels.spread_experts(shape, dtype, kernel)
         return self._memo[key]
 
-    def fused(self, key: str) -> torch.Tensor:
-        """One memory map view per fused [E, ...] experts tensor."""
-        if ("fused", key) not in self._memo:
-            self._memo[("fused", key)] = self.reader.get(key)
-        return self._memo[("fused", key)]
-
     # -- steps
 
     def bind_dense(self) -> None:
@@ -154,23 +165,6 @@ class WeightBinder:
             if name not in self.sources:
                 _set_tensor(self.model, name, buf.to(self.fast))
 
-    def _parts(self, ml: MoeLayer, name: str, e: int) -> tuple[torch.Tensor, ...]:
-        """Parameter `name` of the block, expert e's part of it as stored: a view of a fused slice, one
-        tensor per stored part, or MXFP4 blocks dequantized exactly in the stored layout."""
-        src = self.sources[f"{ml.block}.{name}"]
-        if isinstance(src, DirectSource):
-            return (self.fused(src.key)[e],)
-        if isinstance(src, Mxfp4Source):
-            w = dequantize_mxfp4(self.fused(src.blocks)[e], self.fused(src.scales)[e], self.dtype)  # [out, in]
-            transposed = getattr(self.model.get_submodule(ml.experts_module), "is_transposed", False)
-            return (w.t() if transposed else w,)
-        return tuple(self.reader.get(k) for k in src.keys[e])
-
-    def _whole(self, ml: MoeLayer, name: str) -> torch.Tensor:
-        src = self.sources[f"{ml.block}.{name}"]
-        assert isinstance(src, DirectSource)
-        return self.fused(src.key)
-
     def bind_experts(self, ml: MoeLayer) -> PlacedExperts:
         """One MoE layer's experts, each where the plan puts it, installed in its block."""
         block, layout = self.model.get_submodule(ml.block), self.layouts[ml.layer]
@@ -184,10 +178,10 @@ class WeightBinder:
         alone = self.fast.type != "cpu" or self.kernel_mode == "packed"
         weights = []
         for e, dev in enumerate(placement):
-            parts = layout.weights(
-                block, e, lambda name, i, ml=ml: self._parts(ml, name, i), lambda name, ml=ml: self._whole(ml, name)
-            )
-            w = ExpertWeights(*parts)
+            w = ExpertWeights(*self.experts.expert(layout, ml.block, ml.experts_module, e))
+            if self.fmt is not None and dev == CPU:
+                weights.append(self.quantized_expert(ml.layer, e, w))
+                continue
             on_host = self.devices[dev].type == "cpu"
             stays_on_cpu = on_host and (self.fast.type == "cpu" or fetch[e] is None)
             if (
@@ -204,12 +198,34 @@ class WeightBinder:
         module = PlacedExperts(
             weights, tuple(d == CPU for d in placement), layout.math(block), self.fast, self.worker, ml.layer, fetch
         )
-        if self.fast.type == "cpu":
+        if self.fast.type == "cpu" and self.fmt is None:  # the quantized kernels use every thread themselves
             biggest = max(weights[0].matrices, key=lambda m: m.numel())
             kernel = "packed" if biggest.is_mkldnn else "reference"
             module.spread = self.spread_for(tuple(biggest.shape), biggest.dtype, kernel)
         layout.install(block, module)
         return module
+
+    def quantized_expert(self, layer: int, e: int, stored: ExpertWeights) -> ExpertWeights:
+        """A cpu-tier expert's matrices from EXPERTS_FILE (memory-mapped, quantized at compile time); its
+        biases from the model folder, in the compute dtype."""
+
+        def matrix(part: str, like: torch.Tensor) -> QuantizedWeight:
+            key = matrix_key(layer, e, part)
+            qw = QuantizedWeight(
+                self.fmt, self.quantized.get(f"{key}.data"), self.quantized.get(f"{key}.scales"), self.dtype
+            )
+            if qw.shape != tuple(like.shape):
+                raise ArtifactError(
+                    f"{key} in {EXPERTS_FILE} is {qw.shape}, the model's is {tuple(like.shape)}: recompile"
+                )
+            return qw
+
+        def convert(b: tuple[torch.Tensor, ...] | None) -> tuple[torch.Tensor, ...] | None:
+            return None if b is None else tuple(t.to(dtype=self.dtype) for t in b)
+
+        w_in = tuple(matrix(f"in{i}", m) for i, m in enumerate(stored.w_in))
+        b_out = None if stored.b_out is None else stored.b_out.to(dtype=self.dtype)
+        return ExpertWeights(w_in, convert(stored.b_in), matrix("out", stored.w_out), b_out)
 
     def rows_split(self, placed: tuple[PlacedExperts, ...]) -> bool:
         """CPU-only decode: where a token's experts spread over both threads (two one-token products at once
@@ -269,8 +285,11 @@ class WeightBinder:
         collect = any(t.device.type == "cpu" and not self.reader.maps(t) for t in self.converted.values())
         self.converted.clear()
         self._memo.clear()
+        self.experts.clear()
         return_freed_heap(collect)
         self.reader.close()
+        if self.quantized is not None:
+            self.quantized.close()
         leftover = [n for n, p in self.model.named_parameters() if p.device.type == "meta"]
         if leftover:
             raise ArtifactError(

@@ -17,6 +17,8 @@ from fiddlerc.compiler.codegen import load_module
 from fiddlerc.errors import OptionError
 from fiddlerc.loader.bind import bind_weights
 from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve_device
+from fiddlerc.model.folder import open_weight_files
+from fiddlerc.model.quantize import EXPERTS_FILE
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
@@ -78,8 +80,11 @@ class CompiledModel:
         self._finalizer = weakref.finalize(self, self._worker.close)  # no thread outlives the model
         self._lock = threading.Lock()
         try:
+            quantized = None
+            if self.plan.target.expert_dtype is not None:
+                quantized = open_weight_files(artifact.path, [EXPERTS_FILE])
             bound = bind_weights(
-                meta_model, artifact.folder, self.plan, device, self._worker, kernels, artifact.sources
+                meta_model, artifact.folder, self.plan, device, self._worker, kernels, artifact.sources, quantized
             )
         except BaseException:
             self._finalizer()

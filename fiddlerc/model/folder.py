@@ -139,6 +139,13 @@ def open_model_folder(path: str | Path) -> ModelFolder:
         )
         raise ModelFolderError(f"{path} has no *.safetensors weights{hint}: download the safetensors files")
 
+    return open_weight_files(path, files, config_json)
+
+
+def open_weight_files(path: str | Path, files: list[str], config_json: dict | None = None) -> ModelFolder:
+    """The safetensors files `files` of the folder `path`, their headers checked (a compiled folder's
+    quantized experts are read this way too)."""
+    path = Path(path)
     tensors: dict[str, TensorInfo] = {}
     for name in files:
         header, data_start = _read_header(path / name)
@@ -146,7 +153,7 @@ def open_model_folder(path: str | Path) -> ModelFolder:
             if key != "__metadata__":
                 offset = data_start + info["data_offsets"][0]
                 tensors[key] = TensorInfo(file=name, dtype=info["dtype"], shape=tuple(info["shape"]), offset=offset)
-    return ModelFolder(path=path.resolve(), config_json=config_json, tensors=tensors, files=tuple(files))
+    return ModelFolder(path=path.resolve(), config_json=config_json or {}, tensors=tensors, files=tuple(files))
 
 
 def open_config(path: str | Path) -> ModelFolder:

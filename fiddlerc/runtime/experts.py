@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from fiddlerc.plan import fetches
+from fiddlerc.quant_format import QuantizedWeight, dequantize
 from fiddlerc.runtime import kernels
 from fiddlerc.runtime.host_memory import host_copy
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
@@ -48,7 +49,9 @@ class ExpertWeights:
     def to(self, device: torch.device, dtype: torch.dtype | None) -> ExpertWeights:
         """On a device, in a dtype (None: keep it); no copy when both already match: stays memory-mapped."""
 
-        def move(t: torch.Tensor | None) -> torch.Tensor | None:
+        def move(t: torch.Tensor | QuantizedWeight | None) -> torch.Tensor | None:
+            if isinstance(t, QuantizedWeight):  # a fetch of a quantized cpu-tier expert: its values, dequantized
+                return dequantize(t, dtype or t.dtype).to(device)
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
         return ExpertWeights(

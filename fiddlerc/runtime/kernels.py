@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
+from fiddlerc.quant_format import QuantizedWeight
+from fiddlerc.runtime import quant
 from fiddlerc.runtime.worker import CpuWorker
 
 KERNELS = ("reference", "packed")
@@ -39,10 +41,15 @@ MIN_AUTO_BYTES = 256 * 2**10  # smaller weights are call-overhead bound: auto ke
 _PROBE_TOKENS = (1, 8)
 
 
-def linear(x: torch.Tensor, w: torch.Tensor | RowSplit, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear` for a plain, a packed (oneDNN, `w.is_mkldnn`) or a row-split (`RowSplit`) weight."""
+def linear(
+    x: torch.Tensor, w: torch.Tensor | RowSplit | QuantizedWeight, b: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`F.linear` for a plain, a packed (oneDNN, `w.is_mkldnn`), a row-split (`RowSplit`) or a quantized
+    (`QuantizedWeight`, fiddlerc.runtime.quant) weight."""
     if type(w) is RowSplit:
         return w(x, b)
+    if type(w) is QuantizedWeight:
+        return quant.linear(x, w, b)
     if w.is_mkldnn:
         return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
     return F.linear(x, w, b)

@@ -1,18 +1,9 @@
-"""Quantized weights for CPU-tier experts, and the products that read them.
+"""The C kernels that read quantized CPU-tier experts (fiddlerc.quant_format), through ctypes.
 
-Two formats, both in blocks of `GROUP` = 32 weights along a row, each block with one fp16 scale
-(the block layout llama.cpp's Q8_0 and Q4_0 use, so bits per weight compare one to one):
-- `int8`: `weight = scale * q`, q in [-127, 127]; 8.5 bits per weight.
-- `int4`: `weight = scale * q`, q in [-8, 7], two per byte; 4.5 bits per weight. The scale is the
-  block's largest-magnitude weight over -8, so that weight is exact and all 16 levels are used.
-
-Rows are stored in panels of `PANEL` = 4, block by block (`data[panel, block, row]`), so that a
-product reads a weight as one sequential stream (`_quant.c` says why).
-
-A product quantizes its activations the same way, per block with an fp32 scale, and sums exact
-integer block dot products times the two scales (the C kernels in `_quant.c`, built with the
-package and called through ctypes). `reference_matmul` does the same arithmetic in fp32 torch ops:
-the kernels equal it up to the order of the float sums.
+`_quant.c` is built with the package (setuptools; optional, so an install without a C compiler
+still works and says so when a quantized plan is loaded). ctypes releases the GIL for each call,
+so the CPU worker computes while the main thread drives the fast device; rows are split over
+OpenMP threads, as many as torch's intra-op threads.
 """
 
 from __future__ import annotations
@@ -24,111 +15,7 @@ from functools import cache
 
 import torch
 
-GROUP = 32  # weights per block, and per activation scale
-PANEL = 4  # rows stored side by side, block by block
-FORMATS = ("int8", "int4")
-_LEVELS = {"int8": 127, "int4": 8}
-
-
-@dataclass(frozen=True)
-class QuantizedWeight:
-    """A [rows, cols] matrix in one of `FORMATS`: `data` [rows // PANEL, cols // GROUP, PANEL, bytes per
-    block], int8 q (int8) or uint8 nibbles q + 8 (int4, two a byte: see `_quant.c`); `scales` fp16
-    [rows // PANEL, cols // GROUP, PANEL]."""
-
-    fmt: str
-    data: torch.Tensor
-    scales: torch.Tensor
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return self.scales.shape[0] * PANEL, self.scales.shape[1] * GROUP
-
-    @property
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size() + self.scales.numel() * 2
-
-
-def bits_per_weight(fmt: str) -> float:
-    """Stored bits per weight, scales included."""
-    return {"int8": 8, "int4": 4}[fmt] + 16 / GROUP
-
-
-def check_shape(shape: tuple[int, int], fmt: str) -> None:
-    """Refuse a matrix the block size does not divide, naming the fix."""
-    if fmt not in FORMATS:
-        raise ValueError(f"unknown quantized format {fmt!r}: choose one of {', '.join(FORMATS)}")
-    if shape[1] % (2 * GROUP) or shape[0] % PANEL:
-        raise ValueError(
-            f"a [{shape[0]}, {shape[1]}] matrix cannot be quantized to {fmt}: {fmt} needs rows of a multiple of "
-            f"{2 * GROUP} weights (two blocks of {GROUP}) and a multiple of {PANEL} rows; keep this model's experts "
-            "in the compute dtype"
-        )
-
-
-def quantize(w: torch.Tensor, fmt: str) -> QuantizedWeight:
-    """Quantize a [rows, cols] weight (any float dtype) to `fmt`, deterministically."""
-    check_shape(tuple(w.shape), fmt)
-    rows, cols = w.shape
-    blocks = w.detach().to(torch.float32).reshape(rows, cols // GROUP, GROUP)
-    if fmt == "int8":
-        scale = (blocks.abs().amax(-1) / 127).to(torch.float16)
-    else:  # the block's largest-magnitude weight, with its sign, maps to -8
-        idx = blocks.abs().argmax(-1, keepdim=True)
-        scale = (blocks.gather(-1, idx).squeeze(-1) / -8).to(torch.float16)
-    s = scale.to(torch.float32)[..., None]
-    inv = torch.where(s == 0, torch.zeros_like(s), 1 / s)
-    lo, hi = (-127, 127) if fmt == "int8" else (-8, 7)
-    q = torch.round(blocks * inv).clamp_(lo, hi).to(torch.int8)
-    if fmt == "int4":
-        u = (q + 8).to(torch.uint8)
-        q = u[..., : GROUP // 2] | (u[..., GROUP // 2 :] << 4)
-    data = q.reshape(rows // PANEL, PANEL, cols // GROUP, -1).transpose(1, 2)
-    scales = scale.reshape(rows // PANEL, PANEL, cols // GROUP).transpose(1, 2)
-    return QuantizedWeight(fmt, data.contiguous(), scales.contiguous())
-
-
-def _values(qw: QuantizedWeight) -> torch.Tensor:
-    """The integer values q of each weight, int8 [rows, cols // GROUP, GROUP]."""
-    rows, cols = qw.shape
-    b = qw.data.transpose(1, 2).reshape(rows, cols // GROUP, -1)
-    if qw.fmt == "int8":
-        return b
-    return torch.cat([(b & 0x0F), (b >> 4)], dim=-1).to(torch.int8) - 8
-
-
-def _row_scales(qw: QuantizedWeight) -> torch.Tensor:
-    """fp32 [rows, cols // GROUP]."""
-    return qw.scales.transpose(1, 2).reshape(qw.shape[0], -1).to(torch.float32)
-
-
-def dequantize(qw: QuantizedWeight, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    rows, cols = qw.shape
-    w = _values(qw).to(torch.float32) * _row_scales(qw)[..., None]
-    return w.reshape(rows, cols).to(dtype)
-
-
-def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Activations [n, cols] as the kernels quantize them: int8 [n, cols] and fp32 scales [n, cols // GROUP]."""
-    n, cols = x.shape
-    blocks = x.to(torch.float32).reshape(n, cols // GROUP, GROUP)
-    scale = blocks.abs().amax(-1) / 127
-    inv = torch.where(scale == 0, torch.zeros_like(scale), 1 / scale)
-    q = torch.round(blocks * inv[..., None]).to(torch.int8)
-    return q.reshape(n, cols), scale
-
-
-def reference_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
-    """`x @ W.T` [n, rows] fp32 with the kernels' arithmetic: block integer dot products times both scales."""
-    xq, xd = quantize_activations_reference(x)
-    rows, cols = qw.shape
-    nb = cols // GROUP
-    dots = torch.einsum("rbg,nbg->nrb", _values(qw).to(torch.float64), xq.reshape(-1, nb, GROUP).to(torch.float64))
-    scaled = dots.to(torch.float32) * _row_scales(qw)[None] * xd[:, None, :]
-    return scaled.sum(-1)
-
-
-# --- the C kernels --------------------------------------------------------------------------------
+from fiddlerc.quant_format import GROUP, QuantizedWeight
 
 
 class _Library:
@@ -220,3 +107,12 @@ def matmul(
         int(lib.simd if simd is None else simd),
     )
     return y
+
+
+def linear(x: torch.Tensor, qw: QuantizedWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W, b)` for a quantized W: x [..., cols] in any float dtype, the result in x's dtype."""
+    lead = x.shape[:-1]
+    y = matmul(x.reshape(-1, x.shape[-1]), qw).to(x.dtype)
+    if b is not None:
+        y = y + b
+    return y.reshape(*lead, y.shape[-1])

@@ -1,0 +1,119 @@
+"""Quantized cpu-tier experts (`--expert-dtype`): written once at compile time, memory-mapped at load, computed
+by the C kernels with the arithmetic of the same quantized numbers in fp32."""
+
+import json
+
+import pytest
+import torch
+
+import fiddlerc
+from fiddlerc import quant_format
+from fiddlerc.errors import ArtifactError, OptionError, UnsupportedModelError
+from fiddlerc.model.quantize import EXPERTS_FILE
+from fiddlerc.runtime import quant
+from fiddlerc.tools.demo import write_model
+from tests.conftest import VOCAB, mapping_of
+
+needs_kernels = pytest.mark.skipif(not quant.available(), reason="the C kernels were not built")
+
+
+@pytest.fixture(scope="module")
+def wide(tmp_path_factory):
+    """A tiny Mixtral whose widths the blocks divide (hidden 64, experts of 128), and its HF logits."""
+    import transformers as T
+
+    config = T.MixtralConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                             max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
+    src = write_model(config, tmp_path_factory.mktemp("wide") / "m", seed=0, router_scale=8.0)
+    ids = torch.randint(3, VOCAB, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = T.AutoModelForCausalLM.from_pretrained(src).eval()(ids).logits
+    return src, ids, want
+
+
+def _compile(src, out, fmt, fast_experts=1):
+    return fiddlerc.compile(src, out, gpu_memory="1GiB", context=64, fast_experts=fast_experts, expert_dtype=fmt)
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", quant_format.FORMATS)
+def test_quantized_cpu_experts_compute_the_reference_arithmetic(fmt, wide, tmp_path, monkeypatch):
+    src, ids, want = wide
+    art = _compile(src, tmp_path / "out", fmt)
+    assert art.plan.target.expert_dtype == fmt
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        for p in model.placed_experts:
+            for w, cpu in zip(p.weights, p.on_cpu, strict=True):
+                assert all(
+                    isinstance(m, quant_format.QuantizedWeight) == cpu for m in w.matrices
+                )  # GPU tier: bf16/fp32
+        q = model.placed_experts[0].weights[model.placed_experts[0].on_cpu.index(True)].w_out
+        assert mapping_of(q.data.data_ptr())[0].endswith(EXPERTS_FILE)  # mapped from the compiled folder, not copied
+        got = model(ids)
+
+        monkeypatch.setattr(quant, "matmul", lambda x, qw, **_: quant_format.reference_matmul(x, qw))
+        by_reference = model(ids)
+    torch.testing.assert_close(got, by_reference, rtol=1e-5, atol=1e-5)  # float sums in another order only
+    agree = (got.argmax(-1) == want.argmax(-1)).float().mean().item()
+    assert agree >= 0.9 and (got - want).abs().max() < (0.01 if fmt == "int8" else 0.1)  # against the unquantized
+
+
+@needs_kernels
+def test_the_experts_file_holds_the_cpu_tier_at_the_stated_bits_and_is_deterministic(wide, tmp_path):
+    src = wide[0]
+    art = _compile(src, tmp_path / "a", "int4")
+    _compile(src, tmp_path / "b", "int4")
+    for name in ("experts.safetensors", "plan.json", "module.py", "manifest.json"):
+        a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
+        assert a == b or name == "manifest.json" and json.loads(a)["quantized"] == json.loads(b)["quantized"]
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "a" / EXPERTS_FILE, "pt") as f:
+        keys = list(f.keys())
+        assert f.metadata() == {"format": "int4", "group": "32", "panel": "4"}
+    cpu = [(e.layer, e.expert) for e in art.plan.experts if e.device == "cpu"]
+    assert len(keys) == len(cpu) * 3 * 2  # gate, up, down; data and scales
+    assert {tuple(int(k.split(".")[i]) for i in (1, 3)) for k in keys} == set(cpu)
+    params = 3 * 64 * 128 * len(cpu)
+    stored = sum(
+        t.numel() * t.element_size()
+        for t in (safe_open(tmp_path / "a" / EXPERTS_FILE, "pt").get_tensor(k) for k in keys)
+    )
+    assert stored * 8 / params == quant_format.bits_per_weight("int4") == 4.5
+
+
+@needs_kernels
+def test_an_edited_or_missing_experts_file_is_refused(wide, tmp_path):
+    _compile(wide[0], tmp_path / "out", "int8")
+    f = tmp_path / "out" / EXPERTS_FILE
+    data = f.read_bytes()
+    f.write_bytes(data + b"\0" * 8)
+    with pytest.raises(ArtifactError, match="experts.safetensors was changed after compiling"):
+        fiddlerc.load(tmp_path / "out", device="cpu")
+    f.unlink()
+    with pytest.raises(ArtifactError, match="experts.safetensors is missing"):
+        fiddlerc.load(tmp_path / "out", device="cpu")
+
+
+def test_widths_the_blocks_do_not_divide_and_unknown_formats_are_refused(model_dirs, tmp_path):
+    with pytest.raises(
+        UnsupportedModelError, match="cannot be quantized to int8.*keep this model's experts in the compute dtype"
+    ):
+        _compile(model_dirs("mixtral"), tmp_path / "out", "int8")  # hidden 32: not two blocks of 32
+    assert not (tmp_path / "out").exists()  # refused before anything was written
+    with pytest.raises(OptionError, match="--expert-dtype 'int3' is not one of int8, int4"):
+        _compile(model_dirs("mixtral"), tmp_path / "out2", "int3")
+
+
+@needs_kernels
+def test_the_command_line_compiles_quantized_and_the_report_says_what_each_tier_runs(wide, tmp_path, capsys):
+    from fiddlerc.cli import main
+
+    src = wide[0]
+    argv = ["compile", str(src), "-o", str(tmp_path / "out"), "--gpu-memory", "1GiB", "--context", "64",
+            "--fast-experts", "2", "--expert-dtype", "int4"]  # fmt: skip
+    assert main(argv) == 0
+    assert main(["report", str(tmp_path / "out")]) == 0
+    out = capsys.readouterr().out
+    assert "stored and run as int4 (4.5 bits per weight)" in out and "GPU-tier experts run in float32" in out
