@@ -35,7 +35,7 @@ from fiddlerc.runtime import kernels, quant
 from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv
 from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts
 from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
-from fiddlerc.runtime.worker import CpuWorker
+from fiddlerc.runtime.worker import CpuWorker, InlineWorker
 from fiddlerc.units import parse_dtype
 
 
@@ -195,8 +195,10 @@ class WeightBinder:
             else:
                 w = w.to(self.devices[dev], self.dtype)
             weights.append(w)
+        # CPU-only with quantized kernels (which use every core): the cpu tier runs on the calling thread
+        worker = InlineWorker() if self.fmt is not None and self.fast.type == "cpu" else self.worker
         module = PlacedExperts(
-            weights, tuple(d == CPU for d in placement), layout.math(block), self.fast, self.worker, ml.layer, fetch
+            weights, tuple(d == CPU for d in placement), layout.math(block), self.fast, worker, ml.layer, fetch
         )
         if self.fast.type == "cpu" and self.fmt is None:  # the quantized kernels use every thread themselves
             biggest = max(weights[0].matrices, key=lambda m: m.numel())

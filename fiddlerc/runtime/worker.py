@@ -78,3 +78,18 @@ class CpuWorker:
             self._jobs.put(None)
         if threading.current_thread() is not self._thread:
             self._thread.join()
+
+
+class InlineWorker:
+    """A CpuWorker that runs each job at once on the calling thread. For a CPU-only machine whose CPU-tier
+    kernels use every core themselves (the quantized experts, OpenMP): there a hand-off buys no overlap,
+    the calling thread would only wait, and a second thread driving its own OpenMP team would contend
+    for the cores with the caller's."""
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Job:
+        job = Job(fn, args)
+        job._run()
+        return job
+
+    def close(self) -> None:
+        pass

@@ -27,17 +27,25 @@ def byte_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
 
 
-def write_model(config, path: str | Path, *, seed: int = 0, router_scale: float = 1.0, tokenizer: bool = False) -> Path:
+def write_model(
+    config,
+    path: str | Path,
+    *,
+    seed: int = 0,
+    router_scale: float = 1.0,
+    tokenizer: bool = False,
+    dtype: torch.dtype | None = None,
+) -> Path:
     """Build a random-weight causal LM from `config`, save it with `save_pretrained`, return the folder.
 
     `router_scale` redraws every MoE router's matrix with `router_scale` times the usual 0.02 std,
     making routing decisive (top-k choices far from ties), so tiny numeric differences cannot flip an
-    expert choice in tests.
+    expert choice in tests. `dtype` builds (and saves) the weights in it directly (default fp32).
     """
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config)
+    model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
     with torch.no_grad():
         for module in model.modules():
             if router_scale != 1.0 and find_layout(module, config.hidden_size) is not None:

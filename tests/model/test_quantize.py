@@ -48,6 +48,7 @@ def test_quantized_cpu_experts_compute_the_reference_arithmetic(fmt, wide, tmp_p
                 assert all(
                     isinstance(m, quant_format.QuantizedWeight) == cpu for m in w.matrices
                 )  # GPU tier: bf16/fp32
+        assert all(type(p.worker).__name__ == "InlineWorker" for p in model.placed_experts)  # CPU-only: no hand-off
         q = model.placed_experts[0].weights[model.placed_experts[0].on_cpu.index(True)].w_out
         assert mapping_of(q.data.data_ptr())[0].endswith(EXPERTS_FILE)  # mapped from the compiled folder, not copied
         got = model(ids)

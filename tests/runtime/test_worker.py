@@ -50,3 +50,19 @@ def test_close_finishes_what_was_handed_over_and_refuses_more():
     with pytest.raises(RuntimeError, match="worker was closed"):
         worker.submit(lambda: None)
     worker.close()  # again: nothing to do
+
+
+def test_the_inline_worker_runs_each_job_on_the_caller_at_once():
+    from fiddlerc.runtime.worker import InlineWorker
+
+    worker = InlineWorker()
+    ran = []
+    job = worker.submit(lambda: ran.append(threading.current_thread()) or 5)
+    assert ran == [threading.current_thread()] and job.result() == 5  # done before submit returned
+
+    def boom():
+        raise ValueError("expert 1 failed")
+
+    with pytest.raises(ValueError, match="expert 1 failed"):
+        worker.submit(boom).result()
+    worker.close()

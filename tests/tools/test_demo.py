@@ -50,3 +50,9 @@ def test_the_demo_model_is_a_small_mixtral_with_eight_experts_top_two():
     assert {find_layout(b, config.hidden_size).num_experts(b) for b in blocks} == {8}
     mib = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     assert 50 < mib < 60  # "about 55 MiB of fp32 weights", as its docstring says
+
+
+def test_a_dtype_builds_and_saves_the_weights_in_it(tmp_path):
+    folder = write_model(tiny_config("qwen2_moe"), tmp_path / "bf16", seed=0, dtype=torch.bfloat16)
+    tensors = load_file(folder / "model.safetensors")
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}

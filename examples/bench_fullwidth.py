@@ -1,0 +1,286 @@
+"""Decode at real widths on the CPU: fiddlerc at bf16, int8 and int4 beside llama.cpp at BF16, Q8_0 and Q4_0
+of the same safetensors, and Hugging Face generate at bf16.
+
+    python examples/bench_fullwidth.py [--slices mixtral,qwen3] [--dir /tmp/fiddlerc-fullwidth]
+        [--threads 2] [--rounds 3] [--prompt 32] [--new-tokens 16]
+        [--llama-python PYTHON --llama-src DIR]   # llama.cpp: see the project's notes on building it
+
+Slices of real models with random weights and a vocabulary of 8192 (random weights are for speed
+only: every format does the same work on them):
+- mixtral: Mixtral-8x7B layers (hidden 4096, 8 experts of 14336, top-2, 32/8 heads) x 2 layers;
+- qwen3: Qwen3-30B-A3B layers (hidden 2048, 128 experts of 768, top-8, 32/4 heads, head_dim 128) x 4.
+bf16 checkpoints, written once under --dir with a tokenizer trained there (llama.cpp's converter
+needs one; timing feeds token ids). fiddlerc compiles each slice with every expert on the CPU tier
+(`--fast-experts 0`), in bf16 and with `--expert-dtype int8|int4` (dense weights stay bf16).
+llama.cpp's GGUFs come from its own converter (BF16, Q8_0) and quantizer (Q4_0). Each engine and
+format runs in a fresh process, one after the other round by round, medians of the rounds; bits per
+weight are stored weight bytes x 8 / parameters. Without --llama-python the llama.cpp columns are
+skipped with a note.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+VOCAB = 8192
+
+
+def slice_config(name: str):
+    import transformers as T
+
+    common = dict(
+        vocab_size=VOCAB, max_position_embeddings=4096, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2
+    )
+    if name == "mixtral":
+        return T.MixtralConfig(**common, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
+                               num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)  # fmt: skip
+    return T.Qwen3MoeConfig(**common, hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768, num_hidden_layers=4,
+                            num_attention_heads=32, num_key_value_heads=4, head_dim=128, num_experts=128,
+                            num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[])  # fmt: skip
+
+
+def _corpus() -> list[str]:
+    """Text available offline: the Python standard library's sources."""
+    import sysconfig
+
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))
+    return [f.read_text(errors="replace") for f in files[:400]]
+
+
+def train_tokenizer(kind: str):
+    """A tokenizer of exactly VOCAB tokens that llama.cpp's converter accepts: Llama-2-style byte-fallback BPE
+    (Mixtral) or GPT-2-style byte-level BPE (Qwen3)."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    if kind == "llama":
+        specials = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256))]
+        tok = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>", fuse_unk=True))
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
+        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+        tok.train_from_iterator(_corpus(), trainer)
+        return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator(_corpus(), trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
+
+
+def prepare(name: str, root: Path, llama: tuple[str, Path] | None) -> dict[str, Path]:
+    """The slice's model folder, fiddlerc's compiled folders and llama.cpp's GGUFs (made once, kept)."""
+    import torch
+
+    import fiddlerc
+    from fiddlerc.tools.demo import write_model
+
+    model = root / name / "model"
+    if not (model / "config.json").is_file():
+        write_model(slice_config(name), model, seed=0, dtype=torch.bfloat16)
+        tok = train_tokenizer("llama" if name == "mixtral" else "gpt2")
+        assert len(tok) == VOCAB, f"the tokenizer has {len(tok)} tokens, the model {VOCAB}"
+        tok.save_pretrained(model)
+    paths = {"hf bf16": model}
+    for fmt in ("bf16", "int8", "int4"):
+        out = root / name / f"fiddlerc-{fmt}"
+        if not (out / "manifest.json").is_file():
+            fiddlerc.compile(model, out, gpu_memory="1TiB", context=256, fast_experts=0,
+                             expert_dtype=None if fmt == "bf16" else fmt)  # fmt: skip
+        paths[f"fiddlerc {fmt}"] = out
+    if llama is not None:
+        python, src = llama
+        for fmt in ("bf16", "q8_0", "q4_0"):
+            gguf = root / name / f"llama-{fmt}.gguf"
+            if not gguf.is_file():
+                code = _CONVERT if fmt != "q4_0" else _QUANTIZE
+                base = root / name / "llama-bf16.gguf"
+                subprocess.run([python, "-c", code, str(src), str(model), fmt, str(gguf), str(base)], check=True)
+            paths[f"llama.cpp {fmt.upper()}"] = gguf
+    return paths
+
+
+# llama.cpp's converter, run in its own environment; an unknown byte-level pre-tokenizer (ours is trained
+# here, so its hash is in no list) is declared Qwen2's, whose regex the ByteLevel pre-tokenizer follows.
+_CONVERT = """
+import sys
+src, model, fmt, out = sys.argv[1:5]
+sys.path[:0] = [src, src + '/gguf-py']
+import conversion.base as base
+known = base.TextModel.get_vocab_base_pre
+def pre(self, tokenizer):
+    try:
+        return known(self, tokenizer)
+    except NotImplementedError:
+        return 'qwen2'
+base.TextModel.get_vocab_base_pre = pre
+sys.argv = ['convert_hf_to_gguf.py', model, '--outtype', fmt, '--outfile', out]
+import runpy
+runpy.run_path(src + '/convert_hf_to_gguf.py', run_name='__main__')
+"""
+_QUANTIZE = """
+import sys, llama_cpp
+base, out = sys.argv[5], sys.argv[4]
+p = llama_cpp.llama_model_quantize_default_params()
+p.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
+assert llama_cpp.llama_model_quantize(base.encode(), out.encode(), p) == 0
+"""
+
+
+def stored_bits(path: Path, params: int) -> float:
+    """Weight bytes x 8 / parameters of a model folder, a compiled folder (its dense weights in the model
+    folder, its experts there or in experts.safetensors) or a GGUF file."""
+    files = [path] if path.is_file() else [*path.glob("*.safetensors")]
+    if path.is_dir() and (path / "manifest.json").is_file():  # fiddlerc: dense weights in the model folder
+        model_dir = Path(json.loads((path / "manifest.json").read_text())["model_dir"])
+        plan = json.loads((path / "plan.json").read_text())
+        dense = plan["memory"]["dense_bytes"]
+        experts = sum(f.stat().st_size for f in path.glob("experts.safetensors"))
+        if not experts:  # bf16: every expert from the model folder
+            experts = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) - dense
+        return (dense + experts) * 8 / params
+    return sum(f.stat().st_size for f in files) * 8 / params
+
+
+# --- children: one engine and format per process -------------------------------------------------
+
+
+def _child(engine: str, path: str, threads: int, prompt: int, new: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    ids = torch.randint(3, VOCAB - 1, (1, prompt), generator=torch.Generator().manual_seed(0))
+    if engine == "fiddlerc":
+        import fiddlerc
+
+        model = fiddlerc.load(path, device="cpu", num_threads=threads)
+
+        def run(n):
+            model.generate(ids, max_new_tokens=n, ignore_eos=True)
+    else:
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16).eval()
+
+        def run(n):
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                               do_sample=False, pad_token_id=0)  # fmt: skip
+
+    run(4)  # warm up
+    t0 = time.perf_counter()
+    run(1)
+    t1 = time.perf_counter()
+    run(new + 1)
+    t2 = time.perf_counter()
+    return {"decode": new / ((t2 - t1) - (t1 - t0)), "prefill": prompt / (t1 - t0)}
+
+
+_LLAMA_CHILD = """
+import sys, time, json, random, llama_cpp
+path, threads, prompt, new = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
+m = llama_cpp.Llama(path, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
+rng = random.Random(0)
+ids = [rng.randrange(3, 8191) for _ in range(prompt)]
+def run(n):
+    m.reset(); t0 = time.perf_counter(); m.eval(ids); t1 = time.perf_counter()
+    for i in range(n):
+        m.eval([ids[i % prompt]])
+    return t1 - t0, time.perf_counter() - t1
+run(4)
+pre, dec = run(new)
+print(json.dumps({"decode": new / dec, "prefill": prompt / pre}))
+"""
+
+
+def measure(name: str, path: Path, args) -> dict:
+    if name.startswith("llama.cpp"):
+        cmd = [
+            args.llama_python,
+            "-c",
+            _LLAMA_CHILD,
+            str(path),
+            str(args.threads),
+            str(args.prompt),
+            str(args.new_tokens),
+        ]
+    else:
+        engine = "fiddlerc" if name.startswith("fiddlerc") else "hf"
+        cmd = [sys.executable, str(HERE), "--child", engine, str(path), "--threads", str(args.threads),
+               "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        raise RuntimeError(f"{name} failed:\n{run.stderr[-3000:]}")
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--slices", default="mixtral,qwen3")
+    ap.add_argument("--dir", default="/tmp/fiddlerc-fullwidth")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--prompt", type=int, default=32)
+    ap.add_argument("--new-tokens", type=int, default=16)
+    ap.add_argument("--llama-python", default=None, help="a Python with llama_cpp installed")
+    ap.add_argument(
+        "--llama-src", default=None, help="llama.cpp's source (vendor/llama.cpp of llama-cpp-python's sdist)"
+    )
+    ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.child:
+        print(json.dumps(_child(args.child[0], args.child[1], args.threads, args.prompt, args.new_tokens)))
+        return
+    llama = (args.llama_python, Path(args.llama_src)) if args.llama_python and args.llama_src else None
+    if llama is None:
+        print("llama.cpp: not given (--llama-python, --llama-src): its columns are skipped")
+    for name in args.slices.split(","):
+        paths = prepare(name, Path(args.dir), llama)
+        if args.no_hf:
+            paths.pop("hf bf16")
+        params = _params(Path(args.dir) / name / "model")
+        results: dict[str, list[dict]] = {k: [] for k in paths}
+        for _ in range(args.rounds):
+            for k, p in paths.items():
+                results[k].append(measure(k, p, args))
+        print(f"\n{name} slice, {args.threads} threads, prompt {args.prompt}, {args.new_tokens} new tokens, "
+              f"median of {args.rounds} alternating rounds (decode tokens/s; bits per weight over all weights)")  # fmt: skip
+        decode = {k: statistics.median(r["decode"] for r in v) for k, v in results.items()}
+        peer = {"bf16": "llama.cpp BF16", "int8": "llama.cpp Q8_0", "int4": "llama.cpp Q4_0"}
+        for k, p in paths.items():
+            prefill = statistics.median(r["prefill"] for r in results[k])
+            line = f"  {k:17} {stored_bits(p, params):5.2f} bpw  decode {decode[k]:7.2f} tok/s  prefill {prefill:8.1f} tok/s"
+            fmt = k.split()[-1]
+            if k.startswith("fiddlerc") and peer[fmt] in decode:
+                line += f"  = {decode[k] / decode[peer[fmt]]:.2f}x {peer[fmt]}"
+            print(line)
+
+
+def _params(model_dir: Path) -> int:
+    from fiddlerc.model.folder import open_model_folder
+
+    return sum(_prod(t.shape) for t in open_model_folder(model_dir).tensors.values())
+
+
+def _prod(shape) -> int:
+    out = 1
+    for n in shape:
+        out *= n
+    return out
+
+
+if __name__ == "__main__":
+    main()
