@@ -11,7 +11,8 @@ only: every format does the same work on them):
 - qwen3: Qwen3-30B-A3B layers (hidden 2048, 128 experts of 768, top-8, 32/4 heads, head_dim 128) x 4.
 bf16 checkpoints, written once under --dir with a tokenizer trained there (llama.cpp's converter
 needs one; timing feeds token ids). fiddlerc compiles each slice with every expert on the CPU tier
-(`--fast-experts 0`), in bf16 and with `--expert-dtype int8|int4` (dense weights stay bf16).
+(`--fast-experts 0`), in bf16 and with `--expert-dtype` and `--dense-dtype` int8 or int4 (embeddings,
+norms and routers stay bf16).
 llama.cpp's GGUFs come from its own converter (BF16, Q8_0) and quantizer (Q4_0). Each engine and
 format runs in a fresh process, one after the other round by round, medians of the rounds; bits per
 weight are stored weight bytes x 8 / parameters. Without --llama-python the llama.cpp columns are
@@ -97,8 +98,9 @@ def prepare(name: str, root: Path, llama: tuple[str, Path] | None) -> dict[str, 
     for fmt in ("bf16", "int8", "int4"):
         out = root / name / f"fiddlerc-{fmt}"
         if not (out / "manifest.json").is_file():
+            quantized = None if fmt == "bf16" else fmt  # experts and dense projections alike, as llama.cpp's files
             fiddlerc.compile(model, out, gpu_memory="1TiB", context=256, fast_experts=0,
-                             expert_dtype=None if fmt == "bf16" else fmt)  # fmt: skip
+                             expert_dtype=quantized, dense_dtype=quantized)  # fmt: skip
         paths[f"fiddlerc {fmt}"] = out
     if llama is not None:
         python, src = llama
@@ -141,17 +143,37 @@ assert llama_cpp.llama_model_quantize(base.encode(), out.encode(), p) == 0
 
 def stored_bits(path: Path, params: int) -> float:
     """Weight bytes x 8 / parameters of a model folder, a compiled folder (its dense weights in the model
-    folder, its experts there or in experts.safetensors) or a GGUF file."""
+    folder, its experts there or in quantized.safetensors) or a GGUF file."""
     files = [path] if path.is_file() else [*path.glob("*.safetensors")]
     if path.is_dir() and (path / "manifest.json").is_file():  # fiddlerc: dense weights in the model folder
         model_dir = Path(json.loads((path / "manifest.json").read_text())["model_dir"])
         plan = json.loads((path / "plan.json").read_text())
         dense = plan["memory"]["dense_bytes"]
-        experts = sum(f.stat().st_size for f in path.glob("experts.safetensors"))
-        if not experts:  # bf16: every expert from the model folder
-            experts = sum(f.stat().st_size for f in model_dir.glob("*.safetensors")) - dense
-        return (dense + experts) * 8 / params
+        total = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
+        quantized = path / "quantized.safetensors"
+        if not quantized.is_file():  # bf16: every weight from the model folder
+            return total * 8 / params
+        doc = json.loads((path / "plan.json").read_text())["target"]
+        kept = _unquantized_bytes(model_dir, quantized) if doc["dense_dtype"] else dense
+        return (kept + quantized.stat().st_size) * 8 / params
     return sum(f.stat().st_size for f in files) * 8 / params
+
+
+def _unquantized_bytes(model_dir: Path, quantized: Path) -> int:
+    """Bytes of the model's dense weights that were not quantized (embeddings, norms, routers)."""
+    from fiddlerc.model.folder import ST_DTYPES, open_model_folder, open_weight_files
+
+    done = {
+        k.removeprefix("dense.").removesuffix(".data") + ".weight"
+        for k in open_weight_files(quantized.parent, [quantized.name]).tensors
+        if k.startswith("dense.") and k.endswith(".data")
+    }
+    out = 0
+    for key, info in open_model_folder(model_dir).tensors.items():
+        if ".experts." in key or key in done:
+            continue
+        out += _prod(info.shape) * ST_DTYPES[info.dtype].itemsize
+    return out
 
 
 # --- children: one engine and format per process -------------------------------------------------

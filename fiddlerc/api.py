@@ -47,12 +47,12 @@ def expert_shape(model, dtype) -> tuple[int, int]:
 
 def _inputs(
     folder, gpu_memory, *, fast_experts, context, batch, dtype, hardware, cpu_memory, popularity, micro_batches,
-    expert_dtype,
+    expert_dtype, dense_dtype,
 ):  # fmt: skip
     """What planning and compiling share: the meta model, its compute dtype, the target and the options."""
     target = parse_target(
         gpu_memory, fast_experts=fast_experts, context=context, batch=batch, micro_batches=micro_batches,
-        expert_dtype=expert_dtype,
+        expert_dtype=expert_dtype, dense_dtype=dense_dtype,
     )  # fmt: skip
     model, compute_dtype = meta_model_of(folder, dtype)
     options = CompileOptions(
@@ -77,13 +77,14 @@ def plan(
     popularity: str | Path | None = None,
     micro_batches: int | None = None,
     expert_dtype: str | None = None,
+    dense_dtype: str | None = None,
 ) -> Plan:
     """Plan a model from its config.json alone (no weights needed): the placement compile would make,
     priced on `hardware` (a profile name or file) when given."""
     folder = open_config(config_or_dir)
     inputs = _inputs(folder, gpu_memory, fast_experts=fast_experts, context=context, batch=batch, dtype=dtype,
                      hardware=hardware, cpu_memory=cpu_memory, popularity=popularity, micro_batches=micro_batches,
-                     expert_dtype=expert_dtype)  # fmt: skip
+                     expert_dtype=expert_dtype, dense_dtype=dense_dtype)  # fmt: skip
     return build_plan(folder, *inputs)[1]
 
 
@@ -101,6 +102,7 @@ def compile(  # noqa: A001 - the verb users expect
     popularity: str | Path | None = None,
     micro_batches: int | None = None,
     expert_dtype: str | None = None,
+    dense_dtype: str | None = None,
 ) -> Artifact:
     """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, sources.json, report.txt,
     manifest.json).
@@ -110,11 +112,12 @@ def compile(  # noqa: A001 - the verb users expect
     (default: the profile's); CPU-tier weights beyond it page from disk, which the plan records and the
     prediction prices. `popularity` is a JSON of measured routing counts (`fiddlerc popularity`, or the
     Fiddler repository's format): placement weighs each expert by it instead of assuming uniform routing.
-    `expert_dtype` ("int8" or "int4") stores the cpu-tier experts quantized in `out_dir` (experts.safetensors)
-    and computes them with fiddlerc's quantized kernels; experts on a GPU keep the compute dtype.
+    `expert_dtype` ("int8" or "int4") stores the cpu-tier experts quantized in `out_dir` (quantized.safetensors)
+    and computes them with fiddlerc's quantized kernels; experts on a GPU keep the compute dtype. `dense_dtype`
+    does the same for the dense projections (attention, shared experts, lm_head), used where they run on the CPU.
     """
     folder = open_model_folder(model_dir)
     inputs = _inputs(folder, gpu_memory, fast_experts=fast_experts, context=context, batch=batch, dtype=dtype,
                      hardware=hardware, cpu_memory=cpu_memory, popularity=popularity, micro_batches=micro_batches,
-                     expert_dtype=expert_dtype)  # fmt: skip
+                     expert_dtype=expert_dtype, dense_dtype=dense_dtype)  # fmt: skip
     return compile_model(folder, *inputs, out_dir)

@@ -28,7 +28,7 @@ from fiddlerc.errors import ArtifactError, OptionError
 from fiddlerc.files import write_atomic
 from fiddlerc.model.folder import ModelFolder, load_config, open_model_folder, open_weight_files
 from fiddlerc.model.meta import build_meta_model
-from fiddlerc.model.quantize import EXPERTS_FILE, QuantizedExperts
+from fiddlerc.model.quantize import QUANTIZED_FILE, QuantizedWeights
 from fiddlerc.model.weights import resolve_sources, sources_from_json, sources_to_json
 from fiddlerc.plan import Plan, Target, plan_from_json, plan_to_json
 from fiddlerc.units import parse_dtype
@@ -54,8 +54,8 @@ def make_manifest(
     plan: Plan, plan_text: str, module_text: str, sources_text: str, folder: ModelFolder, out: Path
 ) -> dict:
     """What `verify_artifact` checks: the versions that wrote the folder, its files' hashes, the model's
-    weights (headers and sizes) and, where the plan quantizes experts, the same for EXPERTS_FILE."""
-    quantized = {} if plan.target.expert_dtype is None else {"quantized": quantized_fingerprint(out)}
+    weights (headers and sizes) and, where the plan quantizes weights, the same for QUANTIZED_FILE."""
+    quantized = {"quantized": quantized_fingerprint(out)} if plan.target.quantizes else {}
     return {
         **quantized,
         "versions": software_versions(),
@@ -75,7 +75,7 @@ def make_manifest(
 def quantized_fingerprint(out: Path) -> dict:
     """Size and header hash of a compiled folder's quantized experts: cheap, and changes when any tensor's
     place or shape does. `fiddlerc verify` reads every byte."""
-    return open_weight_files(out, [EXPERTS_FILE]).fingerprint()
+    return open_weight_files(out, [QUANTIZED_FILE]).fingerprint()
 
 
 def regenerate_module(folder: ModelFolder, plan: Plan) -> tuple[str, nn.Module]:
@@ -162,13 +162,15 @@ def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) ->
     if sha256_bytes(sources_bytes) != files.get(SOURCES_FILE):
         raise ArtifactError(f"{out / SOURCES_FILE} was changed after compiling (hash mismatch): recompile")
     sources = sources_from_json(sources_bytes, meta_model, folder)
-    if plan.target.expert_dtype is not None:
-        if not (out / EXPERTS_FILE).is_file():
+    if plan.target.quantizes:
+        if not (out / QUANTIZED_FILE).is_file():
             raise ArtifactError(
-                f"{out / EXPERTS_FILE} is missing: the quantized experts; recompile with `fiddlerc compile`"
+                f"{out / QUANTIZED_FILE} is missing: the quantized experts; recompile with `fiddlerc compile`"
             )
         if quantized_fingerprint(out) != manifest.get("quantized"):
-            raise ArtifactError(f"{out / EXPERTS_FILE} was changed after compiling (size or header differ): recompile")
+            raise ArtifactError(
+                f"{out / QUANTIZED_FILE} was changed after compiling (size or header differ): recompile"
+            )
     return Artifact(out, plan, manifest, folder, module_text, sources), meta_model
 
 
@@ -201,7 +203,7 @@ def compile_model(
     sources = resolve_sources(model, folder)
     sources_text = sources_to_json(sources)
     gm, plan = build_plan(folder, model, dtype, target, options)
-    quantized = QuantizedExperts(model, folder, sources, plan) if plan.target.expert_dtype is not None else None
+    quantized = QuantizedWeights(model, folder, sources, plan) if plan.target.quantizes else None
     module_text = generate_module(gm, plan)
     plan_text = plan_to_json(plan)
     out = Path(out_dir)
@@ -214,7 +216,7 @@ def compile_model(
     if quantized is not None:
         quantized.write(out)
     else:
-        (out / EXPERTS_FILE).unlink(missing_ok=True)
+        (out / QUANTIZED_FILE).unlink(missing_ok=True)
     manifest = make_manifest(plan, plan_text, module_text, sources_text, folder, out)
     write_atomic(out / PLAN_FILE, plan_text)
     write_atomic(out / MODULE_FILE, module_text)

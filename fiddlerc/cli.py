@@ -29,7 +29,7 @@ CPU_MEMORY_HELP = (
 
 def _planning_options(args: argparse.Namespace) -> dict:
     keys = ("fast_experts", "context", "batch", "dtype", "hardware", "cpu_memory", "popularity", "micro_batches",
-            "expert_dtype")  # fmt: skip
+            "expert_dtype", "dense_dtype")  # fmt: skip
     return {k: getattr(args, k) for k in keys}
 
 
@@ -269,6 +269,12 @@ def _target_options(p: argparse.ArgumentParser, *, gpu_memory_required: bool) ->
     p.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
     p.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
     p.add_argument("--expert-dtype", choices=list(QUANTIZED), default=None, help=EXPERT_DTYPE_HELP)
+    p.add_argument(
+        "--dense-dtype",
+        choices=list(QUANTIZED),
+        default=None,
+        help="the same for the dense projections (attention, shared experts, lm_head) where they run on the CPU",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -65,6 +65,13 @@ class Target:
     # The format cpu-tier experts are stored and computed in (one of QUANTIZED), None: the compute dtype.
     # Experts on a GPU keep the compute dtype and its bytes (ExpertPlacement.bytes).
     expert_dtype: str | None = None
+    # The format of the dense projections where they run on the CPU (a CPU-only load), None: the compute dtype.
+    dense_dtype: str | None = None
+
+    @property
+    def quantizes(self) -> bool:
+        """Whether the compiled folder holds quantized weights (fiddlerc.model.quantize)."""
+        return self.expert_dtype is not None or self.dense_dtype is not None
 
     def gpus(self) -> tuple[str, ...]:
         """Every GPU of the target, the one with the dense weights first."""
@@ -341,9 +348,9 @@ def _check_model_and_target(plan: Plan) -> None:
         and (t.micro_batches > 1 or not t.schedule),
         "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
     )
-    _check(
-        t.expert_dtype is None or t.expert_dtype in QUANTIZED, f"target.expert_dtype must be null or one of {QUANTIZED}"
-    )
+    for name in ("expert_dtype", "dense_dtype"):
+        value = getattr(t, name)
+        _check(value is None or value in QUANTIZED, f"target.{name} must be null or one of {QUANTIZED}")
 
 
 def _check_prediction(plan: Plan) -> None:

@@ -57,12 +57,14 @@ def parse_target(
     batch: int = 1,
     micro_batches: int | None = None,
     expert_dtype: str | None = None,
+    dense_dtype: str | None = None,
 ) -> Target:
     """The target the user described: its GPUs with their budgets (the first holds the dense weights, the
     KV reserve and experts; the others experts only), the KV-cache reserve of `context` tokens x `batch`
     sequences, and `fast_experts` (force the best N experts onto the GPUs, checked against the budget).
     `micro_batches` is checked against `batch` here; it travels in CompileOptions. `expert_dtype` (int8,
-    int4) stores and computes the cpu-tier experts quantized (fiddlerc.quant_format)."""
+    int4) stores and computes the cpu-tier experts quantized (fiddlerc.quant_format), `dense_dtype` the dense
+    projections where they run on the CPU."""
     gpus = parse_gpu_memory(gpu_memory)
     if fast_experts is not None and fast_experts < 0:
         raise OptionError(f"--fast-experts must be >= 0, got {fast_experts}")
@@ -72,8 +74,9 @@ def parse_target(
         raise OptionError(f"--batch must be a positive number of sequences, got {batch}")
     if micro_batches is not None and not 1 <= micro_batches <= batch:
         raise OptionError(f"--micro-batches must be between 1 and --batch ({batch}), got {micro_batches}")
-    if expert_dtype is not None and expert_dtype not in QUANTIZED:
-        raise OptionError(f"--expert-dtype {expert_dtype!r} is not one of {', '.join(QUANTIZED)}")
+    for flag, value in (("--expert-dtype", expert_dtype), ("--dense-dtype", dense_dtype)):
+        if value is not None and value not in QUANTIZED:
+            raise OptionError(f"{flag} {value!r} is not one of {', '.join(QUANTIZED)}")
     (device, budget), *more = gpus
     return Target(
         device=device,
@@ -83,4 +86,5 @@ def parse_target(
         fast_experts=fast_experts,
         more_gpus=dict(more),
         expert_dtype=expert_dtype,
+        dense_dtype=dense_dtype,
     )

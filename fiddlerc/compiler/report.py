@@ -86,7 +86,7 @@ def _cpu_format(plan: Plan) -> str:
     stored = stored_bytes(mem.expert_bytes.get(CPU, 0), parse_dtype(plan.model.dtype).itemsize, fmt)
     return (
         f" in {plan.model.dtype}; stored and run as {fmt} ({bits_per_weight(fmt)} bits per weight): "
-        f"{format_size(stored)} in experts.safetensors; GPU-tier experts run in {plan.model.dtype}"
+        f"{format_size(stored)} in quantized.safetensors; GPU-tier experts run in {plan.model.dtype}"
     )
 
 

@@ -27,7 +27,7 @@ from fiddlerc.errors import ArtifactError
 from fiddlerc.loader.devices import device_map
 from fiddlerc.model.families import Layout, find_layout
 from fiddlerc.model.folder import ModelFolder
-from fiddlerc.model.quantize import EXPERTS_FILE, matrix_key
+from fiddlerc.model.quantize import QUANTIZED_FILE, dense_key, matrix_key
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader, resolve_sources
 from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
 from fiddlerc.quant_format import QuantizedWeight
@@ -59,7 +59,7 @@ def bind_weights(
 ) -> Bound:
     """Put every weight of `model` (built on the meta device) where `plan` says, on this machine's
     `fast` device and the CPU, for the kernels `kernel_mode` picks (see the module docstring).
-    `quantized` is the compiled folder's EXPERTS_FILE where the plan quantizes cpu-tier experts."""
+    `quantized` is the compiled folder's QUANTIZED_FILE where the plan quantizes cpu-tier experts."""
     binder = WeightBinder(model, folder, plan, fast, worker, kernel_mode, sources, quantized)
     binder.bind_dense()
     placed = tuple(binder.bind_experts(ml) for ml in plan.moe_layers)
@@ -100,15 +100,18 @@ class WeightBinder:
         self.reader = WeightReader(folder)
         self.experts = ExpertTensors(model, self.reader, self.sources, self.dtype)
         self.fmt = plan.target.expert_dtype
-        if self.fmt is not None and (quantized is None or not quant.available()):
+        # Quantized dense projections run where the dense weights run on the CPU; on a GPU, the compute dtype.
+        self.dense_fmt = plan.target.dense_dtype if fast.type == "cpu" else None
+        wanted = self.fmt or self.dense_fmt
+        if wanted is not None and (quantized is None or not quant.available()):
+            why = (
+                "its quantized weights were not given"
+                if quantized is None
+                else "fiddlerc's quantized kernels were not built"
+            )
             raise ArtifactError(
-                f"this model's CPU experts are {self.fmt}, and "
-                + (
-                    "its experts file was not given"
-                    if quantized is None
-                    else "fiddlerc's quantized kernels were not built"
-                )
-                + ": reinstall fiddlerc on a machine with a C compiler, or recompile without --expert-dtype"
+                f"this model's CPU weights are {wanted}, and {why}: reinstall fiddlerc on a machine with a C compiler, "
+                "or recompile without --expert-dtype/--dense-dtype"
             )
         self.quantized = WeightReader(quantized) if quantized is not None else None
         self.huge_pages = huge_pages_available()
@@ -208,7 +211,7 @@ class WeightBinder:
         return module
 
     def quantized_expert(self, layer: int, e: int, stored: ExpertWeights) -> ExpertWeights:
-        """A cpu-tier expert's matrices from EXPERTS_FILE (memory-mapped, quantized at compile time); its
+        """A cpu-tier expert's matrices from QUANTIZED_FILE (memory-mapped, quantized at compile time); its
         biases from the model folder, in the compute dtype."""
 
         def matrix(part: str, like: torch.Tensor) -> QuantizedWeight:
@@ -218,7 +221,7 @@ class WeightBinder:
             )
             if qw.shape != tuple(like.shape):
                 raise ArtifactError(
-                    f"{key} in {EXPERTS_FILE} is {qw.shape}, the model's is {tuple(like.shape)}: recompile"
+                    f"{key} in {QUANTIZED_FILE} is {qw.shape}, the model's is {tuple(like.shape)}: recompile"
                 )
             return qw
 
@@ -228,6 +231,15 @@ class WeightBinder:
         w_in = tuple(matrix(f"in{i}", m) for i, m in enumerate(stored.w_in))
         b_out = None if stored.b_out is None else stored.b_out.to(dtype=self.dtype)
         return ExpertWeights(w_in, convert(stored.b_in), matrix("out", stored.w_out), b_out)
+
+    def quantized_dense(self, module: str) -> QuantizedWeight | None:
+        """The quantized weight of the dense `nn.Linear` at `module`, where the compile quantized it and the
+        dense weights run on the CPU here."""
+        key = dense_key(module)
+        if self.dense_fmt is None or f"{key}.data" not in self.quantized.folder.tensors:
+            return None
+        data, scales = self.quantized.get(f"{key}.data"), self.quantized.get(f"{key}.scales")
+        return QuantizedWeight(self.dense_fmt, data, scales, self.dtype)
 
     def rows_split(self, placed: tuple[PlacedExperts, ...]) -> bool:
         """CPU-only decode: where a token's experts spread over both threads (two one-token products at once
@@ -255,7 +267,17 @@ class WeightBinder:
         """A generated attention layer's fused weights, in place of the Hugging Face module at `path`."""
         module = self.model.get_submodule(path)
         projections = [getattr(module, p) for p in PROJECTIONS]
-        weights = fuse_qkv(*projections, self.place, self.reader.release)
+        quantized = [self.quantized_dense(f"{path}.{p}") for p in PROJECTIONS]
+        if all(q is not None for q in quantized):  # rows of panels concatenate: [q; k; v] quantized as stored
+            weights = fuse_qkv(*projections, lambda w: w, self.reader.release)
+            q, k, v, o = quantized
+            weights.qkv = QuantizedWeight(
+                q.fmt, torch.cat([q.data, k.data, v.data]), torch.cat([q.scales, k.scales, v.scales]), self.dtype
+            )
+            self.reader.release(weights.o)
+            weights.o = o
+        else:
+            weights = fuse_qkv(*projections, self.place, self.reader.release)
         parent, _, leaf = path.rpartition(".")
         setattr(self.model.get_submodule(parent), leaf, weights)
         return weights
@@ -271,7 +293,15 @@ class WeightBinder:
             if type(module) is not nn.Linear or module.weight.device.type == "meta":
                 continue
             w = module.weight.detach()
-            if seen.get(w.data_ptr(), 0) > 1 or (placed := self.place(w)) is w:
+            if seen.get(w.data_ptr(), 0) > 1:
+                continue
+            if (qw := self.quantized_dense(name)) is not None:
+                self.reader.release(w)
+                parent, _, leaf = name.rpartition(".")
+                bias = None if module.bias is None else module.bias.detach()
+                setattr(self.model.get_submodule(parent), leaf, kernels.KernelLinear(qw, bias))
+                continue
+            if (placed := self.place(w)) is w:
                 continue
             if type(placed) is kernels.RowSplit or placed.is_mkldnn:
                 parent, _, leaf = name.rpartition(".")

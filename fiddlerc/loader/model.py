@@ -18,7 +18,7 @@ from fiddlerc.errors import OptionError
 from fiddlerc.loader.bind import bind_weights
 from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve_device
 from fiddlerc.model.folder import open_weight_files
-from fiddlerc.model.quantize import EXPERTS_FILE
+from fiddlerc.model.quantize import QUANTIZED_FILE
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
@@ -81,8 +81,8 @@ class CompiledModel:
         self._lock = threading.Lock()
         try:
             quantized = None
-            if self.plan.target.expert_dtype is not None:
-                quantized = open_weight_files(artifact.path, [EXPERTS_FILE])
+            if self.plan.target.quantizes:
+                quantized = open_weight_files(artifact.path, [QUANTIZED_FILE])
             bound = bind_weights(
                 meta_model, artifact.folder, self.plan, device, self._worker, kernels, artifact.sources, quantized
             )

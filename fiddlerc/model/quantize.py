@@ -1,10 +1,13 @@
-"""Quantizing the cpu-tier experts at compile time (`--expert-dtype`), into the compiled folder.
+"""Quantizing at compile time, into the compiled folder: the cpu-tier experts (`--expert-dtype`) and the
+dense projections (`--dense-dtype`: attention, shared experts, lm_head; embeddings, norms and routers
+keep the compute dtype, as does a matrix the blocks do not divide or a weight tied to another).
 
-Expert by expert, matrix by matrix: each is read from the model's memory-mapped safetensors,
-quantized (fiddlerc.quant_format), written, and its pages released, so memory stays at one matrix
-however big the model. The output is one safetensors file, `EXPERTS_FILE`, whose header is known
-before any weight is read (the formats' sizes follow from the shapes); the loader memory-maps it and
-never quantizes again. Experts on a GPU are not in it: they keep the compute dtype.
+Matrix by matrix: each is read from the model's memory-mapped safetensors, quantized
+(fiddlerc.quant_format), written, and its pages released, so memory stays at one matrix however big
+the model. The output is one safetensors file, `QUANTIZED_FILE`, whose header is known before any
+weight is read (the formats' sizes follow from the shapes); the loader memory-maps it and never
+quantizes again. Experts on a GPU are not in it: they keep the compute dtype. The dense matrices are
+used where the dense weights run on the CPU (a CPU-only load); on a GPU they run in the compute dtype.
 """
 
 from __future__ import annotations
@@ -24,19 +27,24 @@ from fiddlerc.errors import UnsupportedModelError
 from fiddlerc.files import open_atomic
 from fiddlerc.model.families import find_layout
 from fiddlerc.model.folder import ModelFolder
-from fiddlerc.model.weights import ExpertTensors, Source, WeightReader
+from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader
 from fiddlerc.plan import CPU, Plan
 from fiddlerc.quant_format import GROUP, PANEL, check_shape, quantize
 from fiddlerc.units import format_size, parse_dtype
 
 log = logging.getLogger(__name__)
 
-EXPERTS_FILE = "experts.safetensors"
+QUANTIZED_FILE = "quantized.safetensors"
 _ST_CODES = {torch.int8: "I8", torch.uint8: "U8", torch.float16: "F16"}
 
 
+def dense_key(module: str) -> str:
+    """The prefix of a quantized dense `nn.Linear` weight in QUANTIZED_FILE (`module` its path)."""
+    return f"dense.{module}"
+
+
 def matrix_key(layer: int, expert: int, part: str) -> str:
-    """The prefix of one quantized matrix in EXPERTS_FILE: `part` is in0, in1 (input projections, as the
+    """The prefix of one quantized matrix in QUANTIZED_FILE: `part` is in0, in1 (input projections, as the
     family's layout splits them) or out; `.data` and `.scales` follow."""
     return f"layers.{layer}.experts.{expert}.{part}"
 
@@ -66,18 +74,50 @@ def _cpu_matrices(model: nn.Module, plan: Plan, experts: ExpertTensors):
                 yield matrix_key(ml.layer, e, part), m
 
 
-class QuantizedExperts:
-    """The cpu-tier experts of `plan` in `plan.target.expert_dtype`: laid out before anything is written (a
-    shape the blocks do not divide is refused here), then `write` streams them into a compiled folder."""
+def _dense_matrices(model: nn.Module, plan: Plan, sources: dict[str, Source], reader: WeightReader):
+    """(key, matrix view) of every dense `nn.Linear` weight to quantize (see the module docstring)."""
+    fmt = plan.target.dense_dtype
+    experts = tuple(ml.experts_module + "." for ml in plan.moe_layers)
+    routers = {
+        f"{ml.block}.{name}"
+        for ml in plan.moe_layers
+        for name, m in model.get_submodule(ml.block).named_children()
+        if isinstance(m, nn.Linear) and m.out_features == ml.num_experts
+    }
+    keys: dict[str, int] = {}
+    for src in sources.values():
+        if isinstance(src, DirectSource):
+            keys[src.key] = keys.get(src.key, 0) + 1
+    for name, module in model.named_modules():
+        if type(module) is not nn.Linear or name in routers or name.startswith(experts):
+            continue
+        src = sources.get(f"{name}.weight")
+        if not isinstance(src, DirectSource) or keys[src.key] > 1:  # tied to the embeddings: kept as it is
+            continue
+        try:
+            check_shape(tuple(module.weight.shape), fmt)
+        except ValueError:
+            continue  # too narrow or odd for the blocks: stays in the compute dtype
+        yield dense_key(name), reader.get(src.key)
+
+
+class QuantizedWeights:
+    """What `plan` quantizes, laid out before anything is written (a cpu-tier expert the blocks do not
+    divide is refused here), then `write` streams it into a compiled folder."""
 
     def __init__(self, model: nn.Module, folder: ModelFolder, sources: dict[str, Source], plan: Plan) -> None:
-        self.fmt = fmt = plan.target.expert_dtype
+        t = plan.target
         self.reader = WeightReader(folder)
         self.experts = ExpertTensors(model, self.reader, sources, parse_dtype(plan.model.dtype))
-        self.matrices = list(_cpu_matrices(model, plan, self.experts))
-        header: dict[str, object] = {"__metadata__": {"format": fmt, "group": str(GROUP), "panel": str(PANEL)}}
+        self.matrices: list[tuple[str, torch.Tensor, str]] = []
+        if t.expert_dtype is not None:
+            self.matrices += [(k, m, t.expert_dtype) for k, m in _cpu_matrices(model, plan, self.experts)]
+        if t.dense_dtype is not None:
+            self.matrices += [(k, m, t.dense_dtype) for k, m in _dense_matrices(model, plan, sources, self.reader)]
+        meta = {"experts": str(t.expert_dtype), "dense": str(t.dense_dtype), "group": str(GROUP), "panel": str(PANEL)}
+        header: dict[str, object] = {"__metadata__": meta}
         offset = 0
-        for key, m in self.matrices:
+        for key, m, fmt in self.matrices:
             try:
                 check_shape(tuple(m.shape), fmt)
             except ValueError as e:
@@ -92,13 +132,13 @@ class QuantizedExperts:
         self.data_bytes = offset
 
     def write(self, out: Path) -> None:
-        """Quantize matrix by matrix into `out / EXPERTS_FILE`, releasing each source's pages."""
+        """Quantize matrix by matrix into `out / QUANTIZED_FILE`, releasing each source's pages."""
         progress = _Progress(len(self.matrices), self.data_bytes)
-        with open_atomic(out / EXPERTS_FILE, binary=True) as fh:
+        with open_atomic(out / QUANTIZED_FILE, binary=True) as fh:
             fh.write(struct.pack("<Q", len(self.header)))
             fh.write(self.header)
-            for i, (key, m) in enumerate(self.matrices):
-                qw = quantize(m, self.fmt)
+            for i, (key, m, fmt) in enumerate(self.matrices):
+                qw = quantize(m, fmt)
                 fh.write(qw.data.numpy().tobytes())
                 fh.write(qw.scales.view(torch.int16).numpy().tobytes())
                 self.reader.release(m)

@@ -113,8 +113,8 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 
 class KernelLinear(nn.Module):
-    """Drop-in for a CPU `nn.Linear` whose weight runs with another kernel than `F.linear`: packed (`pack`)
-    or row-split (`RowSplit`); keeps its shape for code that reads it."""
+    """Drop-in for a CPU `nn.Linear` whose weight runs with another kernel than `F.linear`: packed (`pack`),
+    row-split (`RowSplit`) or quantized (`QuantizedWeight`); keeps its shape for code that reads it."""
 
     def __init__(self, weight: torch.Tensor | RowSplit, bias: torch.Tensor | None) -> None:
         super().__init__()
@@ -126,7 +126,9 @@ class KernelLinear(nn.Module):
         return linear(x, self.kernel_weight, self.bias)
 
     def extra_repr(self) -> str:
-        how = "row-split over two threads" if type(self.kernel_weight) is RowSplit else "packed for oneDNN"
+        w = self.kernel_weight
+        kind = "row-split over two threads" if type(w) is RowSplit else "packed for oneDNN"
+        how = f"{w.fmt} blocks" if type(w) is QuantizedWeight else kind
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 

@@ -9,7 +9,7 @@ import torch
 import fiddlerc
 from fiddlerc import quant_format
 from fiddlerc.errors import ArtifactError, OptionError, UnsupportedModelError
-from fiddlerc.model.quantize import EXPERTS_FILE
+from fiddlerc.model.quantize import QUANTIZED_FILE
 from fiddlerc.runtime import quant
 from fiddlerc.tools.demo import write_model
 from tests.conftest import VOCAB, mapping_of
@@ -32,8 +32,10 @@ def wide(tmp_path_factory):
     return src, ids, want
 
 
-def _compile(src, out, fmt, fast_experts=1):
-    return fiddlerc.compile(src, out, gpu_memory="1GiB", context=64, fast_experts=fast_experts, expert_dtype=fmt)
+def _compile(src, out, fmt, fast_experts=1, dense=None):
+    return fiddlerc.compile(
+        src, out, gpu_memory="1GiB", context=64, fast_experts=fast_experts, expert_dtype=fmt, dense_dtype=dense
+    )
 
 
 @needs_kernels
@@ -50,7 +52,7 @@ def test_quantized_cpu_experts_compute_the_reference_arithmetic(fmt, wide, tmp_p
                 )  # GPU tier: bf16/fp32
         assert all(type(p.worker).__name__ == "InlineWorker" for p in model.placed_experts)  # CPU-only: no hand-off
         q = model.placed_experts[0].weights[model.placed_experts[0].on_cpu.index(True)].w_out
-        assert mapping_of(q.data.data_ptr())[0].endswith(EXPERTS_FILE)  # mapped from the compiled folder, not copied
+        assert mapping_of(q.data.data_ptr())[0].endswith(QUANTIZED_FILE)  # mapped from the compiled folder, not copied
         got = model(ids)
 
         monkeypatch.setattr(quant, "matmul", lambda x, qw, **_: quant_format.reference_matmul(x, qw))
@@ -65,21 +67,21 @@ def test_the_experts_file_holds_the_cpu_tier_at_the_stated_bits_and_is_determini
     src = wide[0]
     art = _compile(src, tmp_path / "a", "int4")
     _compile(src, tmp_path / "b", "int4")
-    for name in ("experts.safetensors", "plan.json", "module.py", "manifest.json"):
+    for name in ("quantized.safetensors", "plan.json", "module.py", "manifest.json"):
         a, b = (tmp_path / "a" / name).read_bytes(), (tmp_path / "b" / name).read_bytes()
         assert a == b or name == "manifest.json" and json.loads(a)["quantized"] == json.loads(b)["quantized"]
     from safetensors import safe_open
 
-    with safe_open(tmp_path / "a" / EXPERTS_FILE, "pt") as f:
+    with safe_open(tmp_path / "a" / QUANTIZED_FILE, "pt") as f:
         keys = list(f.keys())
-        assert f.metadata() == {"format": "int4", "group": "32", "panel": "4"}
+        assert f.metadata() == {"experts": "int4", "dense": "None", "group": "32", "panel": "4"}
     cpu = [(e.layer, e.expert) for e in art.plan.experts if e.device == "cpu"]
     assert len(keys) == len(cpu) * 3 * 2  # gate, up, down; data and scales
     assert {tuple(int(k.split(".")[i]) for i in (1, 3)) for k in keys} == set(cpu)
     params = 3 * 64 * 128 * len(cpu)
     stored = sum(
         t.numel() * t.element_size()
-        for t in (safe_open(tmp_path / "a" / EXPERTS_FILE, "pt").get_tensor(k) for k in keys)
+        for t in (safe_open(tmp_path / "a" / QUANTIZED_FILE, "pt").get_tensor(k) for k in keys)
     )
     assert stored * 8 / params == quant_format.bits_per_weight("int4") == 4.5
 
@@ -87,13 +89,13 @@ def test_the_experts_file_holds_the_cpu_tier_at_the_stated_bits_and_is_determini
 @needs_kernels
 def test_an_edited_or_missing_experts_file_is_refused(wide, tmp_path):
     _compile(wide[0], tmp_path / "out", "int8")
-    f = tmp_path / "out" / EXPERTS_FILE
+    f = tmp_path / "out" / QUANTIZED_FILE
     data = f.read_bytes()
     f.write_bytes(data + b"\0" * 8)
-    with pytest.raises(ArtifactError, match="experts.safetensors was changed after compiling"):
+    with pytest.raises(ArtifactError, match="quantized.safetensors was changed after compiling"):
         fiddlerc.load(tmp_path / "out", device="cpu")
     f.unlink()
-    with pytest.raises(ArtifactError, match="experts.safetensors is missing"):
+    with pytest.raises(ArtifactError, match="quantized.safetensors is missing"):
         fiddlerc.load(tmp_path / "out", device="cpu")
 
 
@@ -118,3 +120,32 @@ def test_the_command_line_compiles_quantized_and_the_report_says_what_each_tier_
     assert main(["report", str(tmp_path / "out")]) == 0
     out = capsys.readouterr().out
     assert "stored and run as int4 (4.5 bits per weight)" in out and "GPU-tier experts run in float32" in out
+
+
+@needs_kernels
+@pytest.mark.parametrize("experts", [None, "int4"])
+def test_dense_projections_quantized_where_they_run_on_the_cpu(experts, wide, tmp_path, monkeypatch):
+    from fiddlerc.runtime.kernels import KernelLinear
+
+    src, ids, want = wide
+    _compile(src, tmp_path / "out", experts, dense="int8")
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        hf = model.hf_model
+        assert isinstance(hf.lm_head, KernelLinear) and isinstance(
+            hf.lm_head.kernel_weight, quant_format.QuantizedWeight
+        )
+        attention = model._forward.dense.values()
+        assert attention and all(isinstance(a.qkv, quant_format.QuantizedWeight) and a.qkv.shape == (64 + 2 * 32, 64)
+                                 for a in attention)  # fmt: skip
+    from safetensors import safe_open
+
+    with safe_open(tmp_path / "out" / QUANTIZED_FILE, "pt") as f:
+        dense = {k.rsplit(".", 1)[0] for k in f.keys() if k.startswith("dense.")}
+    projections = {f"dense.model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
+    assert dense == projections | {"dense.lm_head"}  # no router, embedding or norm
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        got = model(ids)
+        monkeypatch.setattr(quant, "matmul", lambda x, qw, **_: quant_format.reference_matmul(x, qw))
+        by_reference = model(ids)
+    torch.testing.assert_close(got, by_reference, rtol=1e-5, atol=1e-5)
+    assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
