@@ -17,6 +17,7 @@ import argparse
 import torch
 import torch.nn.functional as F
 
+from fiddlerc import quant_format
 from fiddlerc.measure import median_seconds, pool_size
 from fiddlerc.runtime import quant
 from fiddlerc.tools.bench import read_bandwidth_gbps
@@ -41,10 +42,10 @@ def main() -> None:
     for rows, cols in SHAPES:
         x = torch.randn(1, cols, dtype=torch.bfloat16)
         runs = {}
-        for fmt in quant.FORMATS:
-            one = quant.quantize(torch.randn(rows, cols) * 0.02, fmt)
+        for fmt in quant_format.FORMATS:
+            one = quant_format.quantize(torch.randn(rows, cols) * 0.02, fmt)
             pool = [
-                quant.QuantizedWeight(fmt, one.data.clone(), one.scales.clone()) for _ in range(pool_size(one.nbytes))
+                quant_format.QuantizedWeight(fmt, one.data.clone(), one.scales.clone()) for _ in range(pool_size(one.nbytes))
             ]
             runs[fmt] = (one.nbytes, pool, lambda pool=pool: _quantized_pass(x, pool))
         w = torch.randn(rows, cols, dtype=torch.bfloat16)
