@@ -51,11 +51,19 @@ def software_versions() -> dict[str, str]:
 
 
 def make_manifest(
-    plan: Plan, plan_text: str, module_text: str, sources_text: str, folder: ModelFolder, out: Path
+    plan: Plan,
+    plan_text: str,
+    module_text: str,
+    sources_text: str,
+    folder: ModelFolder,
+    out: Path,
+    quantized_sha256: str | None = None,
 ) -> dict:
     """What `verify_artifact` checks: the versions that wrote the folder, its files' hashes, the model's
     weights (headers and sizes) and, where the plan quantizes weights, the same for QUANTIZED_FILE."""
-    quantized = {"quantized": quantized_fingerprint(out)} if plan.target.quantizes else {}
+    quantized = {}
+    if plan.target.quantizes:
+        quantized = {"quantized": quantized_fingerprint(out), "quantized_sha256": quantized_sha256}
     return {
         **quantized,
         "versions": software_versions(),
@@ -174,6 +182,21 @@ def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) ->
     return Artifact(out, plan, manifest, folder, module_text, sources), meta_model
 
 
+def verify_all(out_dir: str | Path, model_dir: str | Path | None = None) -> Artifact:
+    """`verify_artifact`, and every byte of the quantized weights against the hash written with them
+    (`fiddlerc verify`): what loading checks cheaply (sizes and headers), read in full."""
+    artifact, _ = verify_artifact(out_dir, model_dir)
+    if artifact.plan.target.quantizes:
+        path = artifact.path / QUANTIZED_FILE
+        digest = hashlib.sha256()
+        with open(path, "rb") as fh:
+            while chunk := fh.read(64 * 2**20):
+                digest.update(chunk)
+        if digest.hexdigest() != artifact.manifest.get("quantized_sha256"):
+            raise ArtifactError(f"{path} differs from what was compiled (sha256 of its bytes): recompile")
+    return artifact
+
+
 # ---------------------------------------------------------------------------------------------
 # Writing one
 
@@ -213,11 +236,12 @@ def compile_model(
         raise OptionError("the output folder must not be the model folder: choose another -o")
     out.mkdir(parents=True, exist_ok=True)
     (out / MANIFEST_FILE).unlink(missing_ok=True)  # the folder is incomplete until the new one is written
+    digest = None
     if quantized is not None:
-        quantized.write(out)
+        digest = quantized.write(out)
     else:
         (out / QUANTIZED_FILE).unlink(missing_ok=True)
-    manifest = make_manifest(plan, plan_text, module_text, sources_text, folder, out)
+    manifest = make_manifest(plan, plan_text, module_text, sources_text, folder, out, digest)
     write_atomic(out / PLAN_FILE, plan_text)
     write_atomic(out / MODULE_FILE, module_text)
     write_atomic(out / SOURCES_FILE, sources_text)

@@ -243,6 +243,17 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from fiddlerc.artifact import verify_all
+
+    art = verify_all(args.out, args.model)
+    what = "plan, module, sources and the model's weight headers"
+    if art.plan.target.quantizes:
+        what += ", and every byte of its quantized weights"
+    print(f"{args.out}: {what} verified")
+    return 0
+
+
 def _cmd_architectures(args: argparse.Namespace) -> int:
     from fiddlerc.model.families import supported_text
 
@@ -361,6 +372,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
     b.add_argument("--json", default=None, metavar="FILE", help="where to write the results (default OUT/bench.json)")
     b.set_defaults(func=_cmd_bench)
+
+    v = sub.add_parser("verify", help="check a compiled folder in full (load checks its large files cheaply)")
+    v.add_argument("out")
+    v.add_argument("--model", default=None, help="model folder, if it moved since compiling")
+    v.set_defaults(func=_cmd_verify)
 
     a = sub.add_parser("architectures", help="list the MoE families checked end to end")
     a.set_defaults(func=_cmd_architectures)

@@ -12,6 +12,7 @@ used where the dense weights run on the CPU (a CPU-only load); on a GPU they run
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -131,22 +132,30 @@ class QuantizedWeights:
         self.header = text + b" " * (-len(text) % 8)  # the data starts 8-byte aligned
         self.data_bytes = offset
 
-    def write(self, out: Path) -> None:
-        """Quantize matrix by matrix into `out / QUANTIZED_FILE`, releasing each source's pages."""
+    def write(self, out: Path) -> str:
+        """Quantize matrix by matrix into `out / QUANTIZED_FILE`, releasing each source's pages; the sha256
+        of the file, hashed as written (`fiddlerc verify` checks it)."""
         progress = _Progress(len(self.matrices), self.data_bytes)
+        digest = hashlib.sha256()
         with open_atomic(out / QUANTIZED_FILE, binary=True) as fh:
-            fh.write(struct.pack("<Q", len(self.header)))
-            fh.write(self.header)
+
+            def put(data: bytes) -> None:
+                fh.write(data)
+                digest.update(data)
+
+            put(struct.pack("<Q", len(self.header)))
+            put(self.header)
             for i, (key, m, fmt) in enumerate(self.matrices):
                 qw = quantize(m, fmt)
-                fh.write(qw.data.numpy().tobytes())
-                fh.write(qw.scales.view(torch.int16).numpy().tobytes())
+                put(qw.data.numpy().tobytes())
+                put(qw.scales.view(torch.int16).numpy().tobytes())
                 self.reader.release(m)
                 progress.update(i + 1, key)
         progress.close()
         self.matrices.clear()
         self.experts.clear()
         self.reader.close()
+        return digest.hexdigest()
 
 
 class _Progress:

@@ -149,3 +149,19 @@ def test_dense_projections_quantized_where_they_run_on_the_cpu(experts, wide, tm
         by_reference = model(ids)
     torch.testing.assert_close(got, by_reference, rtol=1e-5, atol=1e-5)
     assert (got.argmax(-1) == want.argmax(-1)).float().mean() >= 0.9
+
+
+@needs_kernels
+def test_verify_reads_every_byte_that_loading_checks_only_by_size_and_header(wide, tmp_path, capsys):
+    from fiddlerc.cli import main
+
+    _compile(wide[0], tmp_path / "out", "int8")
+    assert main(["verify", str(tmp_path / "out")]) == 0
+    assert "every byte of its quantized weights verified" in capsys.readouterr().out
+    f = tmp_path / "out" / QUANTIZED_FILE
+    data = bytearray(f.read_bytes())
+    data[-1] ^= 0xFF  # one weight byte: same size, same header
+    f.write_bytes(bytes(data))
+    fiddlerc.load(tmp_path / "out", device="cpu").close()  # the cheap check cannot see it
+    assert main(["verify", str(tmp_path / "out")]) == 2
+    assert "quantized.safetensors differs from what was compiled (sha256 of its bytes)" in capsys.readouterr().err
