@@ -1,7 +1,8 @@
-"""Small random-weight models written to disk the way a user's model folder looks.
+"""Small models written to disk the way a user's model folder looks.
 
-Used by `fiddlerc demo` and by the tests: a transformers config class, random weights,
-`save_pretrained`, and a byte-level tokenizer, so the whole path runs with no download.
+Used by `fiddlerc demo` and by the tests: a transformers config class, random weights (or a few
+hundred training steps on text every machine has, `train_model`), `save_pretrained`, and a
+byte-level tokenizer, so the whole path runs with no download.
 """
 
 from __future__ import annotations
@@ -82,3 +83,38 @@ def demo_config():
         pad_token_id=257,
         tie_word_embeddings=False,
     )
+
+
+def offline_text() -> bytes:
+    """Real text that every machine has: the Python standard library's sources, in a fixed order."""
+    import sysconfig
+
+    return b"".join(f.read_bytes() for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")))
+
+
+def train_model(config, path: str | Path, text: bytes, *, steps: int = 300, seed: int = 0) -> Path:
+    """Train a small causal LM from `config` on `text` as bytes (token id = byte, so the vocabulary must
+    hold 256), deterministically for a seed, and save it with `save_pretrained`. For numerics that random
+    weights cannot show: a trained model's activations and weights have the structure quantization meets
+    in real models. A few hundred steps on two cores take under a minute at the widths the tests use."""
+    from transformers import AutoModelForCausalLM
+
+    if config.vocab_size < 256:
+        raise ValueError(f"train_model feeds bytes: the vocabulary needs 256 ids, the config has {config.vocab_size}")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.long)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    g = torch.Generator().manual_seed(seed)
+    seq, batch = 128, 16
+    model.train()
+    for _ in range(steps):
+        start = torch.randint(0, len(data) - seq - 1, (batch,), generator=g)
+        x = torch.stack([data[i : i + seq] for i in start.tolist()])
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    path = Path(path)
+    model.save_pretrained(path)
+    return path

@@ -1,5 +1,6 @@
 """Random-weight model folders written the way a user's looks: deterministic, decisive routers, a byte tokenizer."""
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -56,3 +57,25 @@ def test_a_dtype_builds_and_saves_the_weights_in_it(tmp_path):
     folder = write_model(tiny_config("qwen2_moe"), tmp_path / "bf16", seed=0, dtype=torch.bfloat16)
     tensors = load_file(folder / "model.safetensors")
     assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.bfloat16}
+
+
+def test_training_lowers_the_loss_and_is_deterministic(tmp_path):
+    import transformers as T
+    from safetensors.torch import load_file as load
+
+    from fiddlerc.tools.demo import offline_text, train_model
+
+    text = offline_text()
+    assert len(text) > 10**6 and b"def " in text
+    config = T.MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                             num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1, max_position_embeddings=256)  # fmt: skip
+    a = train_model(config, tmp_path / "a", text[:200_000], steps=40, seed=1)
+    b = train_model(config, tmp_path / "b", text[:200_000], steps=40, seed=1)
+    assert all(torch.equal(x, load(b / "model.safetensors")[k]) for k, x in load(a / "model.safetensors").items())
+    model = T.AutoModelForCausalLM.from_pretrained(a).eval()
+    fresh = T.AutoModelForCausalLM.from_config(config).eval()
+    ids = torch.tensor([list(text[300_000:300_256])])
+    with torch.no_grad():
+        assert model(input_ids=ids, labels=ids).loss < fresh(input_ids=ids, labels=ids).loss - 1.0
+    with pytest.raises(ValueError, match="needs 256 ids"):
+        train_model(T.MixtralConfig(vocab_size=128), tmp_path / "c", text[:1000], steps=1)
