@@ -6,7 +6,9 @@ dtype, to fuse QKV rows, or to pack a CPU matrix for the kernel chosen for it
 (fiddlerc.runtime.kernels). Where the machine allows, the CPU matrices copied anyway land in
 transparent huge pages (fiddlerc.runtime.host_memory), which a one-token product streams faster; a
 weight that needs no copy stays mapped. Mapped pages of a copied weight are released, so resident
-memory holds each weight once.
+memory holds each weight once. Where the plan quantizes (`expert_dtype`, `dense_dtype`), the cpu-tier
+experts, and on a CPU-only load the dense projections, come memory-mapped from the compiled folder's
+QUANTIZED_FILE instead (fiddlerc.model.quantize wrote it; nothing is quantized here).
 
 The steps run in this order, each a method of `WeightBinder`: dense tensors and buffers; the experts
 of every MoE layer (a `PlacedExperts` module installed in each block); the decision whether big
@@ -59,7 +61,7 @@ def bind_weights(
 ) -> Bound:
     """Put every weight of `model` (built on the meta device) where `plan` says, on this machine's
     `fast` device and the CPU, for the kernels `kernel_mode` picks (see the module docstring).
-    `quantized` is the compiled folder's QUANTIZED_FILE where the plan quantizes cpu-tier experts."""
+    `quantized` is the compiled folder's QUANTIZED_FILE where the plan quantizes weights."""
     binder = WeightBinder(model, folder, plan, fast, worker, kernel_mode, sources, quantized)
     binder.bind_dense()
     placed = tuple(binder.bind_experts(ml) for ml in plan.moe_layers)
