@@ -45,7 +45,8 @@ def main() -> None:
         for fmt in quant_format.FORMATS:
             one = quant_format.quantize(torch.randn(rows, cols) * 0.02, fmt)
             pool = [
-                quant_format.QuantizedWeight(fmt, one.data.clone(), one.scales.clone()) for _ in range(pool_size(one.nbytes))
+                quant_format.QuantizedWeight(fmt, one.data.clone(), one.scales.clone())
+                for _ in range(pool_size(one.nbytes))
             ]
             runs[fmt] = (one.nbytes, pool, lambda pool=pool: _quantized_pass(x, pool))
         w = torch.randn(rows, cols, dtype=torch.bfloat16)

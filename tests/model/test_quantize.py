@@ -208,3 +208,21 @@ def test_on_a_trained_model_int8_barely_moves_the_next_token_distribution_and_in
     assert errors["int8"][0] < 0.002 and errors["int8"][1] > 0.97, errors
     assert errors["int4"][0] < 0.04 and errors["int4"][1] > 0.85, errors
     assert errors["int8"][0] < errors["int4"][0] / 4, errors  # four more bits: a much smaller error
+
+
+def test_planning_prices_a_quantized_cpu_tier_by_the_bytes_it_reads():
+    from pathlib import Path
+
+    from fiddlerc.api import plan
+
+    config = Path(__file__).parents[1] / "data" / "mixtral-8x7b-config.json"
+    runs = {fmt: plan(config, "24GiB", context=4096, hardware="rtx4090-ddr5", cpu_memory="256GiB", expert_dtype=fmt)
+            for fmt in (None, "int8", "int4")}  # fmt: skip
+    placed = {fmt: [e.device for e in p.experts] for fmt, p in runs.items()}
+    assert placed[None] == placed["int8"] == placed["int4"]  # GPU-tier experts keep the compute dtype's size
+    cpu_bytes = runs[None].memory.expert_bytes["cpu"]
+    for fmt in ("int8", "int4"):
+        want = cpu_bytes // 2 * quant_format.bits_per_weight(fmt) / 8  # bf16 parameters x bits / 8
+        assert runs[fmt].memory.host_bytes == pytest.approx(want, rel=1e-6)
+    ms = {fmt: p.prediction.decode_ms_per_token for fmt, p in runs.items()}
+    assert ms["int4"] < ms["int8"] < ms[None]  # the CPU experts stream fewer bytes
