@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from fiddlerc.errors import ModelFolderError, UnsupportedModelError
-from fiddlerc.model.quant import DEQUANTIZED
+from fiddlerc.model.mxfp4 import DEQUANTIZED
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,7 @@ from torch import nn
 
 from fiddlerc.errors import ArtifactError, ModelFolderError, UnsupportedModelError
 from fiddlerc.model.folder import ST_DTYPES, ModelFolder
-from fiddlerc.model.quant import Mxfp4Source, dequantize_mxfp4, mxfp4_shape
+from fiddlerc.model.mxfp4 import Mxfp4Source, dequantize_mxfp4, mxfp4_shape
 
 
 @dataclass(frozen=True)

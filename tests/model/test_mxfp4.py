@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import save_file
 
 import fiddlerc
-from fiddlerc.model.quant import dequantize_mxfp4
+from fiddlerc.model.mxfp4 import dequantize_mxfp4
 from tests.conftest import VOCAB, tiny_config
 
 
