@@ -4,6 +4,7 @@ of the same safetensors, and Hugging Face generate at bf16.
     python examples/bench_fullwidth.py [--slices mixtral,qwen3] [--dir /tmp/fiddlerc-fullwidth]
         [--threads 2] [--rounds 3] [--prompt 32] [--new-tokens 16]
         [--llama-python PYTHON --llama-src DIR]   # llama.cpp: see the project's notes on building it
+        [--errors]   # also: the error table of a small model trained here, each format against fp32
 
 Slices of real models with random weights and a vocabulary of 8192 (random weights are for speed
 only: every format does the same work on them):
@@ -55,9 +56,9 @@ def _corpus() -> list[str]:
     return [f.read_text(errors="replace") for f in files[:400]]
 
 
-def train_tokenizer(kind: str):
-    """A tokenizer of exactly VOCAB tokens that llama.cpp's converter accepts: Llama-2-style byte-fallback BPE
-    (Mixtral) or GPT-2-style byte-level BPE (Qwen3)."""
+def train_tokenizer(kind: str, vocab: int = VOCAB):
+    """A tokenizer of exactly `vocab` tokens that llama.cpp's converter accepts: Llama-2-style byte-fallback
+    BPE (Mixtral) or GPT-2-style byte-level BPE (Qwen3)."""
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -68,14 +69,14 @@ def train_tokenizer(kind: str):
         tok.decoder = decoders.Sequence(
             [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
         )
-        trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False)
+        trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False)
         tok.train_from_iterator(_corpus(), trainer)
         return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=specials, show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
     tok.train_from_iterator(_corpus(), trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
@@ -248,6 +249,91 @@ def measure(name: str, path: Path, args) -> dict:
     return json.loads(run.stdout.strip().splitlines()[-1])
 
 
+# --- the error table: a small model trained here, every format against its fp32 reference ------
+
+
+ERROR_VOCAB = 512
+
+
+def _trained(root: Path) -> tuple[Path, object]:
+    """A small Mixtral trained on the first half of the standard library's sources with a Llama-style
+    tokenizer of ERROR_VOCAB tokens (so llama.cpp's converter takes it too); made once under `root`."""
+    import torch
+    import transformers as T
+
+    from fiddlerc.tools.demo import offline_text, train_model
+
+    model = root / "trained" / "model"
+    text = offline_text()
+    if not (model / "config.json").is_file():
+        tok = train_tokenizer("llama", ERROR_VOCAB)
+        assert len(tok) == ERROR_VOCAB
+        ids = torch.tensor(tok(text[: len(text) // 2].decode(errors="replace"))["input_ids"])
+        config = T.MixtralConfig(vocab_size=ERROR_VOCAB, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                 num_experts_per_tok=2, max_position_embeddings=1024, tie_word_embeddings=False,
+                                 bos_token_id=1, eos_token_id=2)  # fmt: skip
+        train_model(config, model, ids, steps=600)
+        tok.save_pretrained(model)
+    tok = T.AutoTokenizer.from_pretrained(model)
+    held = torch.tensor(tok(text[-40_000:].decode(errors="replace"))["input_ids"][: 8 * 256]).view(8, 256)
+    return model, held
+
+
+_LLAMA_LOGITS = """
+import sys, json, numpy as np, llama_cpp
+path, ids_file, out = sys.argv[1:4]
+rows = json.load(open(ids_file))
+m = llama_cpp.Llama(path, n_ctx=512, logits_all=True, n_threads=2, n_threads_batch=2, verbose=False)
+logits = []
+for ids in rows:
+    m.reset(); m.eval(ids); logits.append(np.array(m.scores[: len(ids)], dtype=np.float32))
+np.save(out, np.stack(logits))
+"""
+
+
+def error_table(root: Path, llama: tuple[str, Path] | None) -> None:
+    """Mean KL and top-1 agreement of teacher-forced next-token distributions on held-out text, each format
+    against Hugging Face fp32 of the same trained model."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM
+
+    import fiddlerc
+
+    model, held = _trained(root)
+    with torch.no_grad():
+        ref = F.log_softmax(AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()(held).logits, -1)
+    rows: dict[str, tuple[float, torch.Tensor]] = {}
+    for fmt in ("int8", "int4"):
+        out = root / "trained" / f"fiddlerc-{fmt}"
+        fiddlerc.compile(model, out, gpu_memory="1TiB", context=512, fast_experts=0, expert_dtype=fmt, dense_dtype=fmt)
+        with fiddlerc.load(out, device="cpu") as m:
+            got = torch.cat([m(held[i : i + 1]) for i in range(held.shape[0])]).float()
+        rows[f"fiddlerc {fmt}"] = (stored_bits(out, _params(model)), got)
+    if llama is not None:
+        python, src = llama
+        ids_file = root / "trained" / "held.json"
+        ids_file.write_text(json.dumps(held.tolist()))
+        for fmt in ("f32", "q8_0", "q4_0"):
+            gguf = root / "trained" / f"llama-{fmt}.gguf"
+            if not gguf.is_file():
+                code = _QUANTIZE if fmt == "q4_0" else _CONVERT
+                base = root / "trained" / "llama-f32.gguf"
+                subprocess.run([python, "-c", code, str(src), str(model), fmt, str(gguf), str(base)], check=True)
+            npy = root / "trained" / f"llama-{fmt}.npy"
+            subprocess.run([python, "-c", _LLAMA_LOGITS, str(gguf), str(ids_file), str(npy)], check=True)
+            rows[f"llama.cpp {fmt.upper()}"] = (stored_bits(gguf, _params(model)), torch.from_numpy(np.load(npy)))
+    print(f"\nerror on a small Mixtral trained here ({_params(model) / 1e6:.1f} M parameters, vocabulary {ERROR_VOCAB}),"
+          f" {held.numel()} held-out tokens, against Hugging Face fp32")  # fmt: skip
+    for name, (bits, logits) in rows.items():
+        lq = F.log_softmax(logits, -1)
+        kl = (ref.exp() * (ref - lq)).sum(-1).mean().item()
+        top1 = (ref.argmax(-1) == lq.argmax(-1)).float().mean().item()
+        print(f"  {name:17} {bits:5.2f} bpw  mean KL {kl:.5f}  top-1 agreement {top1:.2%}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--slices", default="mixtral,qwen3")
@@ -261,6 +347,7 @@ def main() -> None:
         "--llama-src", default=None, help="llama.cpp's source (vendor/llama.cpp of llama-cpp-python's sdist)"
     )
     ap.add_argument("--no-hf", action="store_true")
+    ap.add_argument("--errors", action="store_true", help="also the error table of a small model trained here")
     ap.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
@@ -269,7 +356,9 @@ def main() -> None:
     llama = (args.llama_python, Path(args.llama_src)) if args.llama_python and args.llama_src else None
     if llama is None:
         print("llama.cpp: not given (--llama-python, --llama-src): its columns are skipped")
-    for name in args.slices.split(","):
+    if args.errors:
+        error_table(Path(args.dir), llama)
+    for name in filter(None, args.slices.split(",")):
         paths = prepare(name, Path(args.dir), llama)
         if args.no_hf:
             paths.pop("hf bf16")

@@ -92,18 +92,22 @@ def offline_text() -> bytes:
     return b"".join(f.read_bytes() for f in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")))
 
 
-def train_model(config, path: str | Path, text: bytes, *, steps: int = 300, seed: int = 0) -> Path:
-    """Train a small causal LM from `config` on `text` as bytes (token id = byte, so the vocabulary must
-    hold 256), deterministically for a seed, and save it with `save_pretrained`. For numerics that random
-    weights cannot show: a trained model's activations and weights have the structure quantization meets
-    in real models. A few hundred steps on two cores take under a minute at the widths the tests use."""
+def train_model(config, path: str | Path, text: bytes | torch.Tensor, *, steps: int = 300, seed: int = 0) -> Path:
+    """Train a small causal LM from `config` on `text`, as bytes (token id = byte, so the vocabulary must
+    hold 256) or as token ids, deterministically for a seed, and save it with `save_pretrained`. For
+    numerics that random weights cannot show: a trained model's activations and weights have the
+    structure quantization meets in real models. A few hundred steps on two cores take under a minute
+    at the widths the tests use."""
     from transformers import AutoModelForCausalLM
 
-    if config.vocab_size < 256:
-        raise ValueError(f"train_model feeds bytes: the vocabulary needs 256 ids, the config has {config.vocab_size}")
+    if isinstance(text, bytes):
+        data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.long)
+    else:
+        data = text.to(torch.long)
+    if int(data.max()) >= config.vocab_size:
+        raise ValueError(f"the text has token id {int(data.max())}: the config's vocabulary needs {int(data.max()) + 1} ids")
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
-    data = torch.frombuffer(bytearray(text), dtype=torch.uint8).to(torch.long)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(seed)
     seq, batch = 128, 16
