@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import gc
 import json
+import math
 import os
 import statistics
 import subprocess
@@ -25,6 +26,7 @@ from pathlib import Path
 import torch
 
 from fiddlerc.measure import POOL_BYTES, median_seconds, seconds
+from fiddlerc.quant_format import stored_bytes
 from fiddlerc.units import parse_dtype
 
 
@@ -124,8 +126,13 @@ def decode_bytes_per_token(plan, position: int) -> int:
     routed experts (k per MoE layer)."""
     mem = plan.memory
     kv_per_token = mem.kv_reserve_bytes // (plan.target.context_tokens * plan.target.batch_size)
-    experts = sum(ml.top_k * ml.bytes_per_expert for ml in plan.moe_layers)
-    return mem.dense_bytes + kv_per_token * position + experts
+    itemsize = parse_dtype(plan.model.dtype).itemsize
+    experts = 0.0
+    for ml in plan.moe_layers:  # a cpu-tier expert reads its stored (perhaps quantized) bytes
+        cpu = sum(e.device == "cpu" for e in plan.experts if e.layer == ml.layer) / ml.num_experts
+        cpu_bytes = stored_bytes(ml.bytes_per_expert, itemsize, plan.target.expert_dtype)
+        experts += ml.top_k * (cpu * cpu_bytes + (1 - cpu) * ml.bytes_per_expert)
+    return mem.dense_bytes + kv_per_token * position + round(experts)
 
 
 def read_files_s(folder: Path) -> float:
@@ -183,9 +190,26 @@ def startup_here(out_dir: str, device: str, threads: int) -> dict:
     _run_every_expert(model, parse_dtype(plan.model.dtype))  # a prompt's routing rarely reaches them all
     resident = _rss() - base
     model.close()
+    return asdict(Startup(import_s, read_s, t1 - t0, t2 - t1, touched, resident, stored_weight_bytes(plan, out_dir)))
+
+
+def stored_weight_bytes(plan, out_dir: str | Path) -> int:
+    """Every weight as this run holds it: the compute dtype's bytes, less those of the matrices the compiled
+    folder quantized, plus the quantized file."""
+    from fiddlerc.model.folder import open_weight_files
+    from fiddlerc.model.quantize import QUANTIZED_FILE
+
     mem = plan.memory
-    weights = mem.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
-    return asdict(Startup(import_s, read_s, t1 - t0, t2 - t1, touched, resident, weights))
+    total = mem.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    if not plan.target.quantizes:
+        return total
+    itemsize = parse_dtype(plan.model.dtype).itemsize
+    quantized = open_weight_files(out_dir, [QUANTIZED_FILE])
+    for key, info in quantized.tensors.items():
+        if key.endswith(".data"):  # int8: one byte a weight; int4: two weights a byte
+            params = math.prod(info.shape) * (2 if info.dtype == "U8" else 1)
+            total -= params * itemsize
+    return total + (Path(out_dir) / QUANTIZED_FILE).stat().st_size
 
 
 def measure_startup(out_dir: str | Path, device: torch.device, threads: int) -> Startup:
@@ -217,9 +241,7 @@ def expert_kernel(model, rounds: int = 5) -> ExpertKernel | None:
             calls.append((p, picks))
             for e in picks:
                 w = p.weights[e]
-                nbytes += sum(
-                    t.numel() * t.element_size() for t in (*w.w_in, *(w.b_in or ()), w.w_out, w.b_out) if t is not None
-                )
+                nbytes += sum(t.nbytes for t in (*w.w_in, *(w.b_in or ()), w.w_out, w.b_out) if t is not None)
     if not calls:
         return None
     dtype = calls[0][0].weights[calls[0][1][0]].w_out.dtype

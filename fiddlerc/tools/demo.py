@@ -105,7 +105,9 @@ def train_model(config, path: str | Path, text: bytes | torch.Tensor, *, steps: 
     else:
         data = text.to(torch.long)
     if int(data.max()) >= config.vocab_size:
-        raise ValueError(f"the text has token id {int(data.max())}: the config's vocabulary needs {int(data.max()) + 1} ids")
+        raise ValueError(
+            f"the text has token id {int(data.max())}: the config's vocabulary needs {int(data.max()) + 1} ids"
+        )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

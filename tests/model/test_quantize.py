@@ -226,3 +226,22 @@ def test_planning_prices_a_quantized_cpu_tier_by_the_bytes_it_reads():
         assert runs[fmt].memory.host_bytes == pytest.approx(want, rel=1e-6)
     ms = {fmt: p.prediction.decode_ms_per_token for fmt, p in runs.items()}
     assert ms["int4"] < ms["int8"] < ms[None]  # the CPU experts stream fewer bytes
+
+
+@needs_kernels
+def test_the_benchmark_measures_a_quantized_model_in_the_bytes_it_stores(wide, tmp_path):
+    from fiddlerc.tools.bench import decode_bytes_per_token, expert_kernel, stored_weight_bytes
+
+    art = _compile(wide[0], tmp_path / "out", "int4", fast_experts=0)
+    plan = art.plan
+    cpu_params = sum(e.bytes for e in plan.experts) // 4  # fp32 checkpoint: every expert on the CPU tier
+    want = plan.memory.dense_bytes + (tmp_path / "out" / QUANTIZED_FILE).stat().st_size
+    assert stored_weight_bytes(plan, tmp_path / "out") == want  # all experts quantized, dense as compiled
+    assert stored_weight_bytes(plan, tmp_path / "out") < plan.memory.dense_bytes + cpu_params * 4
+    full = plan.memory.dense_bytes + sum(ml.top_k * ml.bytes_per_expert for ml in plan.moe_layers)
+    assert decode_bytes_per_token(plan, 0) == plan.memory.dense_bytes + round(
+        (full - plan.memory.dense_bytes) * 4.5 / 32
+    )
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        kernel = expert_kernel(model, rounds=1)
+    assert kernel.bytes_read == sum(m.nbytes for p in model.placed_experts for w in p.weights for m in w.matrices)
