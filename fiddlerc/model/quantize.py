@@ -28,6 +28,7 @@ from fiddlerc.errors import UnsupportedModelError
 from fiddlerc.files import open_atomic
 from fiddlerc.model.families import find_layout
 from fiddlerc.model.folder import ModelFolder
+from fiddlerc.model.mxfp4 import Mxfp4Source
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader
 from fiddlerc.plan import CPU, Plan
 from fiddlerc.quant_format import GROUP, PANEL, check_shape, quantize
@@ -108,6 +109,12 @@ class QuantizedWeights:
 
     def __init__(self, model: nn.Module, folder: ModelFolder, sources: dict[str, Source], plan: Plan) -> None:
         t = plan.target
+        if t.expert_dtype is not None and any(isinstance(s, Mxfp4Source) for s in sources.values()):
+            # Re-quantizing them would mean dequantizing every expert first; they get a kernel of their own.
+            raise UnsupportedModelError(
+                f"{folder.path} stores its experts in MXFP4 already: compile it without --expert-dtype (its "
+                "experts are dequantized exactly at load); --dense-dtype works"
+            )
         self.reader = WeightReader(folder)
         self.experts = ExpertTensors(model, self.reader, sources, parse_dtype(plan.model.dtype))
         self.matrices: list[tuple[str, torch.Tensor, str]] = []

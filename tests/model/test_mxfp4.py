@@ -86,3 +86,14 @@ def test_mxfp4_experts_equal_dequantized_reference(mxfp4_gpt_oss, tmp_path):
     ids = torch.randint(3, VOCAB, (2, 10), generator=torch.Generator().manual_seed(0))
     with fiddlerc.load(tmp_path / "out", device="cpu") as model, torch.no_grad():
         torch.testing.assert_close(model(ids), ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+def test_mxfp4_experts_are_not_requantized(mxfp4_gpt_oss, tmp_path):
+    from fiddlerc.errors import UnsupportedModelError
+
+    src, _ = mxfp4_gpt_oss
+    with pytest.raises(
+        UnsupportedModelError, match="stores its experts in MXFP4 already: compile it without --expert-dtype"
+    ):
+        fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=0, expert_dtype="int8")
+    assert not (tmp_path / "out").exists()
