@@ -33,6 +33,7 @@ def report_text(plan: Plan) -> str:
         ),
         f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}" + _cpu_format(plan),
         *_host_lines(mem),
+        *_dense_format(plan),
         "",
         f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on GPU' if t.more_gpus else 'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
     ]
@@ -88,6 +89,16 @@ def _cpu_format(plan: Plan) -> str:
         f" in {plan.model.dtype}; stored and run as {fmt} ({bits_per_weight(fmt)} bits per weight): "
         f"{format_size(stored)} in quantized.safetensors; GPU-tier experts run in {plan.model.dtype}"
     )
+
+
+def _dense_format(plan: Plan) -> list[str]:
+    fmt = plan.target.dense_dtype
+    if fmt is None:
+        return []
+    return [
+        f"dense projections   also stored as {fmt} ({bits_per_weight(fmt)} bits per weight; attention, shared experts, "
+        f"lm_head): run so on a CPU-only load, in {plan.model.dtype} on a GPU; embeddings, norms, routers in {plan.model.dtype}"
+    ]
 
 
 def _attention_paths(plan: Plan) -> list[tuple[str, str, list[int]]]:
