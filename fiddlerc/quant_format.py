@@ -57,6 +57,15 @@ class QuantizedWeight:
         return self.data.numel() * self.data.element_size() + self.scales.numel() * 2
 
 
+def cat_rows(weights) -> QuantizedWeight:
+    """The rows of several matrices of one format and width, one after the other ([q; k; v]): panels of
+    whole rows concatenate as they are, so this quantizes nothing."""
+    first = weights[0]
+    return QuantizedWeight(
+        first.fmt, torch.cat([w.data for w in weights]), torch.cat([w.scales for w in weights]), first.dtype
+    )
+
+
 def bits_per_weight(fmt: str) -> float:
     """Stored bits per weight, scales included."""
     return {"int8": 8, "int4": 4}[fmt] + 16 / GROUP
@@ -131,9 +140,18 @@ def quantize_activations_reference(x: torch.Tensor) -> tuple[torch.Tensor, torch
     return q.reshape(n, cols), scale
 
 
-def reference_matmul(x: torch.Tensor, qw: QuantizedWeight) -> torch.Tensor:
+@dataclass(frozen=True)
+class QuantizedActivations:
+    """Activations [n, cols] quantized once (as `quantize_activations_reference` does) and shared by every
+    product that reads them, such as an expert's gate and up projections."""
+
+    q: torch.Tensor  # int8 [n, cols]
+    scales: torch.Tensor  # fp32 [n, cols // GROUP]
+
+
+def reference_matmul(x: torch.Tensor | QuantizedActivations, qw: QuantizedWeight) -> torch.Tensor:
     """`x @ W.T` [n, rows] fp32 with the kernels' arithmetic: block integer dot products times both scales."""
-    xq, xd = quantize_activations_reference(x)
+    xq, xd = (x.q, x.scales) if isinstance(x, QuantizedActivations) else quantize_activations_reference(x)
     rows, cols = qw.shape
     nb = cols // GROUP
     dots = torch.einsum("rbg,nbg->nrb", _values(qw).to(torch.float64), xq.reshape(-1, nb, GROUP).to(torch.float64))

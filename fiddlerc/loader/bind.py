@@ -269,17 +269,9 @@ class WeightBinder:
         """A generated attention layer's fused weights, in place of the Hugging Face module at `path`."""
         module = self.model.get_submodule(path)
         projections = [getattr(module, p) for p in PROJECTIONS]
-        quantized = [self.quantized_dense(f"{path}.{p}") for p in PROJECTIONS]
-        if all(q is not None for q in quantized):  # rows of panels concatenate: [q; k; v] quantized as stored
-            weights = fuse_qkv(*projections, lambda w: w, self.reader.release)
-            q, k, v, o = quantized
-            weights.qkv = QuantizedWeight(
-                q.fmt, torch.cat([q.data, k.data, v.data]), torch.cat([q.scales, k.scales, v.scales]), self.dtype
-            )
-            self.reader.release(weights.o)
-            weights.o = o
-        else:
-            weights = fuse_qkv(*projections, self.place, self.reader.release)
+        quantized = tuple(self.quantized_dense(f"{path}.{p}") for p in PROJECTIONS)
+        use = quantized if all(q is not None for q in quantized) else None
+        weights = fuse_qkv(*projections, self.place, self.reader.release, use)
         parent, _, leaf = path.rpartition(".")
         setattr(self.model.get_submodule(parent), leaf, weights)
         return weights

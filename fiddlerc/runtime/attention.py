@@ -11,6 +11,7 @@ import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
 
+from fiddlerc.quant_format import cat_rows
 from fiddlerc.runtime import kernels
 
 
@@ -30,24 +31,34 @@ class AttentionWeights(nn.Module):
         return f"qkv={tuple(self.qkv.shape)}, o={tuple(self.o.shape)}{how}"
 
 
-def fuse_qkv(q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, place, release) -> AttentionWeights:
+def fuse_qkv(
+    q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, place, release, quantized: tuple | None = None
+) -> AttentionWeights:
     """The fused weights of a Hugging Face attention module of a generated kind, from its four
     projections: [q; k; v] rows copied once (the originals' pages released), each matrix then as
-    `place` gives it (the loader's choice: packed for its kernel, or in huge-page host memory)."""
-    qkv = torch.cat([q.weight, k.weight, v.weight]).detach()
+    `place` gives it (the loader's choice: packed for its kernel, or in huge-page host memory).
+    `quantized`: the four weights as the compile quantized them (fiddlerc.quant_format), used instead;
+    the projections' own weights are then released unread."""
+    if quantized is not None:
+        qkv, o_w = cat_rows(quantized[:3]), quantized[3]
+        for p in (q, k, v, o):
+            release(p.weight)
+    else:
+        qkv = torch.cat([q.weight, k.weight, v.weight]).detach()
     biases = [p.bias for p in (q, k, v)]
     qkv_bias = None
     if any(b is not None for b in biases):
         qkv_bias = torch.cat(
             [
-                b if b is not None else torch.zeros(p.out_features, dtype=qkv.dtype, device=qkv.device)
+                b if b is not None else torch.zeros(p.out_features, dtype=q.weight.dtype, device=q.weight.device)
                 for b, p in zip(biases, (q, k, v), strict=True)
             ]
         ).detach()
-    for p in (q, k, v):
-        release(p.weight)
-    o_w = place(o.weight.detach())
-    return AttentionWeights(place(qkv), qkv_bias, o_w, None if o.bias is None else o.bias.detach())
+    if quantized is None:
+        for p in (q, k, v):
+            release(p.weight)
+        qkv, o_w = place(qkv), place(o.weight.detach())
+    return AttentionWeights(qkv, qkv_bias, o_w, None if o.bias is None else o.bias.detach())
 
 
 def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -97,10 +97,11 @@ def run_expert(x: torch.Tensor, w: ExpertWeights, math) -> torch.Tensor:
     family's activation, gate and flags (fiddlerc.model.families.ExpertMath, read off the model)."""
     b_in = w.b_in or (None,) * len(w.w_in)
     linear = kernels.linear
+    xin = kernels.shared_input(x, w.w_in)
     if math.split_gate:
-        h = math.act(linear(x, w.w_in[0], b_in[0])) * linear(x, w.w_in[1], b_in[1])
+        h = math.act(linear(xin, w.w_in[0], b_in[0])) * linear(xin, w.w_in[1], b_in[1])
     else:
-        parts = [linear(x, p, b) for p, b in zip(w.w_in, b_in, strict=True)]
+        parts = [linear(xin, p, b) for p, b in zip(w.w_in, b_in, strict=True)]
         proj = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
         h = math.gate(proj) if math.gate is not None else math.act(proj)
     return linear(h, w.w_out, w.b_out)

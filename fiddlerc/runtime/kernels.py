@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
-from fiddlerc.quant_format import QuantizedWeight
+from fiddlerc.quant_format import QuantizedActivations, QuantizedWeight
 from fiddlerc.runtime import quant
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -41,8 +41,16 @@ MIN_AUTO_BYTES = 256 * 2**10  # smaller weights are call-overhead bound: auto ke
 _PROBE_TOKENS = (1, 8)
 
 
+def shared_input(x: torch.Tensor, weights: tuple) -> torch.Tensor | QuantizedActivations:
+    """`x` as several products reading it take it: quantized once where they are all quantized (an expert's
+    gate and up), else as it is."""
+    if len(weights) > 1 and all(type(w) is QuantizedWeight for w in weights):
+        return quant.quantize_activations(x)
+    return x
+
+
 def linear(
-    x: torch.Tensor, w: torch.Tensor | RowSplit | QuantizedWeight, b: torch.Tensor | None = None
+    x: torch.Tensor | QuantizedActivations, w: torch.Tensor | RowSplit | QuantizedWeight, b: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`F.linear` for a plain, a packed (oneDNN, `w.is_mkldnn`), a row-split (`RowSplit`) or a quantized
     (`QuantizedWeight`, fiddlerc.runtime.quant) weight."""

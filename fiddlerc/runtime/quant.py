@@ -10,12 +10,11 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from dataclasses import dataclass
 from functools import cache
 
 import torch
 
-from fiddlerc.quant_format import GROUP, QuantizedWeight
+from fiddlerc.quant_format import GROUP, QuantizedActivations, QuantizedWeight
 
 
 class _Library:
@@ -52,14 +51,6 @@ def _lib() -> _Library:
             "machine with a C compiler (pip install -e .), or compile without --expert-dtype"
         )
     return lib
-
-
-@dataclass(frozen=True)
-class QuantizedActivations:
-    """Activations quantized once and shared by every product that reads them (gate and up)."""
-
-    q: torch.Tensor  # int8 [n, cols]
-    scales: torch.Tensor  # fp32 [n, cols // GROUP]
 
 
 def quantize_activations(x: torch.Tensor, *, simd: bool | None = None) -> QuantizedActivations:
@@ -109,8 +100,12 @@ def matmul(
     return y
 
 
-def linear(x: torch.Tensor, qw: QuantizedWeight, b: torch.Tensor | None = None) -> torch.Tensor:
-    """`F.linear(x, W, b)` for a quantized W: x [..., cols] in any float dtype, the result in x's dtype."""
+def linear(x: torch.Tensor | QuantizedActivations, qw: QuantizedWeight, b: torch.Tensor | None = None) -> torch.Tensor:
+    """`F.linear(x, W, b)` for a quantized W: x [..., cols] in any float dtype (the result in x's dtype), or
+    activations quantized once for several products, [n, cols] (the result in W's compute dtype)."""
+    if isinstance(x, QuantizedActivations):
+        y = matmul(x, qw).to(qw.dtype)
+        return y if b is None else y + b
     lead = x.shape[:-1]
     y = matmul(x.reshape(-1, x.shape[-1]), qw).to(x.dtype)
     if b is not None:

@@ -143,7 +143,9 @@ def test_dense_projections_quantized_where_they_run_on_the_cpu(experts, wide, tm
         dense = {k.rsplit(".", 1)[0] for k in f.keys() if k.startswith("dense.")}
     projections = {f"dense.model.layers.{i}.self_attn.{p}_proj" for i in range(2) for p in "qkvo"}
     assert dense == projections | {"dense.lm_head"}  # no router, embedding or norm
-    assert "dense projections   also stored as int8 (8.5 bits per weight" in (tmp_path / "out" / "report.txt").read_text()
+    assert (
+        "dense projections   also stored as int8 (8.5 bits per weight" in (tmp_path / "out" / "report.txt").read_text()
+    )
     with fiddlerc.load(tmp_path / "out", device="cpu") as model:
         got = model(ids)
         monkeypatch.setattr(quant, "matmul", lambda x, qw, **_: quant_format.reference_matmul(x, qw))

@@ -46,3 +46,30 @@ def test_a_product_of_the_wrong_width_is_refused():
     qw = F.quantize(torch.zeros(8, 128), "int8")
     with pytest.raises(ValueError, match="activations of width 64 for a weight of 128 columns"):
         Q.matmul(torch.zeros(1, 64), qw)
+
+
+@needs_kernels
+def test_products_that_read_one_input_quantize_it_once_and_compute_the_same():
+    from fiddlerc.runtime import kernels
+
+    g = torch.Generator().manual_seed(2)
+    gate, up = (F.quantize(torch.randn(64, 128, generator=g) * 0.05, "int8") for _ in range(2))
+    gate, up = (F.QuantizedWeight("int8", w.data, w.scales, torch.bfloat16) for w in (gate, up))  # bf16 products
+    x = torch.randn(3, 128, generator=g).to(torch.bfloat16)
+    shared = kernels.shared_input(x, (gate, up))
+    assert isinstance(shared, F.QuantizedActivations)
+    for w in (gate, up):
+        assert torch.equal(kernels.linear(shared, w), kernels.linear(x, w))
+    plain = torch.randn(64, 128)
+    assert kernels.shared_input(x, (gate, plain)) is x and kernels.shared_input(x, (gate,)) is x
+
+
+def test_rows_of_quantized_matrices_concatenate_as_their_quantization():
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randn(rows, 128, generator=g) for rows in (8, 4, 4)]
+    for fmt in F.FORMATS:
+        fused = F.cat_rows([F.quantize(p, fmt) for p in parts])
+        whole = F.quantize(torch.cat(parts), fmt)
+        assert (
+            fused.shape == (16, 128) and torch.equal(fused.data, whole.data) and torch.equal(fused.scales, whole.scales)
+        )
