@@ -3,8 +3,9 @@
     python examples/bench_quant_kernels.py [--threads 2] [--rounds 5]
 
 For each matrix of the two full-width slices (Mixtral-8x7B: 14336 x 4096 and 4096 x 14336;
-Qwen3-30B-A3B: 768 x 2048 and 2048 x 768): fiddlerc's int8 and int4 kernels (activations quantized
-once per token, as the runtime does for a token's experts) and bf16 `F.linear`, each cycling over
+Qwen3-30B-A3B: 768 x 2048 and 2048 x 768) and of GPT-OSS (5760 x 2880 and 2880 x 2880): fiddlerc's int8,
+int4 and mxfp4 kernels (activations quantized once per token, as the runtime does for a token's
+experts) and bf16 `F.linear`, each cycling over
 `fiddlerc.measure.POOL_BYTES` of copies so every call streams its weight from memory. Prints ms per
 matrix, GB/s in the bytes the format reads, and that as a fraction of the probe. Random weights: for
 speed only (their values do not change the work).
@@ -22,7 +23,14 @@ from fiddlerc.measure import median_seconds, pool_size
 from fiddlerc.runtime import quant
 from fiddlerc.tools.bench import read_bandwidth_gbps
 
-SHAPES = [(14336, 4096), (4096, 14336), (768, 2048), (2048, 768)]
+SHAPES = [(14336, 4096), (4096, 14336), (768, 2048), (2048, 768), (5760, 2880), (2880, 2880)]
+
+
+def _matrix(rows: int, cols: int, fmt: str) -> quant_format.QuantizedWeight:
+    if fmt == "mxfp4":  # as an MXFP4 checkpoint stores it: random codes, scales near 2^-6
+        blocks = torch.randint(0, 256, (rows, cols // quant_format.GROUP, 16), dtype=torch.uint8)
+        return quant_format.from_mxfp4(blocks, torch.randint(118, 124, (rows, cols // quant_format.GROUP)))
+    return quant_format.quantize(torch.randn(rows, cols) * 0.02, fmt)
 
 
 def _quantized_pass(x: torch.Tensor, pool: list) -> None:
@@ -43,7 +51,7 @@ def main() -> None:
         x = torch.randn(1, cols, dtype=torch.bfloat16)
         runs = {}
         for fmt in quant_format.FORMATS:
-            one = quant_format.quantize(torch.randn(rows, cols) * 0.02, fmt)
+            one = _matrix(rows, cols, fmt)
             pool = [
                 quant_format.QuantizedWeight(fmt, one.data.clone(), one.scales.clone())
                 for _ in range(pool_size(one.nbytes))

@@ -11,7 +11,7 @@ from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile, load_profile
 from fiddlerc.loader import load
 from fiddlerc.model.families import find_layout
-from fiddlerc.model.folder import open_config, open_model_folder
+from fiddlerc.model.folder import open_config, open_model_folder, stored_expert_format
 from fiddlerc.model.meta import meta_model_of
 from fiddlerc.plan import Plan
 from fiddlerc.popularity import load_popularity
@@ -52,7 +52,7 @@ def _inputs(
     """What planning and compiling share: the meta model, its compute dtype, the target and the options."""
     target = parse_target(
         gpu_memory, fast_experts=fast_experts, context=context, batch=batch, micro_batches=micro_batches,
-        expert_dtype=expert_dtype, dense_dtype=dense_dtype,
+        expert_dtype=expert_dtype, dense_dtype=dense_dtype, stored_experts=stored_expert_format(folder),
     )  # fmt: skip
     model, compute_dtype = meta_model_of(folder, dtype)
     options = CompileOptions(
@@ -113,7 +113,8 @@ def compile(  # noqa: A001 - the verb users expect
     prediction prices. `popularity` is a JSON of measured routing counts (`fiddlerc popularity`, or the
     Fiddler repository's format): placement weighs each expert by it instead of assuming uniform routing.
     `expert_dtype` ("int8" or "int4") stores the cpu-tier experts quantized in `out_dir` (quantized.safetensors)
-    and computes them with fiddlerc's quantized kernels; experts on a GPU keep the compute dtype. `dense_dtype`
+    and computes them with fiddlerc's quantized kernels; experts on a GPU keep the compute dtype. An MXFP4
+    checkpoint's cpu-tier experts stay MXFP4 ("mxfp4", its default; "compute" dequantizes them). `dense_dtype`
     does the same for the dense projections (attention, shared experts, lm_head), used where they run on the CPU.
     """
     folder = open_model_folder(model_dir)

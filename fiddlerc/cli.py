@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from fiddlerc.plan import DTYPE_NAMES, QUANTIZED
+from fiddlerc.plan import DENSE_QUANTIZED, DTYPE_NAMES, EXPERT_DTYPES
 from fiddlerc.version import __version__
 
 EXIT_USAGE = 2
@@ -19,7 +19,8 @@ POPULARITY_HELP = (
 )
 EXPERT_DTYPE_HELP = (
     "store and compute the CPU-tier experts quantized in blocks of 32: int8 (8.5 bits per weight) or int4 (4.5); "
-    "default: the compute dtype. GPU-tier experts keep the compute dtype"
+    "mxfp4 (4.25) is an MXFP4 checkpoint's own format, its default; compute: the compute dtype, the default "
+    "otherwise (an MXFP4 checkpoint's experts dequantized exactly). GPU-tier experts keep the compute dtype"
 )
 CPU_MEMORY_HELP = (
     "host memory for the run, e.g. 64GiB (default: the hardware profile's); "
@@ -279,10 +280,10 @@ def _target_options(p: argparse.ArgumentParser, *, gpu_memory_required: bool) ->
     p.add_argument("--cpu-memory", default=None, help=CPU_MEMORY_HELP)
     p.add_argument("--popularity", default=None, metavar="FILE", help=POPULARITY_HELP)
     p.add_argument("--micro-batches", type=int, default=None, metavar="N", help=MICRO_HELP)
-    p.add_argument("--expert-dtype", choices=list(QUANTIZED), default=None, help=EXPERT_DTYPE_HELP)
+    p.add_argument("--expert-dtype", choices=list(EXPERT_DTYPES), default=None, help=EXPERT_DTYPE_HELP)
     p.add_argument(
         "--dense-dtype",
-        choices=list(QUANTIZED),
+        choices=list(DENSE_QUANTIZED),
         default=None,
         help="the same for the dense projections (attention, shared experts, lm_head) where they run on the CPU",
     )

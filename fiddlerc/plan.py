@@ -29,7 +29,11 @@ _PATH = r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*"  # a module path: model.laye
 _NAME = r"[A-Za-z_][A-Za-z0-9_]*"
 _SHA256 = r"[0-9a-f]{64}"
 DTYPE_NAMES = ("float32", "bfloat16", "float16")  # what a plan computes in (fiddlerc.units maps them to torch)
-QUANTIZED = ("int8", "int4")  # what CPU-tier experts may be stored in (fiddlerc.quant_format)
+QUANTIZED = ("int8", "int4", "mxfp4")  # what CPU-tier experts may be stored in (fiddlerc.quant_format)
+MXFP4 = "mxfp4"  # kept from an MXFP4 checkpoint (GPT-OSS), never made from other weights
+DENSE_QUANTIZED = ("int8", "int4")  # what dense projections may be stored in
+COMPUTE = "compute"  # --expert-dtype's name for the compute dtype (Target.expert_dtype None)
+EXPERT_DTYPES = (*QUANTIZED, COMPUTE)  # what --expert-dtype accepts
 GENERATED, HF = "generated", "hf"  # AttentionLayer.path: fiddlerc's generated attention, or Hugging Face's module
 
 
@@ -348,9 +352,13 @@ def _check_model_and_target(plan: Plan) -> None:
         and (t.micro_batches > 1 or not t.schedule),
         "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
     )
-    for name in ("expert_dtype", "dense_dtype"):
-        value = getattr(t, name)
-        _check(value is None or value in QUANTIZED, f"target.{name} must be null or one of {QUANTIZED}")
+    _check(
+        t.expert_dtype is None or t.expert_dtype in QUANTIZED, f"target.expert_dtype must be null or one of {QUANTIZED}"
+    )
+    _check(
+        t.dense_dtype is None or t.dense_dtype in DENSE_QUANTIZED,
+        f"target.dense_dtype must be null or one of {DENSE_QUANTIZED}",
+    )
 
 
 def _check_prediction(plan: Plan) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
-from fiddlerc.plan import QUANTIZED, Target, is_gpu_name
+from fiddlerc.plan import COMPUTE, DENSE_QUANTIZED, EXPERT_DTYPES, MXFP4, Target, is_gpu_name
 from fiddlerc.popularity import Popularity
 from fiddlerc.units import parse_size
 
@@ -49,6 +49,27 @@ def parse_gpu_memory(text: str | int) -> list[tuple[str, int]]:
     return out
 
 
+def _expert_format(requested: str | None, stored: str | None) -> str | None:
+    """The cpu-tier experts' format (None: the compute dtype) for --expert-dtype `requested` on a checkpoint
+    whose experts are stored in `stored`."""
+    if requested == COMPUTE:
+        return None
+    if stored == MXFP4:
+        if requested not in (None, MXFP4):
+            raise OptionError(
+                f"--expert-dtype {requested}: this checkpoint's experts are MXFP4 already (4.25 bits per weight), "
+                "and run so on the CPU by default; quantizing them again would only lose accuracy. Leave "
+                f"--expert-dtype out, or give --expert-dtype {COMPUTE} to dequantize them exactly"
+            )
+        return MXFP4
+    if requested == MXFP4:
+        raise OptionError(
+            "--expert-dtype mxfp4 keeps an MXFP4 checkpoint's experts as they are, and this checkpoint's are not "
+            "MXFP4: choose int8 or int4"
+        )
+    return requested
+
+
 def parse_target(
     gpu_memory: str | int,
     *,
@@ -58,13 +79,15 @@ def parse_target(
     micro_batches: int | None = None,
     expert_dtype: str | None = None,
     dense_dtype: str | None = None,
+    stored_experts: str | None = None,
 ) -> Target:
     """The target the user described: its GPUs with their budgets (the first holds the dense weights, the
     KV reserve and experts; the others experts only), the KV-cache reserve of `context` tokens x `batch`
     sequences, and `fast_experts` (force the best N experts onto the GPUs, checked against the budget).
     `micro_batches` is checked against `batch` here; it travels in CompileOptions. `expert_dtype` (int8,
     int4) stores and computes the cpu-tier experts quantized (fiddlerc.quant_format), `dense_dtype` the dense
-    projections where they run on the CPU."""
+    projections where they run on the CPU. `stored_experts` is the checkpoint's own expert format (mxfp4, or
+    None): its experts stay in it by default, and `expert_dtype="compute"` dequantizes them instead."""
     gpus = parse_gpu_memory(gpu_memory)
     if fast_experts is not None and fast_experts < 0:
         raise OptionError(f"--fast-experts must be >= 0, got {fast_experts}")
@@ -74,9 +97,11 @@ def parse_target(
         raise OptionError(f"--batch must be a positive number of sequences, got {batch}")
     if micro_batches is not None and not 1 <= micro_batches <= batch:
         raise OptionError(f"--micro-batches must be between 1 and --batch ({batch}), got {micro_batches}")
-    for flag, value in (("--expert-dtype", expert_dtype), ("--dense-dtype", dense_dtype)):
-        if value is not None and value not in QUANTIZED:
-            raise OptionError(f"{flag} {value!r} is not one of {', '.join(QUANTIZED)}")
+    if expert_dtype is not None and expert_dtype not in EXPERT_DTYPES:
+        raise OptionError(f"--expert-dtype {expert_dtype!r} is not one of {', '.join(EXPERT_DTYPES)}")
+    if dense_dtype is not None and dense_dtype not in DENSE_QUANTIZED:
+        raise OptionError(f"--dense-dtype {dense_dtype!r} is not one of {', '.join(DENSE_QUANTIZED)}")
+    expert_dtype = _expert_format(expert_dtype, stored_experts)
     (device, budget), *more = gpus
     return Target(
         device=device,

@@ -176,6 +176,13 @@ def _read_config_json(cfg_file: Path) -> dict:
     return config_json
 
 
+def stored_expert_format(folder: ModelFolder) -> str | None:
+    """The quantized format a checkpoint stores its experts in (one of DEQUANTIZED), or None."""
+    quant = folder.config_json.get("quantization_config")
+    method = quant.get("quant_method") if isinstance(quant, dict) else None
+    return method if method in DEQUANTIZED else None
+
+
 def load_config(folder: ModelFolder):
     """The model's transformers config. Remote code is never run: only built-in model types load."""
     from transformers import CONFIG_MAPPING

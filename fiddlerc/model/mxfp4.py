@@ -10,7 +10,7 @@ so it is exact in bf16 and fp32. Checkpoints store two codes per byte, the low n
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -26,6 +26,32 @@ class Mxfp4Source:
 
     blocks: str
     scales: str
+
+
+@dataclass(frozen=True)
+class Mxfp4Matrix:
+    """One expert's MXFP4 matrix as stored, [rows, cols] in `F.linear` layout, not dequantized: blocks
+    [rows, groups, 16] and scales [rows, groups] (views of the memory-mapped checkpoint). Where its
+    experts run in MXFP4 (fiddlerc.quant_format.from_mxfp4), this stands in for the dequantized tensor
+    in the family layouts' code, which transposes and splits what it reads."""
+
+    blocks: torch.Tensor
+    scales: torch.Tensor
+    transposed: bool = False
+    ndim = 2
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        rows, groups, nbytes = self.blocks.shape
+        return (groups * nbytes * 2, rows) if self.transposed else (rows, groups * nbytes * 2)
+
+    def t(self) -> Mxfp4Matrix:
+        return replace(self, transposed=not self.transposed)
+
+    def chunk(self, n: int, dim: int = 0) -> tuple[Mxfp4Matrix, ...]:
+        if self.transposed or dim != 0:
+            raise ValueError("an MXFP4 matrix splits by rows only (its blocks run along a row)")
+        return tuple(Mxfp4Matrix(b, s) for b, s in zip(self.blocks.chunk(n), self.scales.chunk(n), strict=True))
 
 
 def mxfp4_shape(blocks_shape: tuple[int, ...]) -> tuple[int, ...]:

@@ -1,5 +1,5 @@
-"""Quantizing at compile time, into the compiled folder: the cpu-tier experts (`--expert-dtype`) and the
-dense projections (`--dense-dtype`: attention, shared experts, lm_head; embeddings, norms and routers
+"""Quantizing at compile time, into the compiled folder: the cpu-tier experts (`--expert-dtype`; an
+MXFP4 checkpoint's are repacked as they are, not quantized again) and the dense projections (`--dense-dtype`: attention, shared experts, lm_head; embeddings, norms and routers
 keep the compute dtype, as does a matrix the blocks do not divide or a weight tied to another).
 
 Matrix by matrix: each is read from the model's memory-mapped safetensors, quantized
@@ -28,10 +28,10 @@ from fiddlerc.errors import UnsupportedModelError
 from fiddlerc.files import open_atomic
 from fiddlerc.model.families import find_layout
 from fiddlerc.model.folder import ModelFolder
-from fiddlerc.model.mxfp4 import Mxfp4Source
+from fiddlerc.model.mxfp4 import Mxfp4Matrix
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader
-from fiddlerc.plan import CPU, Plan
-from fiddlerc.quant_format import GROUP, PANEL, check_shape, quantize
+from fiddlerc.plan import CPU, MXFP4, Plan
+from fiddlerc.quant_format import GROUP, PANEL, QuantizedWeight, check_shape, from_mxfp4, quantize
 from fiddlerc.units import format_size, parse_dtype
 
 log = logging.getLogger(__name__)
@@ -58,19 +58,27 @@ def _stored(shape: tuple[int, int], fmt: str) -> list[tuple[str, torch.dtype, tu
     data_dtype = torch.int8 if fmt == "int8" else torch.uint8
     return [
         ("data", data_dtype, (rows // PANEL, cols // GROUP, PANEL, block_bytes)),
-        ("scales", torch.float16, (rows // PANEL, cols // GROUP, PANEL)),
+        ("scales", torch.uint8 if fmt == MXFP4 else torch.float16, (rows // PANEL, cols // GROUP, PANEL)),
     ]
+
+
+def _quantized(m: torch.Tensor | Mxfp4Matrix, fmt: str) -> QuantizedWeight:
+    if isinstance(m, Mxfp4Matrix):
+        assert not m.transposed, "the family layout left an MXFP4 matrix transposed"
+        return from_mxfp4(m.blocks, m.scales)
+    return quantize(m, fmt)
 
 
 def _cpu_matrices(model: nn.Module, plan: Plan, experts: ExpertTensors):
     """(key, matrix view) of every cpu-tier expert's matrices, in plan order; nothing is read yet."""
     hidden = getattr(model.config, "hidden_size", None)
+    keep = plan.target.expert_dtype == MXFP4
     for ml in plan.moe_layers:
         layout = find_layout(model.get_submodule(ml.block), hidden)
         for e, device in enumerate(plan.placement(ml.layer)):
             if device != CPU:
                 continue
-            parts = experts.expert(layout, ml.block, ml.experts_module, e)
+            parts = experts.expert(layout, ml.block, ml.experts_module, e, keep_mxfp4=keep)
             named = [(f"in{i}", m) for i, m in enumerate(parts.w_in)] + [("out", parts.w_out)]
             for part, m in named:
                 yield matrix_key(ml.layer, e, part), m
@@ -109,15 +117,9 @@ class QuantizedWeights:
 
     def __init__(self, model: nn.Module, folder: ModelFolder, sources: dict[str, Source], plan: Plan) -> None:
         t = plan.target
-        if t.expert_dtype is not None and any(isinstance(s, Mxfp4Source) for s in sources.values()):
-            # Re-quantizing them would mean dequantizing every expert first; they get a kernel of their own.
-            raise UnsupportedModelError(
-                f"{folder.path} stores its experts in MXFP4 already: compile it without --expert-dtype (its "
-                "experts are dequantized exactly at load); --dense-dtype works"
-            )
         self.reader = WeightReader(folder)
         self.experts = ExpertTensors(model, self.reader, sources, parse_dtype(plan.model.dtype))
-        self.matrices: list[tuple[str, torch.Tensor, str]] = []
+        self.matrices: list[tuple[str, torch.Tensor | Mxfp4Matrix, str]] = []
         if t.expert_dtype is not None:
             self.matrices += [(k, m, t.expert_dtype) for k, m in _cpu_matrices(model, plan, self.experts)]
         if t.dense_dtype is not None:
@@ -153,10 +155,11 @@ class QuantizedWeights:
             put(struct.pack("<Q", len(self.header)))
             put(self.header)
             for i, (key, m, fmt) in enumerate(self.matrices):
-                qw = quantize(m, fmt)
+                qw = _quantized(m, fmt)
                 put(qw.data.numpy().tobytes())
-                put(qw.scales.view(torch.int16).numpy().tobytes())
-                self.reader.release(m)
+                put(qw.scales.view(torch.uint8).numpy().tobytes())
+                for t in (m.blocks, m.scales) if isinstance(m, Mxfp4Matrix) else (m,):
+                    self.reader.release(t)
                 progress.update(i + 1, key)
         progress.close()
         self.matrices.clear()

@@ -16,7 +16,7 @@ from torch import nn
 
 from fiddlerc.errors import ArtifactError, ModelFolderError, UnsupportedModelError
 from fiddlerc.model.folder import ST_DTYPES, ModelFolder
-from fiddlerc.model.mxfp4 import Mxfp4Source, dequantize_mxfp4, mxfp4_shape
+from fiddlerc.model.mxfp4 import Mxfp4Matrix, Mxfp4Source, dequantize_mxfp4, mxfp4_shape
 
 
 @dataclass(frozen=True)
@@ -273,8 +273,8 @@ class WeightReader:
 class ExpertTensors:
     """Each routed expert's weights as stored, for `Layout.weights`: views of the memory maps of a
     `WeightReader` (one view per fused [E, ...] tensor, sliced per expert), one tensor per stored
-    part, or MXFP4 blocks dequantized exactly to `dtype`. The loader binds what this reads; the
-    compiler quantizes it (fiddlerc.model.quantize)."""
+    part, or MXFP4 blocks, dequantized exactly to `dtype` or, with `keep_mxfp4`, kept as they are
+    (`Mxfp4Matrix`). The loader binds what this reads; the compiler quantizes it (fiddlerc.model.quantize)."""
 
     def __init__(self, model: nn.Module, reader: WeightReader, sources: dict[str, Source], dtype: torch.dtype) -> None:
         self.model, self.reader, self.sources, self.dtype = model, reader, sources, dtype
@@ -285,13 +285,16 @@ class ExpertTensors:
             self._fused[key] = self.reader.get(key)
         return self._fused[key]
 
-    def parts(self, block: str, experts_module: str, name: str, e: int) -> tuple[torch.Tensor, ...]:
+    def parts(
+        self, block: str, experts_module: str, name: str, e: int, keep_mxfp4: bool = False
+    ) -> tuple[torch.Tensor | Mxfp4Matrix, ...]:
         """Parameter `name` of the block at `block`: expert e's part of it."""
         src = self.sources[f"{block}.{name}"]
         if isinstance(src, DirectSource):
             return (self.fused(src.key)[e],)
         if isinstance(src, Mxfp4Source):
-            w = dequantize_mxfp4(self.fused(src.blocks)[e], self.fused(src.scales)[e], self.dtype)  # [out, in]
+            blocks, scales = self.fused(src.blocks)[e], self.fused(src.scales)[e]
+            w = Mxfp4Matrix(blocks, scales) if keep_mxfp4 else dequantize_mxfp4(blocks, scales, self.dtype)  # [out, in]
             transposed = getattr(self.model.get_submodule(experts_module), "is_transposed", False)
             return (w.t() if transposed else w,)
         return tuple(self.reader.get(k) for k in src.keys[e])
@@ -301,12 +304,14 @@ class ExpertTensors:
         assert isinstance(src, DirectSource)
         return self.fused(src.key)
 
-    def expert(self, layout, block: str, experts_module: str, e: int):
+    def expert(self, layout, block: str, experts_module: str, e: int, *, keep_mxfp4: bool = False):
         """Expert e of the MoE block at `block` as `layout` reads it (fiddlerc.model.families.ExpertParts)."""
         module = self.model.get_submodule(block)
-        return layout.weights(
-            module, e, lambda name, i: self.parts(block, experts_module, name, i), lambda name: self.whole(block, name)
-        )
+
+        def parts(name: str, i: int):
+            return self.parts(block, experts_module, name, i, keep_mxfp4)
+
+        return layout.weights(module, e, parts, lambda name: self.whole(block, name))
 
     def clear(self) -> None:
         self._fused.clear()

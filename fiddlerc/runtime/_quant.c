@@ -1,9 +1,12 @@
 /* Quantized matrix products for CPU-tier experts: y = W x with W in blocks of 32 weights.
  *
- * Formats (W is [rows][cols], rows a multiple of 4, cols of 64; one fp16 scale `d` per block):
- *   q8: int8 q,              weight = d * q                 (8.5 bits per weight)
- *   q4: q + 8 in a nibble,   weight = d * q, q in [-8, 7]   (4.5 bits per weight); a block's 16 bytes
- *       hold element j in the low nibble of byte j and element j + 16 in its high nibble.
+ * Formats (W is [rows][cols], rows a multiple of 4, cols of 64; one scale `d` per block):
+ *   q8: int8 q,              weight = d * q                 (fp16 d; 8.5 bits per weight)
+ *   q4: q + 8 in a nibble,   weight = d * q, q in [-8, 7]   (fp16 d; 4.5 bits per weight); a block's 16
+ *       bytes hold element j in the low nibble of byte j and element j + 16 in its high nibble.
+ *   mxfp4: an E2M1 code in a nibble, ordered as q4's; d an E8M0 exponent e (one byte), weight =
+ *       E2M1(code) * 2^(e - 127) (4.25 bits per weight). Twice an E2M1 value is an integer in
+ *       [-12, 12] (`E2M1_TIMES_2`), so a block's dot product is exact in integers, as q8's is.
  * Layout: rows in panels of four, and within a panel block by block, the four rows' bytes of one
  * block side by side (`panel_offset`); the scales in the same order. A product then reads its weight
  * as one sequential stream, which the hardware prefetchers follow; four separate rows would be four
@@ -32,6 +35,8 @@
 
 #define QK 32
 #define PANEL 4
+enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_MXFP4 = 2 }; /* fiddlerc.runtime.quant passes these codes */
+static const int8_t E2M1_TIMES_2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
 /* int4 reads a block's four rows (one cache line) faster than the prefetchers bring them on long rows;
  * fetching this far ahead, non-temporally, keeps the activations of a long row in the first-level cache.
  * int8's rows stream fast enough without (the hint there cost more than it gave). */
@@ -61,6 +66,14 @@ static float fp16_to_fp32(uint16_t h) {
     } else {
         bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
     }
+    float f;
+    memcpy(&f, &bits, 4);
+    return f;
+}
+
+/* 2^(e - 127), exactly: e = 0 is the subnormal 2^-127, e = 255 reads as infinity (the format's NaN). */
+static float e8m0_to_fp32(uint8_t e) {
+    uint32_t bits = e ? (uint32_t)e << 23 : 0x00400000u;
     float f;
     memcpy(&f, &bits, 4);
     return f;
@@ -121,17 +134,35 @@ static int32_t dot_q4_portable(const uint8_t *w, const int8_t *x) {
     return s;
 }
 
-static void matmul_portable(int q4, const uint8_t *w, const uint16_t *wd, int64_t r0, int64_t r1, int64_t cols,
+static int32_t dot_mxfp4_portable(const uint8_t *w, const int8_t *x) {
+    int32_t s = 0;
+    for (int j = 0; j < QK / 2; j++) {
+        s += (int32_t)E2M1_TIMES_2[w[j] & 0x0f] * x[j];
+        s += (int32_t)E2M1_TIMES_2[w[j] >> 4] * x[j + QK / 2];
+    }
+    return s;
+}
+
+static void matmul_portable(int fmt, const uint8_t *w, const void *wd, int64_t r0, int64_t r1, int64_t cols,
                             const int8_t *xq, const float *xd, int64_t ntok, float *y, int64_t rows) {
-    const int64_t nb = cols / QK, block_bytes = q4 ? QK / 2 : QK;
+    const int64_t nb = cols / QK, block_bytes = fmt == FMT_Q8 ? QK : QK / 2;
     for (int64_t r = r0; r < r1; r++) {
         for (int64_t t = 0; t < ntok; t++) {
             float acc = 0.0f;
             for (int64_t b = 0; b < nb; b++) {
                 const int64_t k = panel_offset(r, b, nb);
                 const int8_t *xb = xq + t * cols + b * QK;
-                int32_t s = q4 ? dot_q4_portable(w + k * block_bytes, xb) : dot_q8_portable((const int8_t *)w + k * block_bytes, xb);
-                acc += fp16_to_fp32(wd[k]) * xd[t * nb + b] * (float)s;
+                const uint8_t *wb = w + k * block_bytes;
+                int32_t s;
+                float d;
+                if (fmt == FMT_MXFP4) {
+                    s = dot_mxfp4_portable(wb, xb);
+                    d = 0.5f * e8m0_to_fp32(((const uint8_t *)wd)[k]);
+                } else {
+                    s = fmt == FMT_Q4 ? dot_q4_portable(wb, xb) : dot_q8_portable((const int8_t *)wb, xb);
+                    d = fp16_to_fp32(((const uint16_t *)wd)[k]);
+                }
+                acc += d * xd[t * nb + b] * (float)s;
             }
             y[t * rows + r] = acc;
         }
@@ -164,6 +195,14 @@ __attribute__((target("avx2,fma"))) static inline __m256i load_u4(const uint8_t 
     return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
 }
 
+/* Eight blocks' E8M0 exponents as 2^(e - 127) each (e8m0_to_fp32, eight at once). */
+__attribute__((target("avx2,fma"))) static inline __m256 load_e8m0(const uint8_t *e) {
+    __m256i v = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)e));
+    __m256i bits = _mm256_slli_epi32(v, 23);
+    __m256i zero = _mm256_cmpeq_epi32(v, _mm256_setzero_si256());
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00400000), zero));
+}
+
 static void eight_times_x(const int8_t *xq, int64_t n, int32_t *xc) {
     for (int64_t b = 0; b < n; b++) {
         int32_t s = 0;
@@ -175,36 +214,42 @@ static void eight_times_x(const int8_t *xq, int64_t n, int32_t *xc) {
 /* One panel (four rows) at a time: each activation block is loaded once for the four, four independent
  * accumulators keep the multiply-add units busy while the next weights stream in, and the two scales of
  * two blocks x four rows are multiplied in one vector op and read back by broadcast loads. */
-__attribute__((target("avx2,fma,f16c"))) static void matmul_avx2(int q4, const uint8_t *w, const uint16_t *wd,
+__attribute__((target("avx2,fma,f16c"))) static void matmul_avx2(int fmt, const uint8_t *w, const void *wd,
                                                                   int64_t r0, int64_t r1, int64_t cols,
                                                                   const int8_t *xq, const float *xd,
                                                                   const int32_t *xc, int64_t ntok, float *y,
                                                                   int64_t rows) {
-    const int64_t nb = cols / QK, block_bytes = q4 ? QK / 2 : QK;
+    const int q4 = fmt == FMT_Q4, fp4 = fmt == FMT_MXFP4, nibbles = q4 || fp4;
+    const int64_t nb = cols / QK, block_bytes = nibbles ? QK / 2 : QK;
     const __m256i ones = _mm256_set1_epi16(1);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_TIMES_2));
+    const __m256 half = _mm256_set1_ps(fp4 ? 0.5f : 1.0f); /* the table holds E2M1 values times two */
     float sc[2 * PANEL] __attribute__((aligned(32)));
     for (int64_t r = r0; r < r1; r += PANEL) {
         const uint8_t *wp = w + panel_offset(r, 0, nb) * block_bytes;
-        const uint16_t *dp = wd + panel_offset(r, 0, nb);
+        const int64_t dp = panel_offset(r, 0, nb);
         for (int64_t t = 0; t < ntok; t++) {
             __m256 acc[PANEL] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             const int8_t *xt = xq + t * cols;
             const float *xdt = xd + t * nb;
             const int32_t *xct = q4 ? xc + t * nb : NULL;
             for (int64_t b2 = 0; b2 < nb; b2 += 2) {
-                __m256 xs = _mm256_set_m128(_mm_set1_ps(xdt[b2 + 1]), _mm_set1_ps(xdt[b2]));
-                __m128i h = _mm_loadu_si128((const __m128i *)(dp + b2 * PANEL));
-                _mm256_store_ps(sc, _mm256_mul_ps(_mm256_cvtph_ps(h), xs));
+                __m256 xs = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(xdt[b2 + 1]), _mm_set1_ps(xdt[b2])), half);
+                __m256 ws = fp4 ? load_e8m0((const uint8_t *)wd + dp + b2 * PANEL)
+                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)wd + dp + b2 * PANEL)));
+                _mm256_store_ps(sc, _mm256_mul_ps(ws, xs));
                 for (int j = 0; j < 2; j++) {
                     const int64_t b = b2 + j;
                     __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * QK));
                     const uint8_t *wb = wp + b * PANEL * block_bytes;
-                    if (q4) _mm_prefetch((const char *)(wb + PREFETCH), _MM_HINT_NTA); /* one line a block */
+                    if (nibbles) _mm_prefetch((const char *)(wb + PREFETCH), _MM_HINT_NTA); /* one line a block */
                     for (int i = 0; i < PANEL; i++) {
                         __m256 dot;
                         if (q4) {
                             __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(load_u4(wb + i * block_bytes), x), ones);
                             dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_setr_epi32(xct[b], 0, 0, 0, 0, 0, 0, 0)));
+                        } else if (fp4) { /* codes to signed integers by table look-up, then as q8 */
+                            dot = dot_block(_mm256_shuffle_epi8(lut, load_u4(wb + i * block_bytes)), x);
                         } else {
                             dot = dot_block(_mm256_loadu_si256((const __m256i *)(wb + i * block_bytes)), x);
                         }
@@ -242,10 +287,11 @@ void fc_quantize_activations(const float *x, int64_t ntok, int64_t cols, int8_t 
     }
 }
 
-/* y [ntok][rows] fp32 = W [rows][cols] (q8 or q4 in panels, scales wd likewise) times the quantized
+/* y [ntok][rows] fp32 = W [rows][cols] (format `fmt`, in panels, scales wd likewise) times the quantized
  * activations xq/xd of `ntok` tokens, panels split over `threads` OpenMP threads. */
-void fc_matmul(int q4, const uint8_t *w, const uint16_t *wd, int64_t rows, int64_t cols, const int8_t *xq,
+void fc_matmul(int fmt, const uint8_t *w, const void *wd, int64_t rows, int64_t cols, const int8_t *xq,
                const float *xd, int64_t ntok, float *y, int threads, int simd) {
+    const int q4 = fmt == FMT_Q4;
     const int64_t tile = 16, tiles = (rows + tile - 1) / tile;
 #ifdef FC_X86
     int32_t *xc = NULL;
@@ -260,11 +306,11 @@ void fc_matmul(int q4, const uint8_t *w, const uint16_t *wd, int64_t rows, int64
         int64_t r0 = i * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
 #ifdef FC_X86
         if (simd) {
-            matmul_avx2(q4, w, wd, r0, r1, cols, xq, xd, xc, ntok, y, rows);
+            matmul_avx2(fmt, w, wd, r0, r1, cols, xq, xd, xc, ntok, y, rows);
             continue;
         }
 #endif
-        matmul_portable(q4, w, wd, r0, r1, cols, xq, xd, ntok, y, rows);
+        matmul_portable(fmt, w, wd, r0, r1, cols, xq, xd, ntok, y, rows);
     }
 #ifdef FC_X86
     free(xc);

@@ -14,7 +14,7 @@ from functools import cache
 
 import torch
 
-from fiddlerc.quant_format import GROUP, QuantizedActivations, QuantizedWeight
+from fiddlerc.quant_format import FORMATS, GROUP, QuantizedActivations, QuantizedWeight
 
 
 class _Library:
@@ -85,7 +85,7 @@ def matmul(
         raise ValueError(f"activations of width {xa.q.shape[1]} for a weight of {cols} columns")
     y = torch.empty(n, rows, dtype=torch.float32)
     lib.lib.fc_matmul(
-        int(qw.fmt == "int4"),
+        FORMATS.index(qw.fmt),  # _quant.c's FMT_ codes
         qw.data.data_ptr(),
         qw.scales.data_ptr(),
         rows,

@@ -39,7 +39,7 @@ def _compile(src, out, fmt, fast_experts=1, dense=None):
 
 
 @needs_kernels
-@pytest.mark.parametrize("fmt", quant_format.FORMATS)
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
 def test_quantized_cpu_experts_compute_the_reference_arithmetic(fmt, wide, tmp_path, monkeypatch):
     src, ids, want = wide
     art = _compile(src, tmp_path / "out", fmt)
@@ -199,7 +199,7 @@ def test_on_a_trained_model_int8_barely_moves_the_next_token_distribution_and_in
     fiddlerc.compile(src, tmp_path / "ref", gpu_memory="1GiB", context=512, fast_experts=0)
     ref = F.log_softmax(_logits(tmp_path / "ref", ids, kernels="reference"), -1)
     errors = {}
-    for fmt in quant_format.FORMATS:
+    for fmt in ("int8", "int4"):
         fiddlerc.compile(src, tmp_path / fmt, gpu_memory="1GiB", context=512, fast_experts=0,
                          expert_dtype=fmt, dense_dtype=fmt)  # fmt: skip
         got = F.log_softmax(_logits(tmp_path / fmt, ids), -1)
