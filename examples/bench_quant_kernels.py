@@ -5,7 +5,8 @@
 For each matrix of the two full-width slices (Mixtral-8x7B: 14336 x 4096 and 4096 x 14336;
 Qwen3-30B-A3B: 768 x 2048 and 2048 x 768) and of GPT-OSS (5760 x 2880 and 2880 x 2880): fiddlerc's int8,
 int4 and mxfp4 kernels (activations quantized once per token, as the runtime does for a token's
-experts) and bf16 `F.linear`, each cycling over
+experts), and bf16 and fp32 weights by `F.linear` and by fiddlerc's C product (`native`, what
+`load(kernels="auto")` picks where it measures faster), each cycling over
 `fiddlerc.measure.POOL_BYTES` of copies so every call streams its weight from memory. Prints ms per
 matrix, GB/s in the bytes the format reads, and that as a fraction of the probe. Random weights: for
 speed only (their values do not change the work).
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 from fiddlerc import quant_format
 from fiddlerc.measure import median_seconds, pool_size
-from fiddlerc.runtime import quant
+from fiddlerc.runtime import matvec, quant
 from fiddlerc.tools.bench import read_bandwidth_gbps
 
 SHAPES = [(14336, 4096), (4096, 14336), (768, 2048), (2048, 768), (5760, 2880), (2880, 2880)]
@@ -57,14 +58,18 @@ def main() -> None:
                 for _ in range(pool_size(one.nbytes))
             ]
             runs[fmt] = (one.nbytes, pool, lambda pool=pool: _quantized_pass(x, pool))
-        w = torch.randn(rows, cols, dtype=torch.bfloat16)
-        pool = [w.clone() for _ in range(pool_size(w.numel() * 2))]
-        runs["bf16"] = (w.numel() * 2, pool, lambda pool=pool: [F.linear(x, p) for p in pool])
+        for dtype, name in ((torch.bfloat16, "bf16"), (torch.float32, "fp32")):
+            w = torch.randn(rows, cols, dtype=dtype)
+            nbytes = w.numel() * w.element_size()
+            pool = [w.clone() for _ in range(pool_size(nbytes))]
+            xd = x.to(dtype)
+            runs[name] = (nbytes, pool, lambda pool=pool, xd=xd: [F.linear(xd, p) for p in pool])
+            runs[f"{name} native"] = (nbytes, pool, lambda pool=pool, xd=xd: [matvec.matvec(xd, p) for p in pool])
         for name, (nbytes, pool, run) in runs.items():
             s = median_seconds(run, args.rounds) / len(pool)
             gbps = nbytes / s / 1e9
             print(
-                f"{rows:>6} x {cols:<6} {name:5} {s * 1e3:7.3f} ms  {gbps:5.1f} GB/s  {gbps / probe:4.0%} of the probe"
+                f"{rows:>6} x {cols:<6} {name:11} {s * 1e3:7.3f} ms  {gbps:5.1f} GB/s  {gbps / probe:4.0%} of the probe"
             )
 
 

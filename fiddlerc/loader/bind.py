@@ -33,10 +33,11 @@ from fiddlerc.model.quantize import QUANTIZED_FILE, dense_key, matrix_key
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader, resolve_sources
 from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
 from fiddlerc.quant_format import QuantizedWeight
-from fiddlerc.runtime import kernels, quant
+from fiddlerc.runtime import kernels, matvec, quant
 from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv
 from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts
 from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
+from fiddlerc.runtime.matvec import NativeWeight
 from fiddlerc.runtime.worker import CpuWorker, InlineWorker
 from fiddlerc.units import parse_dtype
 
@@ -139,10 +140,12 @@ class WeightBinder:
     # Caches held by the binder itself (not functools.cache on the methods, which would keep every binder,
     # and the model it bound, alive after its load).
 
-    def kernel_for(self, shape: tuple[int, int], dtype: torch.dtype) -> str:
-        key = ("kernel", shape, dtype)
+    def kernel_for(self, shape: tuple[int, int], dtype: torch.dtype, packing: bool = True) -> str:
+        """The kernel for a CPU weight; `packing` False: among those that read the weight as bound."""
+        key = ("kernel", shape, dtype, packing)
         if key not in self._memo:
-            self._memo[key] = kernels.resolve(self.kernel_mode, shape, dtype)
+            among = kernels.KERNELS if packing else tuple(k for k in kernels.KERNELS if k != "packed")
+            self._memo[key] = kernels.resolve(self.kernel_mode, shape, dtype, among)
         return self._memo[key]
 
     def spread_for(self, shape: tuple[int, int], dtype: torch.dtype, kernel: str) -> bool:
@@ -189,23 +192,30 @@ class WeightBinder:
                 continue
             on_host = self.devices[dev].type == "cpu"
             stays_on_cpu = on_host and (self.fast.type == "cpu" or fetch[e] is None)
-            if (
-                alone
-                and stays_on_cpu
-                and all(self.kernel_for(tuple(m.shape), self.dtype) == "packed" for m in w.matrices)
-            ):
+            packing = alone and stays_on_cpu
+
+            def kernel(m: torch.Tensor) -> str:
+                return self.kernel_for(tuple(m.shape), self.dtype, packing)
+
+            kinds = {kernel(m) for m in w.matrices}
+            if packing and kinds == {"packed"}:
                 w = w.to(self.devices[dev], self.dtype).packed(self.reader.release)
             elif on_host and self.huge_pages and any(m.dtype != self.dtype for m in w.matrices):
                 w = w.in_host_memory(self.dtype, self.reader.release)
             else:
                 w = w.to(self.devices[dev], self.dtype)
+            if on_host and "native" in kinds:  # a fetch reads the tensors underneath
+                w = w.native(lambda m: kernel(m) == "native" and matvec.supports(m))
             weights.append(w)
-        # CPU-only with quantized kernels (which use every core): the cpu tier runs on the calling thread
-        worker = InlineWorker() if self.fmt is not None and self.fast.type == "cpu" else self.worker
+        # CPU-only with kernels that use every core themselves (quantized, native): the cpu tier runs on the
+        # calling thread
+        native = any(type(m) is NativeWeight for w in weights for m in w.matrices)
+        own_threads = self.fmt is not None or native
+        worker = InlineWorker() if own_threads and self.fast.type == "cpu" else self.worker
         module = PlacedExperts(
             weights, tuple(d == CPU for d in placement), layout.math(block), self.fast, worker, ml.layer, fetch
         )
-        if self.fast.type == "cpu" and self.fmt is None:  # the quantized kernels use every thread themselves
+        if self.fast.type == "cpu" and not own_threads:
             biggest = max(weights[0].matrices, key=lambda m: m.numel())
             kernel = "packed" if biggest.is_mkldnn else "reference"
             module.spread = self.spread_for(tuple(biggest.shape), biggest.dtype, kernel)
@@ -249,21 +259,24 @@ class WeightBinder:
         (kernels.RowSplit)."""
         return self.fast.type == "cpu" and self.kernel_mode == "auto" and any(p.spread for p in placed)
 
-    def place(self, w: torch.Tensor) -> torch.Tensor | kernels.RowSplit:
-        """A dense matrix as its kernel reads it: row-split over this thread and the CPU worker, packed, or
-        plain; a copy binding made (a dtype conversion, fused rows) moves into huge pages. Mapped source
+    def place(self, w: torch.Tensor) -> torch.Tensor | kernels.RowSplit | NativeWeight:
+        """A dense matrix as its kernel reads it: row-split over this thread and the CPU worker, packed,
+        native, or plain; a copy binding made (a dtype conversion, fused rows) moves into huge pages. Mapped source
         pages are released when a copy was made."""
         if w.device.type != "cpu" or w.ndim != 2:
             return w
         split = self.split_rows and w.numel() * w.element_size() >= kernels.MIN_AUTO_BYTES
+        kernel = self.kernel_for(tuple(w.shape), w.dtype)
         out = w
-        if not split and self.kernel_for(tuple(w.shape), w.dtype) == "packed":
+        if not split and kernel == "packed":
             out = kernels.pack(w)
         elif self.huge_pages and not self.reader.maps(w):
             out = host_copy(w)
         if out is not w:
             self.reader.release(w)
-        return kernels.RowSplit(out, self.worker) if split else out
+        if split:
+            return kernels.RowSplit(out, self.worker)
+        return NativeWeight(out) if kernel == "native" and matvec.supports(out) else out
 
     def bind_attention(self, path: str) -> AttentionWeights:
         """A generated attention layer's fused weights, in place of the Hugging Face module at `path`."""
@@ -297,7 +310,7 @@ class WeightBinder:
                 continue
             if (placed := self.place(w)) is w:
                 continue
-            if type(placed) is kernels.RowSplit or placed.is_mkldnn:
+            if type(placed) in (kernels.RowSplit, NativeWeight) or placed.is_mkldnn:
                 parent, _, leaf = name.rpartition(".")
                 bias = None if module.bias is None else module.bias.detach()
                 setattr(self.model.get_submodule(parent), leaf, kernels.KernelLinear(placed, bias))

@@ -271,9 +271,10 @@ def load(
     Chrome/Perfetto timeline of every call and write it there on `close()`.
 
     `kernels` picks the CPU matrix kernels (fiddlerc.runtime.kernels): "auto" measures, once per
-    weight shape on this machine, whether a packed copy is faster than the plain weight (and on a
-    CPU-only machine whether one-token products split over two threads); "reference" computes exactly as
-    Hugging Face does; "packed" packs wherever this CPU can."""
+    weight shape on this machine, whether a packed copy or fiddlerc's C product is faster than the plain
+    weight (and on a CPU-only machine whether one-token products split over two threads); "reference"
+    computes exactly as Hugging Face does; "packed" packs wherever this CPU can; "native" runs the C
+    product wherever it can read the weight."""
     if kernels not in KERNEL_MODES:
         raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
     fast = resolve_device(device)

@@ -28,10 +28,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__x86_64__) || defined(_M_X64)
-#include <immintrin.h>
-#define FC_X86 1
-#endif
+#include "_simd.h"
 
 #define QK 32
 #define PANEL 4
@@ -46,29 +43,6 @@ static const int8_t E2M1_TIMES_2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, 
  * is at this index. */
 static inline int64_t panel_offset(int64_t r, int64_t b, int64_t nb) {
     return ((r / PANEL) * nb + b) * PANEL + r % PANEL;
-}
-
-static float fp16_to_fp32(uint16_t h) {
-    uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
-    if (exp == 0) {
-        if (man == 0) {
-            bits = sign;
-        } else { /* subnormal: normalise */
-            exp = 127 - 15 + 1;
-            while (!(man & 0x400)) {
-                man <<= 1;
-                exp--;
-            }
-            bits = sign | (exp << 23) | ((man & 0x3ff) << 13);
-        }
-    } else if (exp == 31) {
-        bits = sign | 0x7f800000 | (man << 13);
-    } else {
-        bits = sign | ((exp + 127 - 15) << 23) | (man << 13);
-    }
-    float f;
-    memcpy(&f, &bits, 4);
-    return f;
 }
 
 /* 2^(e - 127), exactly: e = 0 is the subnormal 2^-127, e = 255 reads as infinity (the format's NaN). */
@@ -160,7 +134,7 @@ static void matmul_portable(int fmt, const uint8_t *w, const void *wd, int64_t r
                     d = 0.5f * e8m0_to_fp32(((const uint8_t *)wd)[k]);
                 } else {
                     s = fmt == FMT_Q4 ? dot_q4_portable(wb, xb) : dot_q8_portable((const int8_t *)wb, xb);
-                    d = fp16_to_fp32(((const uint16_t *)wd)[k]);
+                    d = fc_half_to_float(((const uint16_t *)wd)[k]);
                 }
                 acc += d * xd[t * nb + b] * (float)s;
             }
@@ -177,13 +151,6 @@ __attribute__((target("avx2,fma"))) static inline __m256 dot_block(__m256i w, __
     const __m256i ones = _mm256_set1_epi16(1);
     __m256i p = _mm256_maddubs_epi16(_mm256_sign_epi8(w, w), _mm256_sign_epi8(x, w));
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
-}
-
-__attribute__((target("avx2,fma"))) static inline float hsum(__m256 v) {
-    __m128 h = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_add_ss(h, _mm_movehdup_ps(h));
-    return _mm_cvtss_f32(h);
 }
 
 /* int4 without the sign trick: the stored nibbles u = q + 8 are unsigned, so maddubs takes them as they
@@ -257,7 +224,7 @@ __attribute__((target("avx2,fma,f16c"))) static void matmul_avx2(int fmt, const 
                     }
                 }
             }
-            for (int i = 0; i < PANEL; i++) y[t * rows + r + i] = hsum(acc[i]);
+            for (int i = 0; i < PANEL; i++) y[t * rows + r + i] = fc_hsum8(acc[i]);
         }
     }
 }

@@ -27,7 +27,8 @@ class AttentionWeights(nn.Module):
         raise RuntimeError("this layer's attention runs in the generated module.py (CompiledForward.attention)")
 
     def extra_repr(self) -> str:
-        how = " (row-split)" if type(self.qkv) is kernels.RowSplit else " (packed)" if self.qkv.is_mkldnn else ""
+        kinds = {kernels.RowSplit: " (row-split)", kernels.NativeWeight: " (native)"}
+        how = kinds.get(type(self.qkv), " (packed)" if self.qkv.is_mkldnn else "")
         return f"qkv={tuple(self.qkv.shape)}, o={tuple(self.o.shape)}{how}"
 
 

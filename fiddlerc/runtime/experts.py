@@ -27,6 +27,7 @@ from fiddlerc.plan import fetches
 from fiddlerc.quant_format import QuantizedWeight, dequantize
 from fiddlerc.runtime import kernels
 from fiddlerc.runtime.host_memory import host_copy
+from fiddlerc.runtime.matvec import NativeWeight
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -49,9 +50,11 @@ class ExpertWeights:
     def to(self, device: torch.device, dtype: torch.dtype | None) -> ExpertWeights:
         """On a device, in a dtype (None: keep it); no copy when both already match: stays memory-mapped."""
 
-        def move(t: torch.Tensor | QuantizedWeight | None) -> torch.Tensor | None:
+        def move(t: torch.Tensor | QuantizedWeight | NativeWeight | None) -> torch.Tensor | None:
             if isinstance(t, QuantizedWeight):  # a fetch of a quantized cpu-tier expert: its values, dequantized
                 return dequantize(t, dtype or t.dtype).to(device)
+            if isinstance(t, NativeWeight):
+                t = t.weight
             return None if t is None else t.to(device=device, dtype=dtype or t.dtype)
 
         return ExpertWeights(
@@ -79,6 +82,15 @@ class ExpertWeights:
 
         b_out = None if self.b_out is None else self.b_out.to(dtype=dtype)
         return ExpertWeights(tuple(copy(t) for t in self.w_in), convert(self.b_in), copy(self.w_out), b_out)
+
+    def native(self, which: Callable[[torch.Tensor], bool]) -> ExpertWeights:
+        """The same tensors, the matrices `which` picks read by fiddlerc's C product at one token
+        (fiddlerc.runtime.matvec)."""
+
+        def wrap(t: torch.Tensor) -> torch.Tensor | NativeWeight:
+            return NativeWeight(t) if which(t) else t
+
+        return ExpertWeights(tuple(wrap(t) for t in self.w_in), self.b_in, wrap(self.w_out), self.b_out)
 
     def packed(self, release: Callable[[torch.Tensor], None]) -> ExpertWeights:
         """A copy with the matrices in oneDNN's packed layout (CPU, fiddlerc.runtime.kernels); each

@@ -14,6 +14,8 @@ Kernels:
   calls (the layout inductor's CPU backend uses after freezing). Rounding differs from the
   reference within the dtype's tolerance. Not every CPU supports every dtype (bf16 needs AVX512 or
   AVX-NE-CONVERT): where packing fails, `reference` is used.
+- `native`: fiddlerc's own C product of a few tokens (fiddlerc.runtime.matvec) on the weight as bound,
+  no copy; longer calls run `F.linear`. Sums in fp32 in another order than the reference.
 
 The same measurements decide how a decode token's experts use the cores of a CPU-only machine
 (`spread_experts`): one after the other, each product with the intra-op threads, or spread over the
@@ -31,10 +33,11 @@ from torch import nn
 
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
 from fiddlerc.quant_format import QuantizedActivations, QuantizedWeight
-from fiddlerc.runtime import quant
+from fiddlerc.runtime import matvec, quant
+from fiddlerc.runtime.matvec import NativeWeight
 from fiddlerc.runtime.worker import CpuWorker
 
-KERNELS = ("reference", "packed")
+KERNELS = ("reference", "packed", "native")
 MODES = ("auto", *KERNELS)  # what load(kernels=...) accepts
 PACK_TOKENS = 1  # the call size packed layouts are tuned for: decode, the case that matters most
 MIN_AUTO_BYTES = 256 * 2**10  # smaller weights are call-overhead bound: auto keeps the reference
@@ -52,9 +55,9 @@ def shared_input(x: torch.Tensor, weights: tuple) -> torch.Tensor | QuantizedAct
 def linear(
     x: torch.Tensor | QuantizedActivations, w: torch.Tensor | RowSplit | QuantizedWeight, b: torch.Tensor | None = None
 ) -> torch.Tensor:
-    """`F.linear` for a plain, a packed (oneDNN, `w.is_mkldnn`), a row-split (`RowSplit`) or a quantized
-    (`QuantizedWeight`, fiddlerc.runtime.quant) weight."""
-    if type(w) is RowSplit:
+    """`F.linear` for a plain, a packed (oneDNN, `w.is_mkldnn`), a row-split (`RowSplit`), a native
+    (`NativeWeight`) or a quantized (`QuantizedWeight`, fiddlerc.runtime.quant) weight."""
+    if type(w) is RowSplit or type(w) is NativeWeight:
         return w(x, b)
     if type(w) is QuantizedWeight:
         return quant.linear(x, w, b)
@@ -110,6 +113,10 @@ def pack(w: torch.Tensor) -> torch.Tensor:
     return torch.ops.mkldnn._reorder_linear_weight(w.contiguous(), PACK_TOKENS)
 
 
+def can_native(dtype: torch.dtype) -> bool:
+    return quant.available() and dtype in matvec.KINDS
+
+
 def can_pack(dtype: torch.dtype) -> bool:
     if not torch.backends.mkldnn.is_available():
         return False
@@ -122,9 +129,12 @@ def can_pack(dtype: torch.dtype) -> bool:
 
 class KernelLinear(nn.Module):
     """Drop-in for a CPU `nn.Linear` whose weight runs with another kernel than `F.linear`: packed (`pack`),
-    row-split (`RowSplit`) or quantized (`QuantizedWeight`); keeps its shape for code that reads it."""
+    row-split (`RowSplit`), native (`NativeWeight`) or quantized (`QuantizedWeight`); keeps its shape for
+    code that reads it."""
 
-    def __init__(self, weight: torch.Tensor | RowSplit, bias: torch.Tensor | None) -> None:
+    def __init__(
+        self, weight: torch.Tensor | RowSplit | NativeWeight | QuantizedWeight, bias: torch.Tensor | None
+    ) -> None:
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.kernel_weight = weight
@@ -135,8 +145,8 @@ class KernelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w = self.kernel_weight
-        kind = "row-split over two threads" if type(w) is RowSplit else "packed for oneDNN"
-        how = f"{w.fmt} blocks" if type(w) is QuantizedWeight else kind
+        kinds = {RowSplit: "row-split over two threads", NativeWeight: "fiddlerc's C product at one token"}
+        how = f"{w.fmt} blocks" if type(w) is QuantizedWeight else kinds.get(type(w), "packed for oneDNN")
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
@@ -159,6 +169,8 @@ def measure(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict
     candidates = {"reference": (F.linear, plain)}
     if can_pack(dtype):
         candidates["packed"] = (linear, [pack(w) for w in plain])
+    if can_native(dtype):
+        candidates["native"] = (linear, [NativeWeight(w) for w in plain])
     result: dict[str, dict[int, float]] = {k: {} for k in candidates}
     for tokens in _PROBE_TOKENS:
         x = torch.randn(tokens, in_f, generator=gen).to(dtype)
@@ -170,11 +182,14 @@ def measure(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict
 
 
 def pick(timings: dict[str, dict[int, float]]) -> str:
-    """The kernel fastest at 1 token (decode) that is no slower at 8 (prefill, batches); else the reference."""
+    """The kernel fastest at 1 token (decode) that is no slower at 8 (prefill, batches); else the reference.
+    `native` runs the reference beyond two tokens, so only its one-token time counts (at 8 it differs from
+    the reference by noise alone)."""
     best = "reference"
     for name, t in timings.items():
         ref = timings["reference"]
-        if name != "reference" and t[1] < ref[1] * 0.97 and t[8] <= ref[8] * 1.03:
+        holds = name == "native" or t[8] <= ref[8] * 1.03
+        if name != "reference" and t[1] < ref[1] * 0.97 and holds:
             best = name if best == "reference" or t[1] < timings[best][1] else best
     return best
 
@@ -193,17 +208,28 @@ def _cached(kind: str, shape: tuple[int, int], dtype: torch.dtype, compute) -> d
     return cached(cache_path(f"kernel-{kind}", key), lambda: json.dumps(compute(), indent=1) + "\n", read)
 
 
-def choose(shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """The measured fastest kernel for a CPU weight of `shape` at this thread count (cached per machine)."""
-    if shape[0] * shape[1] * dtype.itemsize < MIN_AUTO_BYTES or not can_pack(dtype):
+def choose(shape: tuple[int, int], dtype: torch.dtype, among: tuple[str, ...] = KERNELS) -> str:
+    """The measured fastest kernel `among` these for a CPU weight of `shape` at this thread count (measured
+    once for all kernels, cached per machine)."""
+    if shape[0] * shape[1] * dtype.itemsize < MIN_AUTO_BYTES or not (can_pack(dtype) or can_native(dtype)):
         return "reference"
 
     def compute() -> dict:
         timings = measure(shape, dtype)
         return {"microseconds_by_tokens": timings, "kernel": pick(timings)}
 
-    kernel = _cached("k1", shape, dtype, compute).get("kernel")
-    return kernel if kernel in KERNELS else "reference"
+    doc = _cached("k2", shape, dtype, compute)
+    try:
+        measured = doc["microseconds_by_tokens"].items()
+        timings = {k: {int(n): float(us) for n, us in t.items()} for k, t in measured if k in among and k in KERNELS}
+        return pick(timings) if "reference" in timings else "reference"
+    except (
+        AttributeError,
+        KeyError,
+        TypeError,
+        ValueError,
+    ):  # a cache entry of another shape: measured again next time
+        return "reference"
 
 
 def measure_spread(shape: tuple[int, int], dtype: torch.dtype, kernel: str, rounds: int = 5) -> dict[str, float]:
@@ -216,6 +242,8 @@ def measure_spread(shape: tuple[int, int], dtype: torch.dtype, kernel: str, roun
     weights = [torch.randn(out_f, in_f, generator=gen).to(dtype) for _ in range(n)]
     if kernel == "packed":
         weights = [pack(w) for w in weights]
+    elif kernel == "native":
+        weights = [NativeWeight(w) for w in weights]
     pairs = list(zip(weights[0::2], weights[1::2], strict=True))
     x = torch.randn(1, in_f, generator=gen).to(dtype)
     other = CpuWorker(torch.get_num_threads())
@@ -254,10 +282,12 @@ def spread_experts(shape: tuple[int, int], dtype: torch.dtype, kernel: str) -> b
     return bool(_cached(f"s1-{kernel}", shape, dtype, compute).get("spread"))
 
 
-def resolve(mode: str, shape: tuple[int, int], dtype: torch.dtype) -> str:
-    """The kernel a weight gets under load(kernels=mode)."""
+def resolve(mode: str, shape: tuple[int, int], dtype: torch.dtype, among: tuple[str, ...] = KERNELS) -> str:
+    """The kernel a weight gets under load(kernels=mode), `among` those its use allows."""
     if mode == "auto":
-        return choose(shape, dtype)
-    if mode == "packed" and not can_pack(dtype):
+        return choose(shape, dtype, among)
+    if mode not in among:
+        return "reference"
+    if (mode == "packed" and not can_pack(dtype)) or (mode == "native" and not can_native(dtype)):
         return "reference"
     return mode

@@ -1,6 +1,6 @@
 """The C kernels that read quantized CPU-tier experts (fiddlerc.quant_format), through ctypes.
 
-`_quant.c` is built with the package (setuptools; optional, so an install without a C compiler
+`_quant.c` (with `_matvec.c`, the float products of fiddlerc.runtime.matvec) is built with the package (setuptools; optional, so an install without a C compiler
 still works and says so when a quantized plan is loaded). ctypes releases the GIL for each call,
 so the CPU worker computes while the main thread drives the fast device; rows are split over
 OpenMP threads, as many as torch's intra-op threads.
@@ -26,6 +26,8 @@ class _Library:
         lib.fc_quantize_activations.restype = None
         lib.fc_matmul.argtypes = [i32, p, p, i64, i64, p, p, i64, p, i32, i32]
         lib.fc_matmul.restype = None
+        lib.fc_matvec.argtypes = [i32, p, i64, i64, p, i64, p, i32, i32]  # _matvec.c, for fiddlerc.runtime.matvec
+        lib.fc_matvec.restype = None
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())
 

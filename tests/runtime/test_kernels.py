@@ -1,4 +1,4 @@
-"""CPU kernel choice: packed oneDNN weights, row-split products, and the measured, cached picks."""
+"""CPU kernel choice: packed oneDNN weights, native C products, row-split products, and the measured, cached picks."""
 
 from __future__ import annotations
 
@@ -17,6 +17,19 @@ def test_pick_takes_the_faster_kernel_only_when_it_wins_at_decode_and_holds_at_p
     assert kernels.pick({"reference": ref, "packed": {1: 99.0, 8: 300.0}}) == "reference"  # within noise
     assert kernels.pick({"reference": ref, "packed": {1: 80.0, 8: 500.0}}) == "reference"  # loses at prefill
     assert kernels.pick({"reference": ref}) == "reference"
+    # native runs the reference beyond two tokens: its time at 8 is the reference's plus noise
+    assert kernels.pick({"reference": ref, "native": {1: 80.0, 8: 450.0}}) == "native"
+    assert kernels.pick({"reference": ref, "packed": {1: 90.0, 8: 300.0}, "native": {1: 80.0, 8: 400.0}}) == "native"
+
+
+def test_a_use_that_cannot_pack_chooses_among_the_other_measured_kernels(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    timings = {"reference": {1: 100.0, 8: 400.0}, "packed": {1: 70.0, 8: 300.0}, "native": {1: 80.0, 8: 400.0}}
+    monkeypatch.setattr(kernels, "measure", lambda shape, dtype: timings)
+    monkeypatch.setattr(kernels, "can_pack", lambda dtype: True)
+    assert kernels.choose((1024, 1024), torch.float32) == "packed"
+    assert kernels.choose((1024, 1024), torch.float32, ("reference", "native")) == "native"  # read from the cache
+    assert kernels.resolve("packed", (1024, 1024), torch.float32, ("reference", "native")) == "reference"
 
 
 needs_packing = pytest.mark.skipif(not kernels.can_pack(torch.float32), reason="this CPU cannot pack fp32 for oneDNN")
@@ -51,6 +64,26 @@ def test_packed_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model
         torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.skipif(not kernels.can_native(torch.float32), reason="the C kernels were not built")
+def test_native_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model, tmp_path):
+    from fiddlerc.runtime.matvec import NativeWeight
+
+    src = model_dirs("mixtral")
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+    ref = hf_model(src)
+    ids, mask = padded_prompts()
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="native") as model:
+        assert "fiddlerc's C product" in repr(model.hf_model.lm_head)
+        assert all(type(w) is NativeWeight for p in model.placed_experts for ew in p.weights for w in ew.matrices)
+        assert all(type(p.worker).__name__ == "InlineWorker" for p in model.placed_experts)  # it uses every core
+        with torch.no_grad():
+            want = ref(input_ids=ids, attention_mask=mask).logits
+            want_step = ref(input_ids=ids[:1, -1:]).logits
+        got = model(ids, attention_mask=mask)  # prefill: F.linear beyond MAX_TOKENS tokens
+        torch.testing.assert_close(got[mask.bool()], want[mask.bool()], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(model(ids[:1, -1:]), want_step, rtol=1e-4, atol=1e-4)  # one token: the C product
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_row_split_product_equals_f_linear_within_rounding(dtype):
     from fiddlerc.runtime.worker import CpuWorker
@@ -72,6 +105,7 @@ def test_row_split_product_equals_f_linear_within_rounding(dtype):
 
 def test_cpu_only_decode_splits_dense_products_where_experts_spread(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "spread_experts", lambda shape, dtype, kernel: True)
+    monkeypatch.setattr(kernels, "choose", lambda *_: "reference")  # no measuring of tiny weights
     monkeypatch.setattr(kernels, "MIN_AUTO_BYTES", 0)  # the test model's weights are small
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
     ids = padded_prompts()[0][1:]
