@@ -22,8 +22,9 @@ __all__ = ["compile", "load", "plan"]
 log = logging.getLogger(__name__)
 
 
-def _profile(hardware: str | Path | None, model, dtype) -> HardwareProfile | None:
-    """A profile by name or file; "auto" is this machine, calibrated for the model's expert shape (cached)."""
+def _profile(hardware: str | Path | None, model, dtype, expert_format: str | None = None) -> HardwareProfile | None:
+    """A profile by name or file; "auto" is this machine, calibrated for the model's expert shape in the
+    CPU tier's format (cached)."""
     if hardware is None:
         return None
     if str(hardware) != "auto":
@@ -31,7 +32,7 @@ def _profile(hardware: str | Path | None, model, dtype) -> HardwareProfile | Non
     from fiddlerc.tools.calibrate import calibrate
 
     hidden, inter = expert_shape(model, dtype)
-    return calibrate(hidden, inter, dtype, config=model.config)[0]
+    return calibrate(hidden, inter, dtype, config=model.config, expert_format=expert_format)[0]
 
 
 def expert_shape(model, dtype) -> tuple[int, int]:
@@ -56,7 +57,7 @@ def _inputs(
     )  # fmt: skip
     model, compute_dtype = meta_model_of(folder, dtype)
     options = CompileOptions(
-        hardware=_profile(hardware, model, compute_dtype),
+        hardware=_profile(hardware, model, compute_dtype, target.expert_dtype),
         popularity=None if popularity is None else load_popularity(popularity),
         cpu_memory_bytes=None if cpu_memory is None else parse_size(cpu_memory),
         micro_batches=micro_batches,

@@ -185,7 +185,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
 
 def _cmd_calibrate(args: argparse.Namespace) -> int:
     from fiddlerc.api import expert_shape
-    from fiddlerc.model.folder import checkpoint_dtype, load_config, open_config
+    from fiddlerc.compiler.options import expert_format
+    from fiddlerc.model.folder import checkpoint_dtype, load_config, open_config, stored_expert_format
     from fiddlerc.model.meta import build_meta_model
     from fiddlerc.tools.calibrate import calibrate
     from fiddlerc.units import parse_dtype
@@ -194,8 +195,11 @@ def _cmd_calibrate(args: argparse.Namespace) -> int:
     config = load_config(folder)
     dtype = parse_dtype(args.dtype) if args.dtype else checkpoint_dtype(folder, config)
     hidden, inter = expert_shape(build_meta_model(config, dtype), dtype)
+    fmt = expert_format(args.expert_dtype, stored_expert_format(folder))
     t0 = time.perf_counter()
-    profile, path = calibrate(hidden, inter, dtype, config=config, threads=args.threads, use_cache=not args.force)
+    profile, path = calibrate(
+        hidden, inter, dtype, config=config, threads=args.threads, use_cache=not args.force, expert_format=fmt
+    )
     print(f"{profile.name}: {profile.description} ({time.perf_counter() - t0:.1f} s)")
     for key in ("cpu.mem_bw_gbps", "gpu.mem_bw_gbps", "gpu.h2d_gbps", "cpu.layer_overhead_ms", "gpu.layer_overhead_ms"):
         if key in profile.sources:
@@ -347,6 +351,12 @@ def build_parser() -> argparse.ArgumentParser:
     cal.add_argument("--threads", type=int, default=None)
     cal.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None)
     cal.add_argument("--force", action="store_true", help="measure again even if cached")
+    cal.add_argument(
+        "--expert-dtype",
+        choices=list(EXPERT_DTYPES),
+        default=None,
+        help="the CPU tier's format to measure (as compile)",
+    )
     cal.set_defaults(func=_cmd_calibrate)
 
     pr = sub.add_parser(

@@ -59,10 +59,13 @@ class CpuSpec:
     matmul_tflops: float
     call_overhead_ms: float
     memory_bytes: int
-    # Measured ms per expert call by token count, for experts of exactly `expert_curve_bytes` bytes
-    # (calibration writes it); the cost model interpolates it instead of using the roofline.
+    # Measured ms per expert call by token count, for experts of exactly `expert_curve_bytes` bytes in the
+    # compute dtype, stored in `expert_curve_format` ("" the compute dtype, else a quantized format of
+    # fiddlerc.quant_format): calibration writes them; the cost model interpolates the curve instead of
+    # using the roofline for such experts.
     expert_curve: tuple[tuple[int, float], ...] = ()
     expert_curve_bytes: int = 0
+    expert_curve_format: str = ""
     # As GpuSpec's, for a CPU-only machine (where the fast tier is the CPU itself).
     layer_overhead_ms: float = 0.0
     step_overhead_ms: float = 0.0
@@ -111,6 +114,8 @@ def _spec(cls, data, where: str):
             ok = isinstance(v, int) and not isinstance(v, bool) and v >= 0
         elif f.name == "name":
             ok = isinstance(v, str) and 0 < len(v) <= 100
+        elif f.name == "expert_curve_format":
+            ok = isinstance(v, str) and len(v) <= 16 and (v == "" or v.isalnum())
         elif f.type in ("int",):
             ok = isinstance(v, int) and not isinstance(v, bool) and v > 0
         else:

@@ -35,13 +35,15 @@ def test_auto_hardware_calibrates_for_the_models_own_expert_shape(model_dirs, mo
 
     asked = []
 
-    def fake(hidden, inter, dtype, config=None):
-        asked.append((hidden, inter, dtype, config.model_type))
+    def fake(hidden, inter, dtype, config=None, expert_format=None):
+        asked.append((hidden, inter, dtype, config.model_type, expert_format))
         return load_profile("cpu-2core"), None
 
     monkeypatch.setattr(calibrate, "calibrate", fake)
     p = api.plan(model_dirs("mixtral"), "1GiB", context=64, hardware="auto")
-    assert asked == [(32, 48, torch.float32, "mixtral")] and p.target.hardware == "cpu-2core"
+    assert asked == [(32, 48, torch.float32, "mixtral", None)] and p.target.hardware == "cpu-2core"
+    api.plan(model_dirs("mixtral"), "1GiB", context=64, hardware="auto", expert_dtype="int4")
+    assert asked[-1] == (32, 48, torch.float32, "mixtral", "int4")  # the CPU tier's format is what is timed
 
 
 def test_bad_options_are_refused_before_anything_is_written(model_dirs, tmp_path):

@@ -40,6 +40,9 @@ class CostModel:
     profile: HardwareProfile
     page_fraction: float = 0.0  # share of CPU-tier weight reads that come from disk (host memory too small)
     cpu_format: str | None = None  # what cpu-tier experts are stored in (target.expert_dtype); None: the compute dtype
+    dense_format: str | None = (
+        None  # what the dense projections are stored in on a CPU-only machine (target.dense_dtype)
+    )
 
     @classmethod
     def for_plan(cls, plan: Plan, profile: HardwareProfile) -> CostModel:
@@ -51,15 +54,17 @@ class CostModel:
                 f"{format_size(plan.memory.host_budget_bytes or 0)} < {format_size(plan.memory.host_bytes or 0)} needed), "
                 f"but hardware profile {profile.name!r} has no cpu.disk_gbps: add it, or raise --cpu-memory"
             )
-        return cls(profile, paged, plan.target.expert_dtype)
+        return cls(profile, paged, plan.target.expert_dtype, plan.target.dense_dtype)
 
-    def cpu_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
-        """A cpu-tier expert of `expert_bytes` in the compute dtype, read in `cpu_format`: a roofline (or the
-        profile's measured curve, for the compute dtype and that size)."""
+    def cpu_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int, quantized: bool = True) -> float:
+        """A cpu-tier expert of `expert_bytes` in the compute dtype, read in `cpu_format` (`quantized`; else
+        in the compute dtype): a roofline, or the profile's measured curve for that size and format."""
         cpu = self.profile.cpu
-        read = stored_bytes(expert_bytes, itemsize, self.cpu_format)
+        fmt = self.cpu_format if quantized else None
+        read = stored_bytes(expert_bytes, itemsize, fmt)
         paging = self.paging_ms(read)
-        if cpu.expert_curve and expert_bytes == cpu.expert_curve_bytes and self.cpu_format is None:
+        measured = expert_bytes == cpu.expert_curve_bytes and (fmt or "") == cpu.expert_curve_format
+        if cpu.expert_curve and measured:
             return cpu.call_overhead_ms + _interpolate(cpu.expert_curve, n_tokens) + paging
         flops = 2 * (expert_bytes // itemsize) * n_tokens
         compute = max(read / (cpu.mem_bw_gbps * 1e6), flops / (cpu.matmul_tflops * 1e9))
@@ -67,8 +72,8 @@ class CostModel:
 
     def fast_expert_ms(self, n_tokens: int, expert_bytes: int, itemsize: int) -> float:
         gpu = self.profile.gpu
-        if gpu is None:  # CPU-only: the fast tier is the CPU (and pages like it)
-            return self.cpu_expert_ms(n_tokens, expert_bytes, itemsize)
+        if gpu is None:  # CPU-only: the fast tier is the CPU (and pages like it), in the compute dtype
+            return self.cpu_expert_ms(n_tokens, expert_bytes, itemsize, quantized=False)
         flops = 2 * (expert_bytes // itemsize) * n_tokens
         return gpu.call_overhead_ms + max(expert_bytes / (gpu.mem_bw_gbps * 1e6), flops / (gpu.matmul_tflops * 1e9))
 
@@ -99,9 +104,11 @@ class CostModel:
         return n_bytes / (bw * 1e6)
 
     def dense_ms(self, n_bytes: int, n_tokens: int, itemsize: int) -> float:
-        """The dense weights' roofline on the fast device for a call of n tokens."""
+        """The dense weights' roofline on the fast device for a call of n tokens (`n_bytes` in the compute
+        dtype; on a CPU-only machine read in `dense_format`)."""
         tput = self.profile.gpu.matmul_tflops if self.profile.gpu is not None else self.profile.cpu.matmul_tflops
-        return max(self.fast_read_ms(n_bytes), 2 * (n_bytes // itemsize) * n_tokens / (tput * 1e9))
+        read = n_bytes if self.profile.gpu is not None else stored_bytes(n_bytes, itemsize, self.dense_format)
+        return max(self.fast_read_ms(read), 2 * (n_bytes // itemsize) * n_tokens / (tput * 1e9))
 
     @property
     def layer_overhead_ms(self) -> float:

@@ -49,7 +49,7 @@ def parse_gpu_memory(text: str | int) -> list[tuple[str, int]]:
     return out
 
 
-def _expert_format(requested: str | None, stored: str | None) -> str | None:
+def expert_format(requested: str | None, stored: str | None) -> str | None:
     """The cpu-tier experts' format (None: the compute dtype) for --expert-dtype `requested` on a checkpoint
     whose experts are stored in `stored`."""
     if requested == COMPUTE:
@@ -101,7 +101,7 @@ def parse_target(
         raise OptionError(f"--expert-dtype {expert_dtype!r} is not one of {', '.join(EXPERT_DTYPES)}")
     if dense_dtype is not None and dense_dtype not in DENSE_QUANTIZED:
         raise OptionError(f"--dense-dtype {dense_dtype!r} is not one of {', '.join(DENSE_QUANTIZED)}")
-    expert_dtype = _expert_format(expert_dtype, stored_experts)
+    expert_dtype = expert_format(expert_dtype, stored_experts)
     (device, budget), *more = gpus
     return Target(
         device=device,

@@ -1,7 +1,9 @@
 """Calibration: measure this machine for a model and write a hardware profile.
 
-CPU: time one expert (the model's real shape and dtype) at 1..128 tokens, cycling through a pool of
-experts larger than the caches (fiddlerc.measure.POOL_BYTES), and fit the
+CPU: time one expert (the model's real shape and dtype, stored in the format its CPU tier will be:
+quantized, or with the float kernel the loader measures fastest for its shape) at 1..128 tokens,
+through the runtime's own kernels, cycling through a pool of experts larger than the caches
+(fiddlerc.measure.POOL_BYTES), and fit the
 roofline the cost model uses, flat then linear where the curve bends; the profile keeps the
 bandwidth and throughput it implies, the measurements, and the fit's worst relative error. With
 CUDA, the same for the GPU plus pinned host<->device copy bandwidth.
@@ -29,8 +31,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from fiddlerc import quant_format
 from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, cache_dir, cpu_name, profile_from_json
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
+from fiddlerc.plan import MXFP4
+from fiddlerc.runtime import kernels
+from fiddlerc.runtime.matvec import NativeWeight
 
 log = logging.getLogger(__name__)
 
@@ -38,20 +44,54 @@ TOKEN_COUNTS = (1, 2, 4, 8, 16, 32, 64, 128)
 LINEAR = 1.9  # time ratio per doubling of the tokens that counts as compute-bound
 
 
+def _cpu_matrix(w: torch.Tensor, dtype: torch.dtype, fmt: str | None, g: torch.Generator):
+    """A random CPU expert matrix as the loader would bind it: in `fmt`, or with the kernel it picks."""
+    if fmt == MXFP4:  # as a checkpoint stores it: every E2M1 code, scales near 2^-6
+        rows, cols = w.shape
+        blocks = torch.randint(0, 256, (rows, cols // quant_format.GROUP, 16), dtype=torch.uint8, generator=g)
+        scales = torch.randint(118, 124, (rows, cols // quant_format.GROUP), dtype=torch.uint8, generator=g)
+        q = quant_format.from_mxfp4(blocks, scales)
+    elif fmt is not None:
+        q = quant_format.quantize(w, fmt)
+    if fmt is not None:
+        return quant_format.QuantizedWeight(fmt, q.data, q.scales, dtype)
+    w = w.to(dtype)
+    kernel = kernels.choose(tuple(w.shape), dtype)
+    return kernels.pack(w) if kernel == "packed" else NativeWeight(w) if kernel == "native" else w
+
+
+def _stored(m) -> int:
+    return m.nbytes if isinstance(m, quant_format.QuantizedWeight) else m.numel() * m.dtype.itemsize
+
+
+def _expert_call(x: torch.Tensor, gate, up, down) -> torch.Tensor:
+    """One SwiGLU expert as the runtime computes it (fiddlerc.runtime.experts): a quantized expert's
+    gate and up read its input quantized once."""
+    xin = kernels.shared_input(x, (gate, up))
+    return kernels.linear(F.silu(kernels.linear(xin, gate)) * kernels.linear(xin, up), down)
+
+
 def _time_expert(
-    hidden: int, inter: int, dtype: torch.dtype, device: torch.device, repeats: int
-) -> list[tuple[int, float]]:
-    """(tokens, median ms) per expert call for TOKEN_COUNTS; weights cycle through a pool larger than
-    the caches. Once two doublings of the tokens have each doubled the time, the call is compute-bound
-    and linear from there (the cost model extends the last slope), so larger counts are not timed:
-    that keeps a big expert whose small calls are already compute-bound (bf16 without native support)
-    from taking minutes."""
-    expert_bytes = 3 * hidden * inter * dtype.itemsize
-    pool = min(pool_size(expert_bytes, minimum=2), 64)
+    hidden: int, inter: int, dtype: torch.dtype, device: torch.device, repeats: int, fmt: str | None = None
+) -> tuple[list[tuple[int, float]], int]:
+    """(tokens, median ms) per expert call for TOKEN_COUNTS, and the bytes an expert reads; weights cycle
+    through a pool larger than the caches. Once two doublings of the tokens have each doubled the time,
+    the call is compute-bound and linear from there (the cost model extends the last slope), so larger
+    counts are not timed: that keeps a big expert whose small calls are already compute-bound (bf16
+    without native support) from taking minutes. `fmt` (CPU only): the experts' quantized format."""
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
-    weights = [
-        [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes] for _ in range(pool)
+    if device.type == "cpu":
+        one = [_cpu_matrix(torch.randn(s, generator=g) * 0.02, dtype, fmt, g) for s in shapes]
+    else:
+        one = [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes]
+    expert_bytes = sum(_stored(m) for m in one)
+    pool = min(pool_size(expert_bytes, minimum=2), 64)
+    weights = [one] + [
+        [_cpu_matrix(torch.randn(s, generator=g) * 0.02, dtype, fmt, g) for s in shapes]
+        if device.type == "cpu"
+        else [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes]
+        for _ in range(pool - 1)
     ]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     curve: list[tuple[int, float]] = []
@@ -64,13 +104,13 @@ def _time_expert(
             k += 1
             sync()
             t0 = time.perf_counter()
-            F.linear(F.silu(F.linear(x, gate)) * F.linear(x, up), down)
+            _expert_call(x, gate, up, down)
             sync()
             times.append((time.perf_counter() - t0) * 1e3)
         curve.append((n, statistics.median(times[1:])))  # the first call warms up
         if len(curve) >= 4 and all(curve[-i][1] >= LINEAR * curve[-i - 1][1] for i in (1, 2)):
             break
-    return curve
+    return curve, expert_bytes
 
 
 def fit_roofline(token_counts, ms, expert_bytes: int, flops_per_token: int) -> tuple[float, float, float]:
@@ -244,44 +284,48 @@ def calibrate(
     threads: int | None = None,
     repeats: int = 5,
     use_cache: bool = True,
+    expert_format: str | None = None,
 ) -> tuple[HardwareProfile, Path]:
-    """Measure (or read from the cache) this machine's profile for one expert shape; with the
-    model's `config`, also the framework's fixed costs for its family."""
+    """Measure (or read from the cache) this machine's profile for one expert shape, its CPU tier stored
+    in `expert_format` (a quantized format, None: the compute dtype); with the model's `config`, also the
+    framework's fixed costs for its family."""
     threads = threads or torch.get_num_threads()
     cuda = torch.cuda.is_available()
     family = None if config is None else config.model_type
-    path = cache_path("calibrated", ["v3", threads, hidden, inter, str(dtype), cuda, family])
+    path = cache_path("calibrated", ["v4", threads, hidden, inter, str(dtype), cuda, family, expert_format])
     name = path.stem
 
     def read(text: bytes) -> HardwareProfile:
         return profile_from_json(text, str(path))
 
     def measure() -> str:
-        return _measure(name, hidden, inter, dtype, config, threads, repeats, cuda).to_json()
+        return _measure(name, hidden, inter, dtype, config, threads, repeats, cuda, expert_format).to_json()
 
     return cached(path, measure, read, use_cache=use_cache), path
 
 
-def _measure(name, hidden, inter, dtype, config, threads, repeats, cuda) -> HardwareProfile:
+def _measure(name, hidden, inter, dtype, config, threads, repeats, cuda, fmt) -> HardwareProfile:
     """Measure this machine into the profile `calibrate` caches (see the module docstring)."""
     old_threads = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
         t0 = time.perf_counter()
         expert_bytes, flops = 3 * hidden * inter * dtype.itemsize, 2 * 3 * hidden * inter
-        measured = _time_expert(hidden, inter, dtype, torch.device("cpu"), repeats)
-        bw, tflops, err = fit_roofline([n for n, _ in measured], [t for _, t in measured], expert_bytes, flops)
+        measured, read = _time_expert(hidden, inter, dtype, torch.device("cpu"), repeats, fmt)
+        bw, tflops, err = fit_roofline([n for n, _ in measured], [t for _, t in measured], read, flops)
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         curve = tuple((n, round(t, 4)) for n, t in measured)
         cache_dir().mkdir(parents=True, exist_ok=True)
         disk = disk_gbps(cache_dir())
-        cpu = CpuSpec(cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes, disk_gbps=disk)
+        cpu = CpuSpec(
+            cpu_name()[:100] or "cpu", threads, bw, tflops, 0.0, memory, curve, expert_bytes, fmt or "", disk_gbps=disk
+        )
         when = time.strftime("%Y-%m-%d")
         shown = ", ".join(f"{n}: {t:.2f}" for n, t in measured)
         sources = {
             "cpu.mem_bw_gbps": (
-                f"fiddlerc calibrate {when}: a {hidden}x{inter} {dtype} expert on {threads} threads, "
-                f"ms by tokens {{{shown}}}; roofline fit error {err:.1%}"
+                f"fiddlerc calibrate {when}: a {hidden}x{inter} {dtype} expert{' in ' + fmt if fmt else ''} on "
+                f"{threads} threads, ms by tokens {{{shown}}}, in the bytes it reads; roofline fit error {err:.1%}"
             ),
             "cpu.matmul_tflops": f"fiddlerc calibrate {when}: slope of the same measurements at the largest token counts",
             "cpu.memory_bytes": "this machine's physical memory",
@@ -289,7 +333,7 @@ def _measure(name, hidden, inter, dtype, config, threads, repeats, cuda) -> Hard
         }
         gpu = None
         if cuda:  # pragma: no cover - needs a GPU
-            gms = _time_expert(hidden, inter, dtype, torch.device("cuda"), repeats)
+            gms, _ = _time_expert(hidden, inter, dtype, torch.device("cuda"), repeats)
             gbw, gtf, gerr = fit_roofline([n for n, _ in gms], [t for _, t in gms], expert_bytes, flops)
             props = torch.cuda.get_device_properties(0)
             gpu = GpuSpec(
@@ -322,7 +366,7 @@ def _measure(name, hidden, inter, dtype, config, threads, repeats, cuda) -> Hard
         torch.set_num_threads(old_threads)
     return HardwareProfile(
         name=name,
-        description=f"this machine ({cpu_name()}, {threads} threads{', ' + gpu.name if gpu else ', no GPU'}), measured for a {hidden}x{inter} {dtype} expert",
+        description=f"this machine ({cpu_name()}, {threads} threads{', ' + gpu.name if gpu else ', no GPU'}), measured for a {hidden}x{inter} {dtype} expert{' in ' + fmt if fmt else ''}",
         cpu=cpu,
         gpu=gpu,
         sources=sources,

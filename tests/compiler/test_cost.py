@@ -55,6 +55,17 @@ def test_expert_times_by_hand():
     assert slow.cpu_expert_ms(30, 10**8, 2) == pytest.approx(3.0, rel=1e-3)
 
 
+def test_quantized_weights_are_priced_by_the_bytes_they_store_where_they_run_quantized():
+    bf16 = CostModel(profile(gpu=None))
+    q = CostModel(profile(gpu=None), cpu_format="int4", dense_format="int8")
+    assert q.cpu_expert_ms(1, 10**8, 2) == pytest.approx(bf16.cpu_expert_ms(1, 10**8, 2) * 4.5 / 16)
+    # CPU-only: the fast tier's experts stay in the compute dtype; the dense projections are int8
+    assert q.fast_expert_ms(1, 10**8, 2) == pytest.approx(bf16.fast_expert_ms(1, 10**8, 2))
+    assert q.dense_ms(10**8, 1, 2) == pytest.approx(bf16.dense_ms(10**8, 1, 2) * 8.5 / 16)
+    beside_gpu = CostModel(profile(), cpu_format="int4", dense_format="int8")
+    assert beside_gpu.dense_ms(10**8, 1, 2) == pytest.approx(CostModel(profile()).dense_ms(10**8, 1, 2))  # on the GPU
+
+
 def test_all_on_gpu_and_all_on_cpu():
     # dense: 1e9 bytes at 1000 GB/s = 1 ms; two experts per token
     assert predict_decode(plan(["cuda:0"] * 4), profile()).ms_per_token == pytest.approx(1.0 + 2 * 0.6, rel=1e-3)
@@ -149,6 +160,10 @@ def test_a_measured_curve_replaces_the_roofline_for_its_expert_size():
     assert m.cpu_expert_ms(6, 10**8, 2) == pytest.approx(2.75)
     assert m.cpu_expert_ms(32, 10**8, 2) == pytest.approx(9.0)  # beyond: the last slope
     assert m.cpu_expert_ms(1, 2 * 10**8, 2) == pytest.approx(2.0)  # another size: the roofline
+    int4 = CostModel(HardwareProfile("t", "", cpu, GPU, {}), cpu_format="int4")
+    assert int4.cpu_expert_ms(1, 10**8, 2) != pytest.approx(1.0)  # measured in bf16, read in int4: the roofline
+    measured = CostModel(HardwareProfile("t", "", replace(cpu, expert_curve_format="int4"), GPU, {}), cpu_format="int4")
+    assert measured.cpu_expert_ms(2, 10**8, 2) == pytest.approx(1.5)  # measured in int4
     from fiddlerc.hardware import profile_from_json
 
     p = HardwareProfile("t", "", cpu, GPU, {})

@@ -27,10 +27,32 @@ def test_calibration_is_cached(tmp_path, monkeypatch):
     assert profile.cpu.mem_bw_gbps > 0 and profile.cpu.matmul_tflops > 0
     assert load_profile(path) == profile  # a calibrated profile is an ordinary profile file
     calls = []
-    monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or [(1, 1.0), (2, 1.0)])
+    monkeypatch.setattr(cal, "_time_expert", lambda *a, **k: calls.append(a) or ([(1, 1.0), (2, 1.0)], 1))
     again, path2 = cal.calibrate(64, 32, __import__("torch").float32, threads=1, repeats=2)
     assert (again, path2) == (profile, path) and not calls  # read from the cache, not measured
     assert profile.cpu.disk_gbps > 0 and "page cache" in profile.sources["cpu.disk_gbps"]
+
+
+@pytest.mark.skipif(not __import__("fiddlerc.runtime.quant").runtime.quant.available(), reason="no C kernels")
+def test_calibration_times_the_cpu_tiers_format_through_the_runtimes_kernels(tmp_path, monkeypatch):
+    import torch
+
+    from fiddlerc.runtime import quant
+    from fiddlerc.tools import calibrate as cal
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    monkeypatch.setattr("fiddlerc.measure.POOL_BYTES", 2**20)
+    calls = []
+    real = quant.matmul
+    monkeypatch.setattr(quant, "matmul", lambda *a, **k: calls.append(a[1].fmt) or real(*a, **k))
+    curve, read = cal._time_expert(64, 128, torch.bfloat16, torch.device("cpu"), 1, "int4")
+    assert read == 3 * 64 * 128 * 4.5 / 8 and [n for n, _ in curve][:4] == [1, 2, 4, 8]  # the stored bytes
+    assert set(calls) == {"int4"}  # gate, up and down all ran the int4 kernel
+    profile, path = cal.calibrate(64, 128, torch.bfloat16, threads=1, repeats=1, expert_format="int4")
+    plain, plain_path = cal.calibrate(64, 128, torch.bfloat16, threads=1, repeats=1)
+    assert profile.cpu.expert_curve_format == "int4" and plain.cpu.expert_curve_format == ""
+    assert "expert in int4" in profile.description and path != plain_path  # cached apart
+    assert profile.cpu.expert_curve_bytes == plain.cpu.expert_curve_bytes == 3 * 64 * 128 * 2  # in bf16
 
 
 @pytest.mark.parametrize("name", ["mixtral-8x7b", "deepseek-v3"])
