@@ -34,9 +34,9 @@
 #define PANEL 4
 enum { FMT_Q8 = 0, FMT_Q4 = 1, FMT_MXFP4 = 2 }; /* fiddlerc.runtime.quant passes these codes */
 static const int8_t E2M1_TIMES_2[16] = {0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12};
-/* int4 reads a block's four rows (one cache line) faster than the prefetchers bring them on long rows;
- * fetching this far ahead, non-temporally, keeps the activations of a long row in the first-level cache.
- * int8's rows stream fast enough without (the hint there cost more than it gave). */
+/* The 4-bit formats read a block's four rows (one cache line) faster than the prefetchers bring them on
+ * long rows; fetching this far ahead, non-temporally, keeps the activations of a long row in the
+ * first-level cache. int8's rows stream fast enough without (the hint there cost more than it gave). */
 #define PREFETCH 1024
 
 /* Index of row r's block b, in blocks: the weights start at this times the block's bytes, the scale
@@ -153,14 +153,12 @@ __attribute__((target("avx2,fma"))) static inline __m256 dot_block(__m256i w, __
     return _mm256_cvtepi32_ps(_mm256_madd_epi16(p, ones));
 }
 
-/* int4 without the sign trick: the stored nibbles u = q + 8 are unsigned, so maddubs takes them as they
- * are (15 * 127 * 2 fits an int16), and sum((u - 8) x) = sum(u x) - sum(8 x), whose second term depends
- * on the activations only: `xc` holds it per block, computed once a call, and is taken off one lane. */
-__attribute__((target("avx2,fma"))) static inline __m256i load_u4(const uint8_t *w) {
-    __m128i b = _mm_loadu_si128((const __m128i *)w);
-    __m256i v = _mm256_set_m128i(_mm_srli_epi16(b, 4), b); /* low nibbles: elements 0-15; high: 16-31 */
-    return _mm256_and_si256(v, _mm256_set1_epi8(0x0f));
-}
+/* The 4-bit formats without the sign trick: each weight is read as an unsigned u = v + OFFSET (int4's
+ * stored nibble is q + 8; mxfp4's code goes through a table of its values times two, plus 12), so
+ * maddubs takes it as it is, and sum(v x) = sum(u x) - OFFSET sum(x), whose second term depends on the
+ * activations only: `xc` holds OFFSET sum(x) per block, computed once a call, and each row takes it off
+ * once per block, times its scale, in `corr`. */
+static const int8_t E2M1_TIMES_2_PLUS_12[16] = {12, 13, 14, 15, 16, 18, 20, 24, 12, 11, 10, 9, 8, 6, 4, 0};
 
 /* Eight blocks' E8M0 exponents as 2^(e - 127) each (e8m0_to_fp32, eight at once). */
 __attribute__((target("avx2,fma"))) static inline __m256 load_e8m0(const uint8_t *e) {
@@ -170,61 +168,110 @@ __attribute__((target("avx2,fma"))) static inline __m256 load_e8m0(const uint8_t
     return _mm256_castsi256_ps(_mm256_blendv_epi8(bits, _mm256_set1_epi32(0x00400000), zero));
 }
 
-static void eight_times_x(const int8_t *xq, int64_t n, int32_t *xc) {
+static void offset_times_x(const int8_t *xq, int64_t n, int32_t offset, int32_t *xc) {
     for (int64_t b = 0; b < n; b++) {
         int32_t s = 0;
         for (int j = 0; j < QK; j++) s += xq[b * QK + j];
-        xc[b] = 8 * s;
+        xc[b] = offset * s;
     }
 }
 
 /* One panel (four rows) at a time: each activation block is loaded once for the four, four independent
  * accumulators keep the multiply-add units busy while the next weights stream in, and the two scales of
  * two blocks x four rows are multiplied in one vector op and read back by broadcast loads. */
-__attribute__((target("avx2,fma,f16c"))) static void matmul_avx2(int fmt, const uint8_t *w, const void *wd,
-                                                                  int64_t r0, int64_t r1, int64_t cols,
-                                                                  const int8_t *xq, const float *xd,
-                                                                  const int32_t *xc, int64_t ntok, float *y,
-                                                                  int64_t rows) {
-    const int q4 = fmt == FMT_Q4, fp4 = fmt == FMT_MXFP4, nibbles = q4 || fp4;
-    const int64_t nb = cols / QK, block_bytes = nibbles ? QK / 2 : QK;
-    const __m256i ones = _mm256_set1_epi16(1);
-    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_TIMES_2));
-    const __m256 half = _mm256_set1_ps(fp4 ? 0.5f : 1.0f); /* the table holds E2M1 values times two */
+__attribute__((target("avx2,fma,f16c"))) static void matmul_q8_avx2(const uint8_t *w, const uint16_t *wd, int64_t r0,
+                                                                     int64_t r1, int64_t cols, const int8_t *xq,
+                                                                     const float *xd, int64_t ntok, float *y,
+                                                                     int64_t rows) {
+    const int64_t nb = cols / QK;
     float sc[2 * PANEL] __attribute__((aligned(32)));
     for (int64_t r = r0; r < r1; r += PANEL) {
-        const uint8_t *wp = w + panel_offset(r, 0, nb) * block_bytes;
-        const int64_t dp = panel_offset(r, 0, nb);
+        const uint8_t *wp = w + panel_offset(r, 0, nb) * QK;
+        const uint16_t *dp = wd + panel_offset(r, 0, nb);
         for (int64_t t = 0; t < ntok; t++) {
             __m256 acc[PANEL] = {_mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps(), _mm256_setzero_ps()};
             const int8_t *xt = xq + t * cols;
             const float *xdt = xd + t * nb;
-            const int32_t *xct = q4 ? xc + t * nb : NULL;
             for (int64_t b2 = 0; b2 < nb; b2 += 2) {
-                __m256 xs = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(xdt[b2 + 1]), _mm_set1_ps(xdt[b2])), half);
-                __m256 ws = fp4 ? load_e8m0((const uint8_t *)wd + dp + b2 * PANEL)
-                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)wd + dp + b2 * PANEL)));
-                _mm256_store_ps(sc, _mm256_mul_ps(ws, xs));
+                __m256 xs = _mm256_set_m128(_mm_set1_ps(xdt[b2 + 1]), _mm_set1_ps(xdt[b2]));
+                __m128i h = _mm_loadu_si128((const __m128i *)(dp + b2 * PANEL));
+                _mm256_store_ps(sc, _mm256_mul_ps(_mm256_cvtph_ps(h), xs));
                 for (int j = 0; j < 2; j++) {
                     const int64_t b = b2 + j;
                     __m256i x = _mm256_loadu_si256((const __m256i *)(xt + b * QK));
-                    const uint8_t *wb = wp + b * PANEL * block_bytes;
-                    if (nibbles) _mm_prefetch((const char *)(wb + PREFETCH), _MM_HINT_NTA); /* one line a block */
+                    const uint8_t *wb = wp + b * PANEL * QK;
                     for (int i = 0; i < PANEL; i++) {
-                        __m256 dot;
-                        if (q4) {
-                            __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(load_u4(wb + i * block_bytes), x), ones);
-                            dot = _mm256_cvtepi32_ps(_mm256_sub_epi32(p, _mm256_setr_epi32(xct[b], 0, 0, 0, 0, 0, 0, 0)));
-                        } else if (fp4) { /* codes to signed integers by table look-up, then as q8 */
-                            dot = dot_block(_mm256_shuffle_epi8(lut, load_u4(wb + i * block_bytes)), x);
-                        } else {
-                            dot = dot_block(_mm256_loadu_si256((const __m256i *)(wb + i * block_bytes)), x);
-                        }
+                        __m256 dot = dot_block(_mm256_loadu_si256((const __m256i *)(wb + i * QK)), x);
                         acc[i] = _mm256_fmadd_ps(_mm256_broadcast_ss(&sc[j * PANEL + i]), dot, acc[i]);
                     }
                 }
             }
             for (int i = 0; i < PANEL; i++) y[t * rows + r + i] = fc_hsum8(acc[i]);
+        }
+    }
+}
+
+/* The 4-bit formats, a panel at a time, two rows per 32-byte load: the low nibbles of two rows' blocks
+ * are their elements 0-15, the high nibbles 16-31, so with the block's activations [x0-15 | x0-15] and
+ * [x16-31 | x16-31] two maddubs and one madd give row i's partial sums in four lanes and row i + 1's in
+ * the other four. That halves the instructions per weight of a row-at-a-time loop, which here is what
+ * kept the 4-bit formats below the memory's speed (they read half the bytes of int8 per weight). */
+__attribute__((target("avx2,fma,f16c"))) static void matmul_nibbles_avx2(int fp4, const uint8_t *w, const void *wd,
+                                                                          int64_t r0, int64_t r1, int64_t cols,
+                                                                          const int8_t *xq, const float *xd,
+                                                                          const int32_t *xc, int64_t ntok,
+                                                                          float *y, int64_t rows) {
+    const int64_t nb = cols / QK;
+    const __m256i ones = _mm256_set1_epi16(1), low = _mm256_set1_epi8(0x0f);
+    const __m256i lut = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)E2M1_TIMES_2_PLUS_12));
+    const __m256i pair0 = _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1), pair1 = _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3);
+    const __m256 half = _mm256_set1_ps(fp4 ? 0.5f : 1.0f); /* the table holds E2M1 values times two */
+    for (int64_t r = r0; r < r1; r += PANEL) {
+        const uint8_t *wp = w + panel_offset(r, 0, nb) * (QK / 2);
+        const int64_t dp = panel_offset(r, 0, nb);
+        for (int64_t t = 0; t < ntok; t++) {
+            __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+            __m128 corr = _mm_setzero_ps();
+            const int8_t *xt = xq + t * cols;
+            const float *xdt = xd + t * nb;
+            const int32_t *xct = xc + t * nb;
+            for (int64_t b2 = 0; b2 < nb; b2 += 2) {
+                __m256 xs = _mm256_mul_ps(_mm256_set_m128(_mm_set1_ps(xdt[b2 + 1]), _mm_set1_ps(xdt[b2])), half);
+                __m256 ws = fp4 ? load_e8m0((const uint8_t *)wd + dp + b2 * PANEL)
+                                : _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)wd + dp + b2 * PANEL)));
+                __m256 sc = _mm256_mul_ps(ws, xs); /* block b2's four rows, then block b2 + 1's */
+                for (int j = 0; j < 2; j++) {
+                    const int64_t b = b2 + j;
+                    __m128i xb0 = _mm_loadu_si128((const __m128i *)(xt + b * QK));
+                    __m128i xb1 = _mm_loadu_si128((const __m128i *)(xt + b * QK + 16));
+                    __m256i xlo = _mm256_broadcastsi128_si256(xb0), xhi = _mm256_broadcastsi128_si256(xb1);
+                    const uint8_t *wb = wp + b * PANEL * (QK / 2);
+                    _mm_prefetch((const char *)(wb + PREFETCH), _MM_HINT_NTA); /* one line a block */
+                    __m256 s4 = j ? _mm256_permute2f128_ps(sc, sc, 0x11) : sc; /* this block's rows in lanes 0-3 */
+                    __m256i v0 = _mm256_loadu_si256((const __m256i *)wb), v1 = _mm256_loadu_si256((const __m256i *)(wb + 32));
+                    __m256i lo0 = _mm256_and_si256(v0, low), hi0 = _mm256_and_si256(_mm256_srli_epi16(v0, 4), low);
+                    __m256i lo1 = _mm256_and_si256(v1, low), hi1 = _mm256_and_si256(_mm256_srli_epi16(v1, 4), low);
+                    if (fp4) {
+                        lo0 = _mm256_shuffle_epi8(lut, lo0), hi0 = _mm256_shuffle_epi8(lut, hi0);
+                        lo1 = _mm256_shuffle_epi8(lut, lo1), hi1 = _mm256_shuffle_epi8(lut, hi1);
+                    }
+                    __m256i p0 = _mm256_add_epi16(_mm256_maddubs_epi16(lo0, xlo), _mm256_maddubs_epi16(hi0, xhi));
+                    __m256i p1 = _mm256_add_epi16(_mm256_maddubs_epi16(lo1, xlo), _mm256_maddubs_epi16(hi1, xhi));
+                    __m256 d0 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p0, ones));
+                    __m256 d1 = _mm256_cvtepi32_ps(_mm256_madd_epi16(p1, ones));
+                    acc0 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s4, pair0), d0, acc0);
+                    acc1 = _mm256_fmadd_ps(_mm256_permutevar8x32_ps(s4, pair1), d1, acc1);
+                    corr = _mm_fmadd_ps(_mm256_castps256_ps128(s4), _mm_set1_ps((float)xct[b]), corr);
+                }
+            }
+            float c[4], h0[8], h1[8];
+            _mm_storeu_ps(c, corr);
+            _mm256_storeu_ps(h0, acc0);
+            _mm256_storeu_ps(h1, acc1);
+            y[t * rows + r + 0] = (h0[0] + h0[1]) + (h0[2] + h0[3]) - c[0];
+            y[t * rows + r + 1] = (h0[4] + h0[5]) + (h0[6] + h0[7]) - c[1];
+            y[t * rows + r + 2] = (h1[0] + h1[1]) + (h1[2] + h1[3]) - c[2];
+            y[t * rows + r + 3] = (h1[4] + h1[5]) + (h1[6] + h1[7]) - c[3];
         }
     }
 }
@@ -258,14 +305,14 @@ void fc_quantize_activations(const float *x, int64_t ntok, int64_t cols, int8_t 
  * activations xq/xd of `ntok` tokens, panels split over `threads` OpenMP threads. */
 void fc_matmul(int fmt, const uint8_t *w, const void *wd, int64_t rows, int64_t cols, const int8_t *xq,
                const float *xd, int64_t ntok, float *y, int threads, int simd) {
-    const int q4 = fmt == FMT_Q4;
+    const int nibbles = fmt != FMT_Q8;
     const int64_t tile = 16, tiles = (rows + tile - 1) / tile;
 #ifdef FC_X86
     int32_t *xc = NULL;
-    if (simd && q4) {
+    if (simd && nibbles) {
         xc = malloc((size_t)(ntok * (cols / QK)) * sizeof(int32_t));
         if (xc == NULL) simd = 0;
-        else eight_times_x(xq, ntok * (cols / QK), xc);
+        else offset_times_x(xq, ntok * (cols / QK), fmt == FMT_Q4 ? 8 : 12, xc);
     }
 #endif
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
@@ -273,7 +320,8 @@ void fc_matmul(int fmt, const uint8_t *w, const void *wd, int64_t rows, int64_t 
         int64_t r0 = i * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
 #ifdef FC_X86
         if (simd) {
-            matmul_avx2(fmt, w, wd, r0, r1, cols, xq, xd, xc, ntok, y, rows);
+            if (nibbles) matmul_nibbles_avx2(fmt == FMT_MXFP4, w, wd, r0, r1, cols, xq, xd, xc, ntok, y, rows);
+            else matmul_q8_avx2(w, wd, r0, r1, cols, xq, xd, ntok, y, rows);
             continue;
         }
 #endif
