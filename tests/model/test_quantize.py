@@ -86,6 +86,13 @@ def test_the_experts_file_holds_the_cpu_tier_at_the_stated_bits_and_is_determini
     assert stored * 8 / params == quant_format.bits_per_weight("int4") == 4.5
 
 
+def test_a_quantized_folder_where_the_kernels_were_not_built_is_refused_with_the_fix(wide, tmp_path, monkeypatch):
+    _compile(wide[0], tmp_path / "out", "int4")
+    monkeypatch.setattr(quant, "library", lambda: None)  # as an install without a C compiler has it
+    with pytest.raises(ArtifactError, match="CPU weights are int4.*kernels were not built: reinstall fiddlerc"):
+        fiddlerc.load(tmp_path / "out", device="cpu")
+
+
 @needs_kernels
 def test_an_edited_or_missing_experts_file_is_refused(wide, tmp_path):
     _compile(wide[0], tmp_path / "out", "int8")
