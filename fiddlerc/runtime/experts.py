@@ -25,7 +25,7 @@ from torch import nn
 
 from fiddlerc.plan import fetches
 from fiddlerc.quant_format import QuantizedWeight, dequantize
-from fiddlerc.runtime import kernels
+from fiddlerc.runtime import kernels, quant
 from fiddlerc.runtime.host_memory import host_copy
 from fiddlerc.runtime.matvec import NativeWeight
 from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
@@ -104,6 +104,35 @@ class ExpertWeights:
         return ExpertWeights(tuple(pack(t) for t in self.w_in), self.b_in, pack(self.w_out), self.b_out)
 
 
+def _grouped(weights: list[ExpertWeights], on_cpu: tuple[bool, ...], math) -> quant.GroupedExperts | None:
+    """The cpu-tier experts as one `quant.GroupedExperts`, where all are quantized SwiGLU experts with SiLU,
+    no biases and the routing weight on the output; else None."""
+    cpu = {e: w for e, w in enumerate(weights) if on_cpu[e]}
+    if not cpu or not math.split_gate or math.scale_input or not _is_silu(math.act):
+        return None
+    first = next(iter(cpu.values()))
+    if len(first.w_in) != 2 or type(first.w_out) is not QuantizedWeight:
+        return None
+    fmt, shape = first.w_out.fmt, first.w_in[0].shape
+    for w in cpu.values():
+        if len(w.w_in) != 2 or w.b_in is not None or w.b_out is not None:
+            return None
+        if not quant.GroupedExperts.accepts((*w.w_in, w.w_out), fmt, shape):
+            return None
+    return quant.GroupedExperts({e: (*w.w_in, w.w_out) for e, w in cpu.items()})
+
+
+def _is_silu(act) -> bool:
+    """Whether the family's activation computes SiLU (checked on a probe, whatever module wraps it)."""
+    if act is None:
+        return False
+    t = torch.linspace(-8, 8, 257)
+    try:
+        return torch.allclose(act(t), torch.nn.functional.silu(t), rtol=0, atol=1e-6)
+    except (TypeError, RuntimeError):
+        return False
+
+
 def run_expert(x: torch.Tensor, w: ExpertWeights, math) -> torch.Tensor:
     """One expert on the tokens routed to it: x [n, H] -> [n, H]. `math` says how it computes: the
     family's activation, gate and flags (fiddlerc.model.families.ExpertMath, read off the model)."""
@@ -153,6 +182,8 @@ class PlacedExperts(nn.Module):
         # CPU-only decode: spread a token's experts over the main thread and the worker whatever their
         # tier (set by the loader where measured to pay: fiddlerc.runtime.kernels.spread_experts).
         self.spread = False
+        # CPU-only decode: a token's cpu-tier experts in one C call where they are quantized SwiGLU experts.
+        self.grouped = _grouped(weights, on_cpu, math)
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -320,7 +351,11 @@ class PlacedExperts(nn.Module):
         self.tokens_cpu += n_cpu
         self.tokens_fast += len(picks) - n_cpu
         future = None
-        if on_worker:
+        grouped = self.grouped is not None and not self.spread and bool(on_worker)
+        if grouped:  # one call for all of them, summed in expert order
+            slots = [slot for _, slot in on_worker]
+            future = self.worker.submit(self.grouped, hidden_states, [e for e, _ in on_worker], top_k_weights[0, slots])
+        elif on_worker:
             jobs = [(e, hidden_states, top_k_weights[:, slot, None]) for e, slot in on_worker]
             future = self.worker.submit(self.run_cpu, jobs)
         outputs = {}
@@ -328,13 +363,17 @@ class PlacedExperts(nn.Module):
             if (e, slot) not in on_worker:
                 with self._span(f"E{e} {'cpu' if self.on_cpu[e] else 'fast'}", tokens=1):
                     outputs[e] = self._expert(e, hidden_states, top_k_weights[:, slot, None])
+        final = None
         if future is not None:
             with self._span("wait for CPU"):
-                outputs.update(zip((e for e, _ in on_worker), future.result(), strict=True))
-        final = None
+                if grouped:
+                    final = future.result().to(hidden_states.dtype)
+                else:
+                    outputs.update(zip((e for e, _ in on_worker), future.result(), strict=True))
         for e, _ in picks:
-            y = outputs[e].to(hidden_states.dtype)
-            final = y if final is None else final + y
+            if e in outputs:
+                y = outputs[e].to(hidden_states.dtype)
+                final = y if final is None else final + y
         return final
 
     def _fetch_copies(self, fetched: list[int], device: torch.device):

@@ -255,3 +255,29 @@ def test_the_benchmark_measures_a_quantized_model_in_the_bytes_it_stores(wide, t
     with fiddlerc.load(tmp_path / "out", device="cpu") as model:
         kernel = expert_kernel(model, rounds=1)
     assert kernel.bytes_read == sum(m.nbytes for p in model.placed_experts for w in p.weights for m in w.matrices)
+
+
+@needs_kernels
+def test_one_token_decode_runs_a_layers_cpu_experts_in_one_grouped_call(wide, tmp_path, monkeypatch):
+    src, ids, _ = wide
+    _compile(src, tmp_path / "out", "int4", fast_experts=0)
+    calls = []
+    real = quant.GroupedExperts.__call__
+    monkeypatch.setattr(quant.GroupedExperts, "__call__", lambda self, *a: calls.append(len(a[1])) or real(self, *a))
+
+    def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
+        cache, n = model.new_cache(), ids.shape[1]
+        out = [model._run(ids[:1], cache, None, torch.arange(n)[None])[:, -1]]
+        for i, token in enumerate([5, 9, 2, 7]):
+            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
+        return out
+
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        assert all(p.grouped is not None for p in model.placed_experts)
+        got = decode_logits(model)
+        assert calls == [2] * 2 * 4  # each decode step: one call per layer for its top-2
+        for p in model.placed_experts:
+            p.grouped = None  # expert by expert, as a batch runs them
+        want = decode_logits(model)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

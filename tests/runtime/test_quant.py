@@ -80,3 +80,33 @@ def test_rows_of_quantized_matrices_concatenate_as_their_quantization():
         assert (
             fused.shape == (16, 128) and torch.equal(fused.data, whole.data) and torch.equal(fused.scales, whole.scales)
         )
+
+
+@needs_kernels
+@pytest.mark.parametrize("fmt", F.FORMATS)
+def test_a_grouped_call_sums_the_picked_experts_as_one_call_each_would(fmt):
+    g = torch.Generator().manual_seed(5)
+    hidden, inter = 128, 192
+
+    def matrix(rows, cols):
+        if fmt == "mxfp4":
+            blocks = torch.randint(0, 256, (rows, cols // F.GROUP, 16), dtype=torch.uint8, generator=g)
+            return F.from_mxfp4(
+                blocks, torch.randint(120, 124, (rows, cols // F.GROUP), dtype=torch.uint8, generator=g)
+            )
+        return F.quantize(torch.randn(rows, cols, generator=g) * 0.05, fmt)
+
+    experts = {e: (matrix(inter, hidden), matrix(inter, hidden), matrix(hidden, inter)) for e in (0, 2, 3, 7)}
+    grouped = Q.GroupedExperts(experts)
+    x = torch.randn(1, hidden, generator=g)
+    picks, route = [7, 0, 3], torch.tensor([0.5, 0.3, 0.2])
+    want = torch.zeros(1, hidden)
+    for e, r in zip(picks, route, strict=True):  # the kernels' arithmetic in fp32 torch ops, expert by expert
+        gate, up, down = experts[e]
+        xa = Q.quantize_activations(x)
+        h = torch.nn.functional.silu(F.reference_matmul(xa, gate)) * F.reference_matmul(xa, up)
+        want += r * F.reference_matmul(h, down)
+    got = grouped(x, picks, route)
+    assert got.shape == (1, hidden) and got.dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
+    assert not Q.GroupedExperts.accepts((experts[0][0], experts[0][1], experts[0][0]), fmt, (inter, hidden))
