@@ -10,6 +10,8 @@
  * Built into the same extension as _quant.c (fiddlerc.runtime.quant loads it; fiddlerc.runtime.matvec
  * calls it).
  */
+#include <math.h>
+#include <stdlib.h>
 #include "_simd.h"
 
 enum { W_F32 = 0, W_BF16 = 1, W_F16 = 2 }; /* fiddlerc.runtime.matvec passes these codes */
@@ -117,8 +119,8 @@ __attribute__((target("avx2,fma,f16c"))) static void rows_f16(const void *w, int
 
 /* y [ntok][rows] fp32 = W [rows][cols] (kind: W_F32, W_BF16, W_F16) times x [ntok][cols] fp32, rows
  * split over `threads` OpenMP threads. */
-void fc_matvec(int kind, const void *w, int64_t rows, int64_t cols, const float *x, int64_t ntok, float *y,
-               int threads, int simd) {
+static void float_product(int kind, const void *w, int64_t rows, int64_t cols, const float *x, int64_t ntok,
+                          float *y, int threads, int simd) {
     const int64_t tile = 16, tiles = (rows + tile - 1) / tile;
 #pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
     for (int64_t i = 0; i < tiles; i++) {
@@ -133,4 +135,31 @@ void fc_matvec(int kind, const void *w, int64_t rows, int64_t cols, const float 
 #endif
         rows_portable(kind, w, r0, r1, cols, x, ntok, y, rows);
     }
+}
+
+void fc_matvec(int kind, const void *w, int64_t rows, int64_t cols, const float *x, int64_t ntok, float *y,
+               int threads, int simd) {
+    float_product(kind, w, rows, cols, x, ntok, y, threads, simd);
+}
+
+/* One token through `n` SwiGLU experts with float weights of one kind, summed, as _quant.c's
+ * fc_experts_silu does for quantized ones: y [hidden] += route[e] * down_e(silu(gate_e x) * up_e x);
+ * `w` holds each expert's gate, up and down (3 n pointers). Returns 0, or -1 without its buffer. */
+int fc_experts_silu_float(int kind, int n, const void *const *w, int64_t hidden, int64_t inter, const float *x,
+                          const float *route, float *y, int threads, int simd) {
+#ifndef FC_X86
+    simd = 0;
+#endif
+    float *g = malloc((size_t)(2 * inter + hidden) * sizeof(float));
+    if (g == NULL) return -1;
+    float *u = g + inter, *o = u + inter;
+    for (int e = 0; e < n; e++) {
+        float_product(kind, w[3 * e], inter, hidden, x, 1, g, threads, simd);
+        float_product(kind, w[3 * e + 1], inter, hidden, x, 1, u, threads, simd);
+        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        float_product(kind, w[3 * e + 2], hidden, inter, g, 1, o, threads, simd);
+        for (int64_t i = 0; i < hidden; i++) y[i] += route[e] * o[i];
+    }
+    free(g);
+    return 0;
 }

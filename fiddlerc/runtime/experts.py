@@ -104,22 +104,22 @@ class ExpertWeights:
         return ExpertWeights(tuple(pack(t) for t in self.w_in), self.b_in, pack(self.w_out), self.b_out)
 
 
-def _grouped(weights: list[ExpertWeights], on_cpu: tuple[bool, ...], math) -> quant.GroupedExperts | None:
-    """The cpu-tier experts as one `quant.GroupedExperts`, where all are quantized SwiGLU experts with SiLU,
-    no biases and the routing weight on the output; else None."""
+def _grouped(weights: list[ExpertWeights], on_cpu: tuple[bool, ...], math) -> kernels.GroupedExperts | None:
+    """The cpu-tier experts as one `kernels.GroupedExperts`, where all are SwiGLU experts with SiLU, no
+    biases and the routing weight on the output, quantized alike or native alike; else None."""
     cpu = {e: w for e, w in enumerate(weights) if on_cpu[e]}
     if not cpu or not math.split_gate or math.scale_input or not _is_silu(math.act):
         return None
     first = next(iter(cpu.values()))
-    if len(first.w_in) != 2 or type(first.w_out) is not QuantizedWeight:
+    if len(first.w_in) != 2 or type(first.w_out) not in (QuantizedWeight, NativeWeight) or not quant.available():
         return None
-    fmt, shape = first.w_out.fmt, first.w_in[0].shape
+    like = (*first.w_in, first.w_out)
     for w in cpu.values():
         if len(w.w_in) != 2 or w.b_in is not None or w.b_out is not None:
             return None
-        if not quant.GroupedExperts.accepts((*w.w_in, w.w_out), fmt, shape):
+        if not kernels.GroupedExperts.accepts((*w.w_in, w.w_out), like):
             return None
-    return quant.GroupedExperts({e: (*w.w_in, w.w_out) for e, w in cpu.items()})
+    return kernels.GroupedExperts({e: (*w.w_in, w.w_out) for e, w in cpu.items()})
 
 
 def _is_silu(act) -> bool:

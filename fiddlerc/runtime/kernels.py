@@ -25,6 +25,7 @@ matrix-vector product) and loses where it already uses them all (its bf16 produc
 
 from __future__ import annotations
 
+import ctypes
 import json
 
 import torch
@@ -32,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
-from fiddlerc.quant_format import QuantizedActivations, QuantizedWeight
+from fiddlerc.quant_format import FORMATS, QuantizedActivations, QuantizedWeight
 from fiddlerc.runtime import matvec, quant
 from fiddlerc.runtime.matvec import NativeWeight
 from fiddlerc.runtime.worker import CpuWorker
@@ -291,3 +292,62 @@ def resolve(mode: str, shape: tuple[int, int], dtype: torch.dtype, among: tuple[
     if (mode == "packed" and not can_pack(dtype)) or (mode == "native" and not can_native(dtype)):
         return "reference"
     return mode
+
+
+class GroupedExperts:
+    """A layer's SwiGLU experts (SiLU(gate x) * up x, then down; no biases), all quantized in one format
+    (`_quant.c`'s fc_experts_silu) or all native float weights of one dtype (`_matvec.c`'s
+    fc_experts_silu_float), run at one token in one C call for any subset of them. At one token of a
+    fine-grained MoE (Qwen3: 8 experts of 768) the Python and call overhead of some twenty small ops per
+    expert costs as much as the products; in C it goes, and a quantized group quantizes its input once.
+    All arithmetic is fp32; the sum comes back fp32."""
+
+    def __init__(self, experts: dict[int, tuple]) -> None:
+        gate = next(iter(experts.values()))[0]
+        self.quantized = type(gate) is QuantizedWeight
+        self.code = FORMATS.index(gate.fmt) if self.quantized else matvec.KINDS[gate.dtype]  # the C files' codes
+        self.inter, self.hidden = gate.shape
+        self.experts = experts  # keeps the weights alive for the pointers below
+        if self.quantized:
+            self.pointers = {e: [m.data.data_ptr() for m in ms] for e, ms in experts.items()}
+            self.scales = {e: [m.scales.data_ptr() for m in ms] for e, ms in experts.items()}
+        else:
+            self.pointers = {e: [m.weight.data_ptr() for m in ms] for e, ms in experts.items()}
+
+    @staticmethod
+    def accepts(ws: tuple, like: tuple) -> bool:
+        """Whether an expert's (gate, up, down) can join a group whose first expert is `like`."""
+        gate = like[0]
+        if type(gate) is QuantizedWeight:
+            same = all(type(m) is QuantizedWeight and m.fmt == gate.fmt for m in ws)
+        else:
+            same = type(gate) is NativeWeight and all(
+                type(m) is NativeWeight and m.dtype == gate.dtype and matvec.supports(m.weight) for m in ws
+            )
+        return same and ws[0].shape == ws[1].shape == gate.shape and ws[2].shape == gate.shape[::-1]
+
+    def __call__(self, x: torch.Tensor, picks: list[int], route: torch.Tensor) -> torch.Tensor:
+        """sum over `picks` of route[i] * expert(x), x [1, hidden], route [len(picks)]: fp32 [1, hidden]."""
+        lib = quant.library()
+        n = len(picks)
+        w = (ctypes.c_void_p * (3 * n))(*(p for e in picks for p in self.pointers[e]))
+        xf = x.reshape(1, -1).to(torch.float32).contiguous()
+        r = route.reshape(-1).to(torch.float32).contiguous()
+        y = torch.zeros(1, self.hidden, dtype=torch.float32)
+        common = (
+            self.hidden,
+            self.inter,
+            xf.data_ptr(),
+            r.data_ptr(),
+            y.data_ptr(),
+            torch.get_num_threads(),
+            int(lib.simd),
+        )
+        if self.quantized:
+            d = (ctypes.c_void_p * (3 * n))(*(p for e in picks for p in self.scales[e]))
+            code = lib.lib.fc_experts_silu(self.code, n, w, d, *common)
+        else:
+            code = lib.lib.fc_experts_silu_float(self.code, n, w, *common)
+        if code != 0:
+            raise MemoryError("fiddlerc's grouped expert kernel could not allocate its buffers")
+        return y

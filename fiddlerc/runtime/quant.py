@@ -28,8 +28,10 @@ class _Library:
         lib.fc_matmul.restype = None
         lib.fc_matvec.argtypes = [i32, p, i64, i64, p, i64, p, i32, i32]  # _matvec.c, for fiddlerc.runtime.matvec
         lib.fc_matvec.restype = None
-        lib.fc_experts_silu.argtypes = [i32, i32, p, p, i64, i64, p, p, p, i32, i32]
+        lib.fc_experts_silu.argtypes = [i32, i32, p, p, i64, i64, p, p, p, i32, i32]  # kernels.GroupedExperts
         lib.fc_experts_silu.restype = i32
+        lib.fc_experts_silu_float.argtypes = [i32, i32, p, i64, i64, p, p, p, i32, i32]
+        lib.fc_experts_silu_float.restype = i32
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())
 
@@ -115,45 +117,3 @@ def linear(x: torch.Tensor | QuantizedActivations, qw: QuantizedWeight, b: torch
     if b is not None:
         y = y + b
     return y.reshape(*lead, y.shape[-1])
-
-
-class GroupedExperts:
-    """A layer's SwiGLU experts (act(gate x) * up x, then down; SiLU, no biases) stored in one quantized
-    format, run at one token in one C call for any subset of them (`fc_experts_silu`): the activations are
-    quantized once, and the per-expert Python and call overhead, at one token of a fine-grained MoE as
-    large as the products, goes. All arithmetic is fp32; the sum comes back fp32."""
-
-    def __init__(self, experts: dict[int, tuple[QuantizedWeight, QuantizedWeight, QuantizedWeight]]) -> None:
-        first = next(iter(experts.values()))
-        self.fmt, self.inter, self.hidden = first[0].fmt, *first[0].shape
-        self.experts = experts  # keeps the weights alive for the pointers below
-        self.pointers = {
-            e: ([m.data.data_ptr() for m in ms], [m.scales.data_ptr() for m in ms]) for e, ms in experts.items()
-        }
-
-    @staticmethod
-    def accepts(ws: tuple, fmt: str, shape: tuple[int, int]) -> bool:
-        """Whether an expert's (gate, up, down) can join a group of `fmt` with gate/up of `shape`."""
-        gate, up, down = ws
-        return (
-            all(type(m) is QuantizedWeight and m.fmt == fmt for m in ws)
-            and gate.shape == up.shape == shape
-            and (down.shape == shape[::-1])
-        )
-
-    def __call__(self, x: torch.Tensor, picks: list[int], route: torch.Tensor) -> torch.Tensor:
-        """sum over `picks` of route[i] * expert(x), x [1, hidden], route [len(picks)]: fp32 [1, hidden]."""
-        lib = _lib()
-        n = len(picks)
-        w = (ctypes.c_void_p * (3 * n))(*(p for e in picks for p in self.pointers[e][0]))
-        d = (ctypes.c_void_p * (3 * n))(*(p for e in picks for p in self.pointers[e][1]))
-        xf = x.reshape(1, -1).to(torch.float32).contiguous()
-        r = route.reshape(-1).to(torch.float32).contiguous()
-        y = torch.zeros(1, self.hidden, dtype=torch.float32)
-        code = lib.lib.fc_experts_silu(
-            FORMATS.index(self.fmt), n, w, d, self.hidden, self.inter, xf.data_ptr(), r.data_ptr(), y.data_ptr(),
-            torch.get_num_threads(), int(lib.simd),
-        )  # fmt: skip
-        if code != 0:
-            raise MemoryError("fiddlerc's grouped expert kernel could not allocate its buffers")
-        return y

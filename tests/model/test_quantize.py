@@ -10,7 +10,7 @@ import fiddlerc
 from fiddlerc import quant_format
 from fiddlerc.errors import ArtifactError, OptionError, UnsupportedModelError
 from fiddlerc.model.quantize import QUANTIZED_FILE
-from fiddlerc.runtime import quant
+from fiddlerc.runtime import kernels, quant
 from fiddlerc.tools.demo import write_model
 from tests.conftest import VOCAB, mapping_of
 
@@ -262,8 +262,8 @@ def test_one_token_decode_runs_a_layers_cpu_experts_in_one_grouped_call(wide, tm
     src, ids, _ = wide
     _compile(src, tmp_path / "out", "int4", fast_experts=0)
     calls = []
-    real = quant.GroupedExperts.__call__
-    monkeypatch.setattr(quant.GroupedExperts, "__call__", lambda self, *a: calls.append(len(a[1])) or real(self, *a))
+    real = kernels.GroupedExperts.__call__
+    monkeypatch.setattr(kernels.GroupedExperts, "__call__", lambda self, *a: calls.append(len(a[1])) or real(self, *a))
 
     def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
         cache, n = model.new_cache(), ids.shape[1]

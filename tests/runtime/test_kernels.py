@@ -76,6 +76,7 @@ def test_native_kernels_match_hugging_face_within_tolerance(model_dirs, hf_model
         assert "fiddlerc's C product" in repr(model.hf_model.lm_head)
         assert all(type(w) is NativeWeight for p in model.placed_experts for ew in p.weights for w in ew.matrices)
         assert all(type(p.worker).__name__ == "InlineWorker" for p in model.placed_experts)  # it uses every core
+        assert all(p.grouped is not None for p in model.placed_experts)  # one token: one C call a layer
         with torch.no_grad():
             want = ref(input_ids=ids, attention_mask=mask).logits
             want_step = ref(input_ids=ids[:1, -1:]).logits
@@ -155,3 +156,28 @@ def test_spread_is_measured_once_and_only_for_weights_worth_measuring(monkeypatc
     assert kernels.spread_experts(shape, torch.float32, "reference") is True
     assert calls == [(shape, "reference"), (shape, "packed")]
     assert kernels.spread_experts((8, 8), torch.float32, "reference") is False and len(calls) == 2
+
+
+@pytest.mark.skipif(not kernels.can_native(torch.float32), reason="the C kernels were not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_grouped_call_of_native_experts_sums_them_as_one_call_each_would(dtype):
+    from fiddlerc.runtime.matvec import NativeWeight
+
+    g = torch.Generator().manual_seed(6)
+    hidden, inter = 96, 160
+    experts = {
+        e: tuple(NativeWeight((torch.randn(*s, generator=g) * 0.05).to(dtype)) for s in ((inter, hidden),) * 2 + ((hidden, inter),))
+        for e in range(4)
+    }  # fmt: skip
+    grouped = kernels.GroupedExperts(experts)
+    x = torch.randn(1, hidden, generator=g).to(dtype)
+    picks, route = [3, 1], torch.tensor([0.7, 0.3])
+    want = torch.zeros(1, hidden, dtype=torch.float64)
+    for e, r in zip(picks, route, strict=True):  # in float64 on the same weights
+        gate, up, down = (m.weight.double() for m in experts[e])
+        h = F.silu(x.double() @ gate.T) * (x.double() @ up.T)
+        want += r.double() * (h @ down.T)
+    got = grouped(x, picks, route)
+    torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
+    plain = tuple(m.weight for m in experts[0])
+    assert not kernels.GroupedExperts.accepts(plain, experts[0])  # plain tensors do not join a native group

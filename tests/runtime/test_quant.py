@@ -85,6 +85,8 @@ def test_rows_of_quantized_matrices_concatenate_as_their_quantization():
 @needs_kernels
 @pytest.mark.parametrize("fmt", F.FORMATS)
 def test_a_grouped_call_sums_the_picked_experts_as_one_call_each_would(fmt):
+    from fiddlerc.runtime import kernels
+
     g = torch.Generator().manual_seed(5)
     hidden, inter = 128, 192
 
@@ -97,7 +99,7 @@ def test_a_grouped_call_sums_the_picked_experts_as_one_call_each_would(fmt):
         return F.quantize(torch.randn(rows, cols, generator=g) * 0.05, fmt)
 
     experts = {e: (matrix(inter, hidden), matrix(inter, hidden), matrix(hidden, inter)) for e in (0, 2, 3, 7)}
-    grouped = Q.GroupedExperts(experts)
+    grouped = kernels.GroupedExperts(experts)
     x = torch.randn(1, hidden, generator=g)
     picks, route = [7, 0, 3], torch.tensor([0.5, 0.3, 0.2])
     want = torch.zeros(1, hidden)
@@ -109,4 +111,4 @@ def test_a_grouped_call_sums_the_picked_experts_as_one_call_each_would(fmt):
     got = grouped(x, picks, route)
     assert got.shape == (1, hidden) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
-    assert not Q.GroupedExperts.accepts((experts[0][0], experts[0][1], experts[0][0]), fmt, (inter, hidden))
+    assert not kernels.GroupedExperts.accepts((experts[0][0], experts[0][1], experts[0][0]), experts[0])
