@@ -56,7 +56,9 @@ def _cpu_matrix(w: torch.Tensor, dtype: torch.dtype, fmt: str | None, g: torch.G
     if fmt is not None:
         return quant_format.QuantizedWeight(fmt, q.data, q.scales, dtype)
     w = w.to(dtype)
-    kernel = kernels.choose(tuple(w.shape), dtype)
+    # CPU-only, experts are never packed (the loader keeps them as bound: fiddlerc.loader.bind)
+    among = kernels.KERNELS if torch.cuda.is_available() else tuple(k for k in kernels.KERNELS if k != "packed")
+    kernel = kernels.choose(tuple(w.shape), dtype, among)
     return kernels.pack(w) if kernel == "packed" else NativeWeight(w) if kernel == "native" else w
 
 

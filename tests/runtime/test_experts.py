@@ -55,3 +55,16 @@ def test_fetched_experts_compute_the_same(model_dirs, hf_model, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(got, hf_model(src)(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
     assert stats["fetched"] > 0 and stats["cpu"] + stats["fetched"] + stats["fast"] == 2 * 12 * 2 * 2
+
+
+def test_a_fetch_reads_the_tensors_under_native_weights_and_leaves_plain_ones_as_they_are():
+    from fiddlerc.runtime.experts import ExpertWeights
+    from fiddlerc.runtime.matvec import NativeWeight
+
+    g = torch.Generator().manual_seed(0)
+    gate, up, down = (torch.randn(*s, generator=g).to(torch.bfloat16) for s in ((32, 16), (32, 16), (16, 32)))
+    w = ExpertWeights((gate, up), None, down, None).native(lambda m: m is not up)
+    assert [type(m) for m in w.matrices] == [NativeWeight, torch.Tensor, NativeWeight]
+    fetched = w.to(torch.device("cpu"), torch.float32)  # what a copy to the GPU does, on the CPU here
+    assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in fetched.matrices)
+    assert torch.equal(fetched.w_in[0], gate.float()) and torch.equal(fetched.w_out, down.float())
