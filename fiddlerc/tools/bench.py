@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from fiddlerc.errors import OptionError
 from fiddlerc.measure import POOL_BYTES, median_seconds, seconds
 from fiddlerc.quant_format import stored_bytes
 from fiddlerc.units import parse_dtype
@@ -322,9 +323,15 @@ def bench(
         from transformers import AutoModelForCausalLM
 
         base = _rss()
-        ref = AutoModelForCausalLM.from_pretrained(
-            model.artifact.folder.path, dtype=parse_dtype(plan.model.dtype)
-        ).eval().to(dev)  # fmt: skip
+        try:
+            ref = AutoModelForCausalLM.from_pretrained(
+                model.artifact.folder.path, dtype=parse_dtype(plan.model.dtype)
+            ).eval().to(dev)  # fmt: skip
+        except ImportError as e:  # e.g. an MXFP4 checkpoint, which transformers loads only with accelerate
+            raise OptionError(
+                f"the Hugging Face baseline of this model cannot be loaded here ({e}): install what it names, "
+                "or bench without it (--no-hf)"
+            ) from None
         hf_rss = _rss() - base
         runners["hf"] = ref
 

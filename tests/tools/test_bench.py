@@ -44,3 +44,22 @@ def test_bench_cli_without_the_baseline_writes_json(model_dirs, tmp_path, capsys
     assert "expert kernel at 1 token" in out
     doc = json.loads((tmp_path / "out" / "bench.json").read_text())
     assert doc["hf"] is None and doc["ratios"] == {}
+
+
+def test_a_baseline_transformers_cannot_load_here_is_refused_with_the_fix(model_dirs, tmp_path, monkeypatch):
+    from transformers import AutoModelForCausalLM
+
+    from fiddlerc.errors import OptionError
+
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=4)
+
+    def missing(*_, **__):  # as transformers does for an MXFP4 checkpoint without accelerate
+        raise ImportError("Using mxfp4 requires Accelerate: `pip install accelerate`")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", missing)
+    with pytest.raises(
+        OptionError, match="requires Accelerate.*install what it names, or bench without it \\(--no-hf\\)"
+    ):
+        bench(tmp_path / "out", prompt_tokens=6, new_tokens=4, rounds=1, threads=1, device="cpu")
+    r = bench(tmp_path / "out", prompt_tokens=6, new_tokens=4, rounds=1, threads=1, device="cpu", hf=False)
+    assert r.hf is None and r.fiddlerc.decode_tokens_per_s > 0
