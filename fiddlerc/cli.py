@@ -293,6 +293,47 @@ def _target_options(p: argparse.ArgumentParser, *, gpu_memory_required: bool) ->
     )
 
 
+def _add_measuring_commands(sub) -> None:
+    """calibrate, popularity and bench: the subcommands that measure this machine or a model on it."""
+    cal = sub.add_parser("calibrate", help="measure this machine for a model's expert shape (cached)")
+    cal.add_argument("model", help="model folder or config.json")
+    cal.add_argument("--threads", type=int, default=None)
+    cal.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None)
+    cal.add_argument("--force", action="store_true", help="measure again even if cached")
+    cal.add_argument(
+        "--expert-dtype",
+        choices=list(EXPERT_DTYPES),
+        default=None,
+        help="the CPU tier's format to measure (as compile)",
+    )
+    cal.set_defaults(func=_cmd_calibrate)
+
+    pr = sub.add_parser(
+        "popularity", aliases=["profile"], help="count where the routers send tokens on your text (expert popularity)"
+    )
+    pr.add_argument("model_dir")
+    pr.add_argument("--data", required=True, help="text, one document per line, or a JSON list of prompts")
+    pr.add_argument("-o", "--out", required=True, help="popularity JSON to write (compile --popularity reads it)")
+    pr.add_argument("--max-tokens", type=int, default=None, help="stop after this many prompt tokens")
+    pr.add_argument(
+        "--decode-tokens", type=int, default=0, help="also generate N tokens per document, counted as decode"
+    )
+    pr.add_argument("--threads", type=int, default=None)
+    pr.set_defaults(func=_cmd_popularity)
+
+    b = sub.add_parser("bench", help="decode/prefill speed and memory of a compiled model beside Hugging Face")
+    b.add_argument("out")
+    b.add_argument("--prompt-tokens", type=int, default=32)
+    b.add_argument("--new-tokens", type=int, default=64)
+    b.add_argument("--batch", type=int, default=1)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--threads", type=int, default=None)
+    b.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
+    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
+    b.add_argument("--json", default=None, metavar="FILE", help="where to write the results (default OUT/bench.json)")
+    b.set_defaults(func=_cmd_bench)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fiddlerc", description="Compile Mixture-of-Experts models to run with experts split between GPU and CPU."
@@ -346,43 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--output-tokens", type=int, default=256, help="simulated workload: tokens generated (default 256)")
     pl.set_defaults(func=_cmd_plan)
 
-    cal = sub.add_parser("calibrate", help="measure this machine for a model's expert shape (cached)")
-    cal.add_argument("model", help="model folder or config.json")
-    cal.add_argument("--threads", type=int, default=None)
-    cal.add_argument("--dtype", choices=list(DTYPE_NAMES), default=None)
-    cal.add_argument("--force", action="store_true", help="measure again even if cached")
-    cal.add_argument(
-        "--expert-dtype",
-        choices=list(EXPERT_DTYPES),
-        default=None,
-        help="the CPU tier's format to measure (as compile)",
-    )
-    cal.set_defaults(func=_cmd_calibrate)
-
-    pr = sub.add_parser(
-        "popularity", aliases=["profile"], help="count where the routers send tokens on your text (expert popularity)"
-    )
-    pr.add_argument("model_dir")
-    pr.add_argument("--data", required=True, help="text, one document per line, or a JSON list of prompts")
-    pr.add_argument("-o", "--out", required=True, help="popularity JSON to write (compile --popularity reads it)")
-    pr.add_argument("--max-tokens", type=int, default=None, help="stop after this many prompt tokens")
-    pr.add_argument(
-        "--decode-tokens", type=int, default=0, help="also generate N tokens per document, counted as decode"
-    )
-    pr.add_argument("--threads", type=int, default=None)
-    pr.set_defaults(func=_cmd_popularity)
-
-    b = sub.add_parser("bench", help="decode/prefill speed and memory of a compiled model beside Hugging Face")
-    b.add_argument("out")
-    b.add_argument("--prompt-tokens", type=int, default=32)
-    b.add_argument("--new-tokens", type=int, default=64)
-    b.add_argument("--batch", type=int, default=1)
-    b.add_argument("--rounds", type=int, default=3)
-    b.add_argument("--threads", type=int, default=None)
-    b.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
-    b.add_argument("--no-hf", action="store_true", help="skip the Hugging Face baseline")
-    b.add_argument("--json", default=None, metavar="FILE", help="where to write the results (default OUT/bench.json)")
-    b.set_defaults(func=_cmd_bench)
+    _add_measuring_commands(sub)
 
     v = sub.add_parser("verify", help="check a compiled folder in full (load checks its large files cheaply)")
     v.add_argument("out")

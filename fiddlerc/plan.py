@@ -352,13 +352,9 @@ def _check_model_and_target(plan: Plan) -> None:
         and (t.micro_batches > 1 or not t.schedule),
         "target.schedule must list distinct c<mb>.<stage> / w<mb>.<stage> steps, only with micro-batches",
     )
-    _check(
-        t.expert_dtype is None or t.expert_dtype in QUANTIZED, f"target.expert_dtype must be null or one of {QUANTIZED}"
-    )
-    _check(
-        t.dense_dtype is None or t.dense_dtype in DENSE_QUANTIZED,
-        f"target.dense_dtype must be null or one of {DENSE_QUANTIZED}",
-    )
+    for name, allowed in (("expert_dtype", QUANTIZED), ("dense_dtype", DENSE_QUANTIZED)):
+        value = getattr(t, name)
+        _check(value is None or value in allowed, f"target.{name} must be null or one of {allowed}")
 
 
 def _check_prediction(plan: Plan) -> None:
