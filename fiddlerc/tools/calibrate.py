@@ -83,18 +83,17 @@ def _time_expert(
     without native support) from taking minutes. `fmt` (CPU only): the experts' quantized format."""
     g = torch.Generator(device="cpu").manual_seed(0)
     shapes = ((inter, hidden), (inter, hidden), (hidden, inter))
-    if device.type == "cpu":
-        one = [_cpu_matrix(torch.randn(s, generator=g) * 0.02, dtype, fmt, g) for s in shapes]
-    else:
-        one = [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes]
-    expert_bytes = sum(_stored(m) for m in one)
-    pool = min(pool_size(expert_bytes, minimum=2), 64)
-    weights = [one] + [
-        [_cpu_matrix(torch.randn(s, generator=g) * 0.02, dtype, fmt, g) for s in shapes]
-        if device.type == "cpu"
-        else [(torch.randn(s, generator=g) * 0.02).to(device=device, dtype=dtype) for s in shapes]
-        for _ in range(pool - 1)
-    ]
+
+    def expert() -> list:  # gate, up, down as the runtime reads them on `device`
+        ms = [torch.randn(s, generator=g) * 0.02 for s in shapes]
+        if device.type == "cpu":
+            return [_cpu_matrix(m, dtype, fmt, g) for m in ms]
+        return [m.to(device=device, dtype=dtype) for m in ms]
+
+    weights = [expert()]
+    expert_bytes = sum(_stored(m) for m in weights[0])
+    weights += [expert() for _ in range(min(pool_size(expert_bytes, minimum=2), 64) - 1)]
+    pool = len(weights)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     curve: list[tuple[int, float]] = []
     k = 0
