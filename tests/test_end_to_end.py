@@ -103,12 +103,14 @@ def test_perturbed_cpu_expert_changes_logits(model_dirs, hf_model, tmp_path):
     fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=0)
     with fiddlerc.load(tmp_path / "out", device="cpu") as model:
         ids, _ = _prompts(1, length=12)
-        before = model(ids)
+        before, before_one = model(ids), model(ids[:, :1])  # a prompt; one token (one grouped call a layer)
         placed = model.hf_model.model.layers[1].mlp.experts
         for w in placed.weights:
-            w.w_out.add_(torch.randn_like(w.w_out) * 0.5)
-        after = model(ids)
+            t = getattr(w.w_out, "weight", w.w_out)  # a NativeWeight reads the tensor as bound
+            t.add_(torch.randn_like(t) * 0.5)
+        after, after_one = model(ids), model(ids[:, :1])
     assert not torch.allclose(before, after, atol=1e-3)
+    assert not torch.allclose(before_one, after_one, atol=1e-3)
 
 
 @pytest.mark.parametrize("arch", ["mixtral", "deepseek_v3"])

@@ -35,7 +35,7 @@ from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
 from fiddlerc.quant_format import QuantizedWeight
 from fiddlerc.runtime import kernels, matvec, quant
 from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv
-from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts
+from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts, groupable
 from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
 from fiddlerc.runtime.matvec import NativeWeight
 from fiddlerc.runtime.worker import CpuWorker, InlineWorker
@@ -184,6 +184,10 @@ class WeightBinder:
         # CPU-only machine both tiers run at once, each on its own core, where MKL's single-threaded
         # matrix-vector product measured as fast as packed (fiddlerc.runtime.kernels).
         alone = self.fast.type != "cpu" or self.kernel_mode == "packed"
+        # CPU-only under "auto", experts that can run as one C call per token (kernels.GroupedExperts) are
+        # bound for it, whatever one product alone measured: the call saves some twenty ops per expert.
+        math = layout.math(block)
+        grouping = self.fast.type == "cpu" and self.kernel_mode == "auto" and groupable(math)
         weights = []
         for e, dev in enumerate(placement):
             w = ExpertWeights(*self.experts.expert(layout, ml.block, ml.experts_module, e))
@@ -195,6 +199,8 @@ class WeightBinder:
             packing = alone and stays_on_cpu
 
             def kernel(m: torch.Tensor) -> str:
+                if grouping and kernels.can_native(self.dtype):
+                    return "native"
                 return self.kernel_for(tuple(m.shape), self.dtype, packing)
 
             kinds = {kernel(m) for m in w.matrices}
@@ -212,9 +218,7 @@ class WeightBinder:
         native = any(type(m) is NativeWeight for w in weights for m in w.matrices)
         own_threads = self.fmt is not None or native
         worker = InlineWorker() if own_threads and self.fast.type == "cpu" else self.worker
-        module = PlacedExperts(
-            weights, tuple(d == CPU for d in placement), layout.math(block), self.fast, worker, ml.layer, fetch
-        )
+        module = PlacedExperts(weights, tuple(d == CPU for d in placement), math, self.fast, worker, ml.layer, fetch)
         if self.fast.type == "cpu" and not own_threads:
             biggest = max(weights[0].matrices, key=lambda m: m.numel())
             kernel = "packed" if biggest.is_mkldnn else "reference"

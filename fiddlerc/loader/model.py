@@ -134,6 +134,8 @@ class CompiledModel:
         return self._forward(input_ids, cache, attention_mask, position_ids)
 
     def _check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:
+        if self._worker.closed:  # checked here: layers whose kernels run inline never reach the worker
+            raise RuntimeError("the CPU worker was closed: load the model again")
         if (
             not isinstance(input_ids, torch.Tensor)
             or input_ids.ndim != 2

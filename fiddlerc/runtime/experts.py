@@ -104,11 +104,12 @@ class ExpertWeights:
         return ExpertWeights(tuple(pack(t) for t in self.w_in), self.b_in, pack(self.w_out), self.b_out)
 
 
-def _grouped(weights: list[ExpertWeights], on_cpu: tuple[bool, ...], math) -> kernels.GroupedExperts | None:
-    """The cpu-tier experts as one `kernels.GroupedExperts`, where all are SwiGLU experts with SiLU, no
-    biases and the routing weight on the output, quantized alike or native alike; else None."""
-    cpu = {e: w for e, w in enumerate(weights) if on_cpu[e]}
-    if not cpu or not math.split_gate or math.scale_input or not _is_silu(math.act):
+def _grouped(weights: list[ExpertWeights], on_host: tuple[bool, ...], math) -> kernels.GroupedExperts | None:
+    """The experts that run on the host at one token as one `kernels.GroupedExperts`, where all are SwiGLU
+    experts with SiLU, no biases and the routing weight on the output, quantized alike or native alike;
+    else None."""
+    cpu = {e: w for e, w in enumerate(weights) if on_host[e]}
+    if not cpu or not groupable(math):
         return None
     first = next(iter(cpu.values()))
     if len(first.w_in) != 2 or type(first.w_out) not in (QuantizedWeight, NativeWeight) or not quant.available():
@@ -120,6 +121,12 @@ def _grouped(weights: list[ExpertWeights], on_cpu: tuple[bool, ...], math) -> ke
         if not kernels.GroupedExperts.accepts((*w.w_in, w.w_out), like):
             return None
     return kernels.GroupedExperts({e: (*w.w_in, w.w_out) for e, w in cpu.items()})
+
+
+def groupable(math) -> bool:
+    """Whether the family's experts compute what `kernels.GroupedExperts` does: SiLU(gate x) * up x, with
+    the routing weight applied to the output."""
+    return math.split_gate and not math.scale_input and _is_silu(math.act)
 
 
 def _is_silu(act) -> bool:
@@ -182,8 +189,9 @@ class PlacedExperts(nn.Module):
         # CPU-only decode: spread a token's experts over the main thread and the worker whatever their
         # tier (set by the loader where measured to pay: fiddlerc.runtime.kernels.spread_experts).
         self.spread = False
-        # CPU-only decode: a token's cpu-tier experts in one C call where they are quantized SwiGLU experts.
-        self.grouped = _grouped(weights, on_cpu, math)
+        # CPU-only decode: a token's experts in one C call where they are quantized or native SwiGLU experts
+        # (every expert where the fast device is this CPU too, else the cpu tier's).
+        self.grouped = _grouped(weights, on_cpu if fast_device.type != "cpu" else (True,) * len(weights), math)
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -338,9 +346,9 @@ class PlacedExperts(nn.Module):
     ) -> torch.Tensor:
         """Decode of one sequence on a CPU-only machine: the same arithmetic without the gather and
         scatter bookkeeping of a batch (a few dozen small ops per layer, comparable to the experts
-        themselves at this size). The cpu-tier experts run on the worker, beside the others; with
-        `spread`, every other pick does, whatever its tier (both tiers are this CPU). Either way the
-        results are summed in expert order."""
+        themselves at this size). The picks the grouped call holds run in it, on the worker; else the
+        cpu-tier experts run on the worker, beside the others; with `spread`, every other pick does,
+        whatever its tier (both tiers are this CPU). Each part is summed in expert order."""
         if self.observer is not None:
             self.observer(self.layer, top_k_index.reshape(1, -1).to("cpu"))
         picks = sorted((e, slot) for slot, e in enumerate(top_k_index[0].tolist()))  # expert order, as HF sums
@@ -351,8 +359,10 @@ class PlacedExperts(nn.Module):
         self.tokens_cpu += n_cpu
         self.tokens_fast += len(picks) - n_cpu
         future = None
-        grouped = self.grouped is not None and not self.spread and bool(on_worker)
-        if grouped:  # one call for all of them, summed in expert order
+        grouped = self.grouped is not None and not self.spread
+        if grouped:  # one call for all those it holds, summed in expert order
+            on_worker = [(e, slot) for e, slot in picks if e in self.grouped.experts]
+        if grouped and on_worker:
             slots = [slot for _, slot in on_worker]
             future = self.worker.submit(self.grouped, hidden_states, [e for e, _ in on_worker], top_k_weights[0, slots])
         elif on_worker:

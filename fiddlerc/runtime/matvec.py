@@ -71,6 +71,10 @@ class NativeWeight:
     def numel(self) -> int:
         return self.weight.numel()
 
+    @property
+    def nbytes(self) -> int:
+        return self.weight.nbytes
+
     def __call__(self, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         n = x.numel() // x.shape[-1]

@@ -64,6 +64,10 @@ class CpuWorker:
         while (job := self._jobs.get()) is not None:
             job._run()
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def submit(self, fn: Callable[..., Any], *args: Any) -> Job:
         if self._closed:
             raise RuntimeError("the CPU worker was closed: load the model again")

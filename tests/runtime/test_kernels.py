@@ -106,6 +106,7 @@ def test_row_split_product_equals_f_linear_within_rounding(dtype):
 
 def test_cpu_only_decode_splits_dense_products_where_experts_spread(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "spread_experts", lambda shape, dtype, kernel: True)
+    monkeypatch.setattr("fiddlerc.loader.bind.groupable", lambda math: False)  # as experts no grouped call computes
     monkeypatch.setattr(kernels, "choose", lambda *_: "reference")  # no measuring of tiny weights
     monkeypatch.setattr(kernels, "MIN_AUTO_BYTES", 0)  # the test model's weights are small
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)

@@ -19,7 +19,9 @@ def test_run_trace_shows_cpu_experts_under_main_thread_work(model_dirs, tmp_path
     src = model_dirs("mixtral")
     fiddlerc.compile(src, tmp_path / "out", gpu_memory="1GiB", context=128, fast_experts=4)  # 2 of 4 per layer
     ids = torch.randint(3, 100, (4, 48), generator=torch.Generator().manual_seed(0))
-    with fiddlerc.load(tmp_path / "out", device="cpu", trace=tmp_path / "trace.json") as model:
+    # the reference kernels: the CPU tier on the worker thread, as beside a GPU (a CPU-only "auto" load runs a
+    # token's experts in one call on the main thread instead)
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference", trace=tmp_path / "trace.json") as model:
         model.generate(ids, max_new_tokens=4, ignore_eos=True)
     names, slices = load_trace(tmp_path / "trace.json")
     assert set(names.values()) == {"fast device (main thread)", "CPU worker", "copies"}
