@@ -33,6 +33,7 @@ PLAIN_GQA = (
     "GraniteMoeAttention",
     "GraniteMoeSharedAttention",
     "Ernie4_5_MoeAttention",
+    "Qwen3MoeAttention",  # with an RMSNorm over each head of the queries and keys (`head_norm_eps`)
 )
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj")  # the plain projections, in [q; k; v] and o order
 
@@ -44,8 +45,10 @@ def attention_path(module: nn.Module, config) -> tuple[str, str]:
         return HF, f"{name} is not a kind fiddlerc generates (grouped-query attention with rotary embeddings)"
     if not all(isinstance(getattr(module, p, None), nn.Linear) for p in PROJECTIONS):
         return HF, f"{name} has no plain q/k/v/o projections"
-    if any(hasattr(module, a) for a in ("q_norm", "k_norm", "sinks")):
-        return HF, f"{name} normalises its queries/keys or has attention sinks"
+    if hasattr(module, "sinks"):
+        return HF, f"{name} has attention sinks"
+    if (hasattr(module, "q_norm") or hasattr(module, "k_norm")) and head_norm_eps(module) is None:
+        return HF, f"{name} normalises its queries/keys otherwise than with an RMSNorm over each head"
     if getattr(config, "sliding_window", None) or any(
         t != "full_attention" for t in getattr(config, "layer_types", None) or ()
     ):
@@ -88,7 +91,31 @@ def rotary_is_standard(fn, model: nn.Module, head_dim: int) -> bool:
     return True
 
 
-def shape_of(module: nn.Module) -> dict[str, int | float]:
+def head_norm_eps(module: nn.Module) -> float | None:
+    """The epsilon of the RMSNorm a module applies to each head of its queries and keys before the rotary
+    (Qwen3: `q_norm`, `k_norm`), where both are RMSNorms of the Llama kind over the head dimension (checked on
+    seeded random inputs, fp32 and bf16, to the bit against that kind's arithmetic, which the generated
+    code's `self.rms_norm` computes: fiddlerc.runtime.norms); else None."""
+    norms = [getattr(module, n, None) for n in ("q_norm", "k_norm")]
+    d = int(module.head_dim)
+    eps = {getattr(n, "variance_epsilon", None) for n in norms}
+    if any(n is None or tuple(getattr(n, "weight", torch.empty(0)).shape) != (d,) for n in norms) or len(eps) != 1:
+        return None
+    eps_value = next(iter(eps))
+    gen = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        probe = type(norms[0])(d, eps=eps_value).to(dtype)
+        probe.weight.data = (torch.randn(d, generator=gen) * 0.1 + 1).to(dtype)
+        x = (torch.randn(2, 3, 4, d, generator=gen) * 3).to(dtype)
+        h = x.to(torch.float32)
+        llama_kind = probe.weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps_value)).to(dtype)
+        with torch.no_grad():
+            if not torch.equal(probe(x), llama_kind):
+                return None
+    return float(eps_value)
+
+
+def shape_of(module: nn.Module) -> dict[str, int | float | None]:
     """The numbers the generated code is written with."""
     head_dim = int(module.head_dim)
     q_out, k_out, v_out = (getattr(module, p).out_features for p in PROJECTIONS[:3])
@@ -100,6 +127,7 @@ def shape_of(module: nn.Module) -> dict[str, int | float]:
         "k": k_out,
         "v": v_out,
         "scaling": float(module.scaling),
+        "head_norm_eps": head_norm_eps(module) if hasattr(module, "q_norm") else None,
     }
 
 
@@ -118,12 +146,16 @@ def attention_method(gm: torch.fx.GraphModule, plan: Plan) -> tuple[list[str], o
     h, kvh, d, q, k, v = sh["heads"], sh["kv_heads"], sh["head_dim"], sh["q"], sh["k"], sh["v"]
     gqa = "" if h == kvh else ", enable_gqa=True"
     rotary_fn = next(iter(rotary))
+    eps = sh["head_norm_eps"]
+    # queries and keys normalised per head (`w.head_norm` holds each head's weight, fiddlerc.runtime.attention)
+    norm = [] if eps is None else [f"        qk = self.rms_norm(qk, w.head_norm, {eps!r})"]
     if rotary_is_standard(rotary_fn, source_model(gm), d):
         family = rotary_fn.__module__.rsplit(".", 1)[-1]
         rotate = [
             f"        # rotary over queries and keys at once, with {family}.apply_rotary_pos_emb's",
             "        # arithmetic (checked equal to the bit when this was generated), in fewer calls",
             f"        qk = qkv[..., :{q + k}].view(b, t, {h + kvh}, {d})",
+            *norm,
             f"        qk = qk * cos[:, :, None] + torch.cat((-qk[..., {d // 2}:], qk[..., :{d // 2}]), dim=-1) * sin[:, :, None]",
             f"        q = qk[:, :, :{h}].transpose(1, 2)",
             f"        k = qk[:, :, {h}:].transpose(1, 2)",
@@ -131,13 +163,15 @@ def attention_method(gm: torch.fx.GraphModule, plan: Plan) -> tuple[list[str], o
         rotary_fn = None
     else:
         rotate = [
-            f"        q = qkv[..., :{q}].view(b, t, {h}, {d}).transpose(1, 2)",
-            f"        k = qkv[..., {q}:{q + k}].view(b, t, {kvh}, {d}).transpose(1, 2)",
+            f"        qk = qkv[..., :{q + k}].view(b, t, {h + kvh}, {d})",
+            *norm,
+            f"        q = qk[:, :, :{h}].transpose(1, 2)",
+            f"        k = qk[:, :, {h}:].transpose(1, 2)",
             "        q, k = apply_rotary_pos_emb(q, k, cos, sin)",
         ]
     return [
         "    def attention(self, layer, hidden_states, position_embeddings, attention_mask, cache):",
-        f'        """Generated attention: {h} query heads over {kvh} KV heads of {d}, rotary embeddings, one fused',
+        f'        """Generated attention: {h} query heads over {kvh} KV heads of {d},{" each normalised," if eps is not None else ""} rotary embeddings, one fused',
         "        QKV projection, keys and values written in place into the static cache, SDPA over its filled",
         '        prefix. Weights: self.dense[layer] (fiddlerc.runtime.attention.AttentionWeights)."""',
         "        w = self.dense[layer]",

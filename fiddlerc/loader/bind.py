@@ -34,7 +34,7 @@ from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightRe
 from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
 from fiddlerc.quant_format import QuantizedWeight
 from fiddlerc.runtime import kernels, matvec, quant
-from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv
+from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv, head_norm_rows
 from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts, groupable
 from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
 from fiddlerc.runtime.matvec import NativeWeight
@@ -288,7 +288,7 @@ class WeightBinder:
         projections = [getattr(module, p) for p in PROJECTIONS]
         quantized = tuple(self.quantized_dense(f"{path}.{p}") for p in PROJECTIONS)
         use = quantized if all(q is not None for q in quantized) else None
-        weights = fuse_qkv(*projections, self.place, self.reader.release, use)
+        weights = fuse_qkv(*projections, self.place, self.reader.release, use, head_norm_rows(module))
         parent, _, leaf = path.rpartition(".")
         setattr(self.model.get_submodule(parent), leaf, weights)
         return weights

@@ -23,6 +23,7 @@ from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
 from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
+from fiddlerc.runtime.norms import native_rms_norm
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
@@ -102,6 +103,8 @@ class CompiledModel:
         self._forward = module.CompiledForward(meta_model, meta_model.config)
         self._forward.placed = {p.layer: p for p in bound.placed}
         self._forward.dense = bound.attention
+        if device.type == "cpu" and kernels in ("auto", "native"):
+            self._forward.rms_norm = native_rms_norm  # one C call a norm (fiddlerc.runtime.norms)
         if self.tracer is not None and bound.attention:
             _trace_generated_attention(self._forward, self.tracer)
         # Generated attention writes into a static cache sized for the compiled context.
@@ -231,10 +234,10 @@ class CompiledModel:
             total = fast + cpu + fetched
             return {"fast": fast, "cpu": cpu, "fetched": fetched, "hit_rate": fast / total if total else 0.0}
 
-        layers = {
-            p.layer: {**summary(p.tokens_fast, p.tokens_cpu, p.tokens_fetched), "per_expert": list(p.expert_tokens)}
-            for p in self.placed_experts
-        }
+        layers = {}
+        for p in self.placed_experts:
+            fast, cpu, fetched, per_expert = p.counts()
+            layers[p.layer] = {**summary(fast, cpu, fetched), "per_expert": per_expert}
         totals = [sum(v[k] for v in layers.values()) for k in ("fast", "cpu", "fetched")]
         return {"layers": layers, **summary(*totals)}
 

@@ -122,7 +122,8 @@ __attribute__((target("avx2,fma,f16c"))) static void rows_f16(const void *w, int
 static void float_product(int kind, const void *w, int64_t rows, int64_t cols, const float *x, int64_t ntok,
                           float *y, int threads, int simd) {
     const int64_t tile = 16, tiles = (rows + tile - 1) / tile;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    const int64_t bytes = rows * cols * (kind == W_F32 ? 4 : 2);
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bytes >= FC_PARALLEL_BYTES)
     for (int64_t i = 0; i < tiles; i++) {
         int64_t r0 = i * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
 #ifdef FC_X86
@@ -142,24 +143,68 @@ void fc_matvec(int kind, const void *w, int64_t rows, int64_t cols, const float 
     float_product(kind, w, rows, cols, x, ntok, y, threads, simd);
 }
 
-/* One token through `n` SwiGLU experts with float weights of one kind, summed, as _quant.c's
- * fc_experts_silu does for quantized ones: y [hidden] += route[e] * down_e(silu(gate_e x) * up_e x);
- * `w` holds each expert's gate, up and down (3 n pointers). Returns 0, or -1 without its buffer. */
-int fc_experts_silu_float(int kind, int n, const void *const *w, int64_t hidden, int64_t inter, const float *x,
-                          const float *route, float *y, int threads, int simd) {
+/* One token through `n` SwiGLU experts with float weights of one kind, summed in expert order, as
+ * _quant.c's fc_experts_silu does for quantized ones: y [hidden] = sum of route[i] * down_e(silu(gate_e x)
+ * * up_e x) over e = picks[i]; `table` holds every expert's gate, up and down (3 per expert, NULL where
+ * the group does not hold it), `counts` (NULL: none) counts each pick. Returns 0; -1 for a pick the
+ * table does not hold; -2 without its buffer. */
+int fc_experts_silu_float(int kind, int n, const int64_t *picks, const float *route, const void *const *table,
+                          int64_t experts, int64_t hidden, int64_t inter, const float *x, float *y, int64_t *counts,
+                          int threads, int simd) {
 #ifndef FC_X86
     simd = 0;
 #endif
+    int64_t order[64];
+    float weight[64];
+    if (n > 64 || fc_expert_order(n, picks, route, table, experts, order, weight, counts) != 0) return -1;
     float *g = malloc((size_t)(2 * inter + hidden) * sizeof(float));
-    if (g == NULL) return -1;
+    if (g == NULL) return -2;
     float *u = g + inter, *o = u + inter;
-    for (int e = 0; e < n; e++) {
-        float_product(kind, w[3 * e], inter, hidden, x, 1, g, threads, simd);
-        float_product(kind, w[3 * e + 1], inter, hidden, x, 1, u, threads, simd);
-        for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
-        float_product(kind, w[3 * e + 2], hidden, inter, g, 1, o, threads, simd);
-        for (int64_t i = 0; i < hidden; i++) y[i] += route[e] * o[i];
+    memset(y, 0, (size_t)hidden * sizeof(float));
+    for (int i = 0; i < n; i++) {
+        const void *const *w = table + 3 * order[i];
+        float_product(kind, w[0], inter, hidden, x, 1, g, threads, simd);
+        float_product(kind, w[1], inter, hidden, x, 1, u, threads, simd);
+        for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        float_product(kind, w[2], hidden, inter, g, 1, o, threads, simd);
+        for (int64_t j = 0; j < hidden; j++) y[j] += weight[i] * o[j];
     }
     free(g);
     return 0;
+}
+
+/* Hugging Face's RMSNorm of `rows` vectors of `n` (x, weight and y fp32 or bf16, all one kind):
+ * y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32 and rounded to the kind before the weight
+ * multiplies it, then rounded again, as the module computes it; only the order of the sum differs.
+ * `weight` holds `wrows` rows of n, row r of x taking row r % wrows (a weight per head: Qwen3's norms of
+ * its queries' and keys' heads). */
+static uint16_t to_bf16(float f) {
+    uint32_t bits;
+    memcpy(&bits, &f, 4);
+    if ((bits & 0x7fffffff) > 0x7f800000) return (uint16_t)((bits >> 16) | 0x40); /* NaN stays NaN */
+    bits += 0x7fff + ((bits >> 16) & 1);                                           /* round to nearest even */
+    return (uint16_t)(bits >> 16);
+}
+
+void fc_rms_norm(int kind, const void *x, const void *weight, int64_t rows, int64_t n, int64_t wrows, float eps,
+                 void *y) {
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t w0 = (r % wrows) * n;
+        double ss = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            float v = weight_at(kind, x, r * n + i);
+            ss += (double)(v * v);
+        }
+        const float scale = 1.0f / sqrtf((float)(ss / (double)n) + eps);
+        for (int64_t i = 0; i < n; i++) {
+            float h = weight_at(kind, x, r * n + i) * scale;
+            if (kind == W_F32) {
+                ((float *)y)[r * n + i] = weight_at(kind, weight, w0 + i) * h;
+            } else { /* bf16: h rounded as .to(bf16) rounds it, then the bf16 product rounded again */
+                uint32_t bits = (uint32_t)to_bf16(h) << 16;
+                memcpy(&h, &bits, 4);
+                ((uint16_t *)y)[r * n + i] = to_bf16(weight_at(kind, weight, w0 + i) * h);
+            }
+        }
+    }
 }

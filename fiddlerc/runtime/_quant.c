@@ -311,7 +311,8 @@ void fc_quantize_activations(const float *x, int64_t ntok, int64_t cols, int8_t 
 static void product(int fmt, const uint8_t *w, const void *wd, int64_t rows, int64_t cols, const int8_t *xq,
                     const float *xd, const int32_t *xc, int64_t ntok, float *y, int threads, int simd) {
     const int64_t tile = 16, tiles = (rows + tile - 1) / tile;
-#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1)
+    const int64_t bytes = fmt == FMT_Q8 ? rows * cols : rows * cols / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (threads > 1 && bytes >= FC_PARALLEL_BYTES)
     for (int64_t i = 0; i < tiles; i++) {
         int64_t r0 = i * tile, r1 = r0 + tile < rows ? r0 + tile : rows;
 #ifdef FC_X86
@@ -345,17 +346,21 @@ void fc_matmul(int fmt, const uint8_t *w, const void *wd, int64_t rows, int64_t 
     free(xc);
 }
 
-/* One token through `n` SwiGLU experts of one format, summed: y [hidden] += route[e] * down_e(silu(gate_e x)
- * * up_e x) for each e, in order, all in fp32. `w` and `d` hold each expert's gate, up and down data and
- * scales (3 n pointers each). x is quantized once for every gate and up product; each expert's hidden
- * activations once for its down product. One call instead of some twenty small ones per expert: at one
- * token of a fine-grained MoE (Qwen3: 8 experts of 768) those calls cost as much as the products.
- * Returns 0, or -1 where its buffers could not be had (nothing is written then). */
-int fc_experts_silu(int fmt, int n, const uint8_t *const *w, const void *const *d, int64_t hidden, int64_t inter,
-                    const float *x, const float *route, float *y, int threads, int simd) {
+/* One token through `n` SwiGLU experts quantized in `fmt`, summed in expert order: y [hidden] = sum of
+ * route[i] * down_e(silu(gate_e x) * up_e x) over e = picks[i], all in fp32, with x quantized once for
+ * all gates and ups and each expert's hidden activations once for its down. One call instead of some twenty
+ * small ones per expert: at one token of a fine-grained MoE those cost as much as the products. `table` and `scales` hold every expert's gate, up and down (3 per expert, NULL where the group does
+ * not hold it), `counts` (NULL: none) counts each pick. Returns 0; -1 for a pick the table does not
+ * hold; -2 without its buffers. */
+int fc_experts_silu(int fmt, int n, const int64_t *picks, const float *route, const void *const *table,
+                    const void *const *scales, int64_t experts, int64_t hidden, int64_t inter, const float *x, float *y,
+                    int64_t *counts, int threads, int simd) {
 #ifndef FC_X86
     simd = 0;
 #endif
+    int64_t order[64];
+    float weight[64];
+    if (n > 64 || fc_expert_order(n, picks, route, table, experts, order, weight, counts) != 0) return -1;
     const int64_t nbh = hidden / QK, nbi = inter / QK;
     int8_t *xq = malloc((size_t)hidden), *hq = malloc((size_t)inter);
     float *xd = malloc((size_t)nbh * sizeof(float)), *hd = malloc((size_t)nbi * sizeof(float));
@@ -363,24 +368,27 @@ int fc_experts_silu(int fmt, int n, const uint8_t *const *w, const void *const *
     int ok = xq && hq && xd && hd && g;
     if (ok) {
         float *u = g + inter, *o = u + inter;
+        memset(y, 0, (size_t)hidden * sizeof(float));
         quantize_activations(x, 1, hidden, xq, xd, simd);
         int simd_x = simd, simd_h = simd;
         int32_t *xc = offset_sums(fmt, xq, 1, hidden, &simd_x);
-        for (int e = 0; e < n; e++) {
-            product(fmt, w[3 * e], d[3 * e], inter, hidden, xq, xd, xc, 1, g, threads, simd_x);
-            product(fmt, w[3 * e + 1], d[3 * e + 1], inter, hidden, xq, xd, xc, 1, u, threads, simd_x);
-            for (int64_t i = 0; i < inter; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+        for (int i = 0; i < n; i++) {
+            const uint8_t *const *w = (const uint8_t *const *)table + 3 * order[i];
+            const void *const *d = scales + 3 * order[i];
+            product(fmt, w[0], d[0], inter, hidden, xq, xd, xc, 1, g, threads, simd_x);
+            product(fmt, w[1], d[1], inter, hidden, xq, xd, xc, 1, u, threads, simd_x);
+            for (int64_t j = 0; j < inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
             quantize_activations(g, 1, inter, hq, hd, simd);
             simd_h = simd;
             int32_t *hc = offset_sums(fmt, hq, 1, inter, &simd_h);
-            product(fmt, w[3 * e + 2], d[3 * e + 2], hidden, inter, hq, hd, hc, 1, o, threads, simd_h);
+            product(fmt, w[2], d[2], hidden, inter, hq, hd, hc, 1, o, threads, simd_h);
             free(hc);
-            for (int64_t i = 0; i < hidden; i++) y[i] += route[e] * o[i];
+            for (int64_t j = 0; j < hidden; j++) y[j] += weight[i] * o[j];
         }
         free(xc);
     }
     free(xq), free(hq), free(xd), free(hd), free(g);
-    return ok ? 0 : -1;
+    return ok ? 0 : -2;
 }
 
 static struct PyModuleDef module = {

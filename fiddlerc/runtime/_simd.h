@@ -9,6 +9,29 @@
 #define FC_X86 1
 #endif
 
+/* Products that read fewer weight bytes than this run on the calling thread alone: waking OpenMP's team
+ * and joining it again costs more than the work it would share (the experts of a fine-grained MoE at
+ * one token, a narrow model's projections). */
+#define FC_PARALLEL_BYTES (64 * 1024)
+
+/* The picks of one token's experts (expert ids and their routing weights, in the router's slot order) put
+ * in expert order, so a grouped call sums as Hugging Face does; each pick is counted in `counts` (per
+ * expert, NULL: not counted). Returns 0, or -1 where a pick is out of range or not in `table` (three
+ * pointers per expert, NULL for experts the group does not hold). Top-k is small: insertion sort. */
+static inline int fc_expert_order(int n, const int64_t *picks, const float *route, const void *const *table,
+                                  int64_t experts, int64_t *order, float *weight, int64_t *counts) {
+    for (int i = 0; i < n; i++) {
+        int64_t e = picks[i];
+        if (e < 0 || e >= experts || table[3 * e] == NULL) return -1;
+        int j = i;
+        for (; j > 0 && order[j - 1] > e; j--) order[j] = order[j - 1], weight[j] = weight[j - 1];
+        order[j] = e, weight[j] = route[i];
+    }
+    if (counts != NULL)
+        for (int i = 0; i < n; i++) counts[order[i]]++;
+    return 0;
+}
+
 static inline float fc_half_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, bits;
     if (exp == 0) {

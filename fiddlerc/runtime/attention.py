@@ -16,12 +16,21 @@ from fiddlerc.runtime import kernels
 
 
 class AttentionWeights(nn.Module):
-    """What a generated attention layer reads: the fused QKV projection and the output projection.
-    Takes the place of the Hugging Face module in the model, so its weights are held once."""
+    """What a generated attention layer reads: the fused QKV projection, the output projection and, where the
+    family normalises each head of its queries and keys (Qwen3), those norms' weights, one row per head
+    ([query heads + KV heads, head_dim]: the queries' weight repeated, then the keys'). Takes the place of
+    the Hugging Face module in the model, so its weights are held once."""
 
-    def __init__(self, qkv: torch.Tensor, qkv_bias: torch.Tensor | None, o: torch.Tensor, o_bias: torch.Tensor | None):
+    def __init__(
+        self,
+        qkv: torch.Tensor,
+        qkv_bias: torch.Tensor | None,
+        o: torch.Tensor,
+        o_bias: torch.Tensor | None,
+        head_norm: torch.Tensor | None = None,
+    ):
         super().__init__()
-        self.qkv, self.qkv_bias, self.o, self.o_bias = qkv, qkv_bias, o, o_bias
+        self.qkv, self.qkv_bias, self.o, self.o_bias, self.head_norm = qkv, qkv_bias, o, o_bias, head_norm
 
     def forward(self, *args, **kwargs):
         raise RuntimeError("this layer's attention runs in the generated module.py (CompiledForward.attention)")
@@ -33,13 +42,21 @@ class AttentionWeights(nn.Module):
 
 
 def fuse_qkv(
-    q: nn.Linear, k: nn.Linear, v: nn.Linear, o: nn.Linear, place, release, quantized: tuple | None = None
+    q: nn.Linear,
+    k: nn.Linear,
+    v: nn.Linear,
+    o: nn.Linear,
+    place,
+    release,
+    quantized: tuple | None = None,
+    head_norm: torch.Tensor | None = None,
 ) -> AttentionWeights:
     """The fused weights of a Hugging Face attention module of a generated kind, from its four
     projections: [q; k; v] rows copied once (the originals' pages released), each matrix then as
     `place` gives it (the loader's choice: packed for its kernel, or in huge-page host memory).
     `quantized`: the four weights as the compile quantized them (fiddlerc.quant_format), used instead;
-    the projections' own weights are then released unread."""
+    the projections' own weights are then released unread. `head_norm`: the per-head norm weights
+    (`head_norm_rows`), kept as they are."""
     if quantized is not None:
         qkv, o_w = cat_rows(quantized[:3]), quantized[3]
         for p in (q, k, v, o):
@@ -59,7 +76,18 @@ def fuse_qkv(
         for p in (q, k, v):
             release(p.weight)
         qkv, o_w = place(qkv), place(o.weight.detach())
-    return AttentionWeights(qkv, qkv_bias, o_w, None if o.bias is None else o.bias.detach())
+    return AttentionWeights(qkv, qkv_bias, o_w, None if o.bias is None else o.bias.detach(), head_norm)
+
+
+def head_norm_rows(module: nn.Module) -> torch.Tensor | None:
+    """The per-head norm weights of an attention module with `q_norm` and `k_norm` over each head, as
+    `AttentionWeights.head_norm` holds them; None for a module without them."""
+    if not hasattr(module, "q_norm"):
+        return None
+    q_w, k_w = module.q_norm.weight.detach(), module.k_norm.weight.detach()
+    d = q_w.shape[0]
+    heads, kv_heads = module.q_proj.out_features // d, module.k_proj.out_features // d
+    return torch.cat([q_w.expand(heads, d), k_w.expand(kv_heads, d)])
 
 
 def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

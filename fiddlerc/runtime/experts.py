@@ -120,7 +120,7 @@ def _grouped(weights: list[ExpertWeights], on_host: tuple[bool, ...], math) -> k
             return None
         if not kernels.GroupedExperts.accepts((*w.w_in, w.w_out), like):
             return None
-    return kernels.GroupedExperts({e: (*w.w_in, w.w_out) for e, w in cpu.items()})
+    return kernels.GroupedExperts({e: (*w.w_in, w.w_out) for e, w in cpu.items()}, len(weights))
 
 
 def groupable(math) -> bool:
@@ -192,6 +192,7 @@ class PlacedExperts(nn.Module):
         # CPU-only decode: a token's experts in one C call where they are quantized or native SwiGLU experts
         # (every expert where the fast device is this CPU too, else the cpu tier's).
         self.grouped = _grouped(weights, on_cpu if fast_device.type != "cpu" else (True,) * len(weights), math)
+        self.decode_counts = torch.zeros(self.num_experts, dtype=torch.int64)  # that call's picks, counted in C
 
     def extra_repr(self) -> str:
         n_cpu = sum(self.on_cpu)
@@ -203,6 +204,13 @@ class PlacedExperts(nn.Module):
         if self.math.scale_input:
             return run_expert(x * w, weights, self.math)
         return run_expert(x, weights, self.math) * w
+
+    def counts(self) -> tuple[int, int, int, list[int]]:
+        """Routed (token, expert) pairs since load: served by the fast tier, the cpu tier, fetched; per expert."""
+        decode = self.decode_counts.tolist()
+        cpu = sum(n for e, n in enumerate(decode) if self.on_cpu[e])
+        per_expert = [a + b for a, b in zip(self.expert_tokens, decode, strict=True)]
+        return self.tokens_fast + sum(decode) - cpu, self.tokens_cpu + cpu, self.tokens_fetched, per_expert
 
     def _span(self, name: str, track: str = MAIN, **args):
         return self.tracer.span(f"L{self.layer} {name}", track, **args) if self.tracer is not None else _NO_SPAN
@@ -349,6 +357,11 @@ class PlacedExperts(nn.Module):
         themselves at this size). The picks the grouped call holds run in it, on the worker; else the
         cpu-tier experts run on the worker, beside the others; with `spread`, every other pick does,
         whatever its tier (both tiers are this CPU). Each part is summed in expert order."""
+        g = self.grouped
+        if g is not None and g.holds_all and not self.spread and self.observer is None and self.tracer is None:
+            # the lean path: one call, which also orders and counts the picks (`counts()` adds them up)
+            y = self.worker.submit(g, hidden_states, top_k_index, top_k_weights, self.decode_counts).result()
+            return y.to(hidden_states.dtype)
         if self.observer is not None:
             self.observer(self.layer, top_k_index.reshape(1, -1).to("cpu"))
         picks = sorted((e, slot) for slot, e in enumerate(top_k_index[0].tolist()))  # expert order, as HF sums

@@ -296,19 +296,28 @@ class GroupedExperts:
     fc_experts_silu_float), run at one token in one C call for any subset of them. At one token of a
     fine-grained MoE (Qwen3: 8 experts of 768) the Python and call overhead of some twenty small ops per
     expert costs as much as the products; in C it goes, and a quantized group quantizes its input once.
-    All arithmetic is fp32; the sum comes back fp32."""
+    The C side also puts the picks in expert order and counts them, so a call needs no Python list of
+    them. All arithmetic is fp32; the sum comes back fp32."""
 
-    def __init__(self, experts: dict[int, tuple]) -> None:
+    def __init__(self, experts: dict[int, tuple], num_experts: int | None = None) -> None:
         gate = next(iter(experts.values()))[0]
         self.quantized = type(gate) is QuantizedWeight
         self.code = FORMATS.index(gate.fmt) if self.quantized else matvec.KINDS[gate.dtype]  # the C files' codes
         self.inter, self.hidden = gate.shape
         self.experts = experts  # keeps the weights alive for the pointers below
+        self.num_experts = num_experts or max(experts) + 1
+        self.holds_all = len(experts) == self.num_experts
+
+        def table(pointer) -> ctypes.Array:  # three per expert, NULL for those the group does not hold
+            flat = [None] * (3 * self.num_experts)
+            for e, ms in experts.items():
+                flat[3 * e : 3 * e + 3] = [pointer(m) for m in ms]
+            return (ctypes.c_void_p * len(flat))(*flat)
+
         if self.quantized:
-            self.pointers = {e: [m.data.data_ptr() for m in ms] for e, ms in experts.items()}
-            self.scales = {e: [m.scales.data_ptr() for m in ms] for e, ms in experts.items()}
+            self.table, self.scales = table(lambda m: m.data.data_ptr()), table(lambda m: m.scales.data_ptr())
         else:
-            self.pointers = {e: [m.weight.data_ptr() for m in ms] for e, ms in experts.items()}
+            self.table, self.scales = table(lambda m: m.weight.data_ptr()), None
 
     @staticmethod
     def accepts(ws: tuple, like: tuple) -> bool:
@@ -322,28 +331,25 @@ class GroupedExperts:
             )
         return same and ws[0].shape == ws[1].shape == gate.shape and ws[2].shape == gate.shape[::-1]
 
-    def __call__(self, x: torch.Tensor, picks: list[int], route: torch.Tensor) -> torch.Tensor:
-        """sum over `picks` of route[i] * expert(x), x [1, hidden], route [len(picks)]: fp32 [1, hidden]."""
+    def __call__(
+        self, x: torch.Tensor, picks: torch.Tensor | list[int], route: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """sum over `picks` of route[i] * expert(x), x [1, hidden], picks and route [k] (any order; the router's
+        `top_k_index[0]` and `top_k_weights[0]`): fp32 [1, hidden]. `counts` (int64 [experts]) counts the picks."""
         lib = quant.library()
-        n = len(picks)
-        w = (ctypes.c_void_p * (3 * n))(*(p for e in picks for p in self.pointers[e]))
+        picks = torch.as_tensor(picks).reshape(-1).to(torch.int64).contiguous()
         xf = x.reshape(1, -1).to(torch.float32).contiguous()
         r = route.reshape(-1).to(torch.float32).contiguous()
-        y = torch.zeros(1, self.hidden, dtype=torch.float32)
-        common = (
-            self.hidden,
-            self.inter,
-            xf.data_ptr(),
-            r.data_ptr(),
-            y.data_ptr(),
-            torch.get_num_threads(),
-            int(lib.simd),
-        )
+        y = torch.empty(1, self.hidden, dtype=torch.float32)
+        head = (self.code, picks.numel(), picks.data_ptr(), r.data_ptr(), self.table)
+        tail = (self.num_experts, self.hidden, self.inter, xf.data_ptr(), y.data_ptr(),
+                0 if counts is None else counts.data_ptr(), torch.get_num_threads(), int(lib.simd))  # fmt: skip
         if self.quantized:
-            d = (ctypes.c_void_p * (3 * n))(*(p for e in picks for p in self.scales[e]))
-            code = lib.lib.fc_experts_silu(self.code, n, w, d, *common)
+            code = lib.lib.fc_experts_silu(*head, self.scales, *tail)
         else:
-            code = lib.lib.fc_experts_silu_float(self.code, n, w, *common)
+            code = lib.lib.fc_experts_silu_float(*head, *tail)
+        if code == -1:
+            raise ValueError(f"experts {picks.tolist()}: not all of them are in this group of {self.num_experts}")
         if code != 0:
             raise MemoryError("fiddlerc's grouped expert kernel could not allocate its buffers")
         return y

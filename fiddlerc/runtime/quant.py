@@ -28,10 +28,14 @@ class _Library:
         lib.fc_matmul.restype = None
         lib.fc_matvec.argtypes = [i32, p, i64, i64, p, i64, p, i32, i32]  # _matvec.c, for fiddlerc.runtime.matvec
         lib.fc_matvec.restype = None
-        lib.fc_experts_silu.argtypes = [i32, i32, p, p, i64, i64, p, p, p, i32, i32]  # kernels.GroupedExperts
+        # kernels.GroupedExperts: (format, n, picks, route, table[, scales], experts, hidden, inter, x, y, counts,
+        # threads, simd)
+        lib.fc_experts_silu.argtypes = [i32, i32, p, p, p, p, i64, i64, i64, p, p, p, i32, i32]
         lib.fc_experts_silu.restype = i32
-        lib.fc_experts_silu_float.argtypes = [i32, i32, p, i64, i64, p, p, p, i32, i32]
+        lib.fc_experts_silu_float.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, p, p, i32, i32]
         lib.fc_experts_silu_float.restype = i32
+        lib.fc_rms_norm.argtypes = [i32, p, p, i64, i64, i64, ctypes.c_float, p]  # fiddlerc.runtime.norms
+        lib.fc_rms_norm.restype = None
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())
 

@@ -263,7 +263,11 @@ def test_one_token_decode_runs_a_layers_cpu_experts_in_one_grouped_call(wide, tm
     _compile(src, tmp_path / "out", "int4", fast_experts=0)
     calls = []
     real = kernels.GroupedExperts.__call__
-    monkeypatch.setattr(kernels.GroupedExperts, "__call__", lambda self, *a: calls.append(len(a[1])) or real(self, *a))
+    monkeypatch.setattr(
+        kernels.GroupedExperts,
+        "__call__",
+        lambda self, *a: calls.append(torch.as_tensor(a[1]).numel()) or real(self, *a),
+    )
 
     def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
         cache, n = model.new_cache(), ids.shape[1]
@@ -276,6 +280,8 @@ def test_one_token_decode_runs_a_layers_cpu_experts_in_one_grouped_call(wide, tm
         assert all(p.grouped is not None for p in model.placed_experts)
         got = decode_logits(model)
         assert calls == [2] * 2 * 4  # each decode step: one call per layer for its top-2
+        stats = model.routing_stats()["layers"]  # the picks the C call counted are in the stats too
+        assert all(s["cpu"] == (ids.shape[1] + 4) * 2 and sum(s["per_expert"]) == s["cpu"] for s in stats.values())
         for p in model.placed_experts:
             p.grouped = None  # expert by expert, as a batch runs them
         want = decode_logits(model)

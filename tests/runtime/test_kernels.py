@@ -182,3 +182,27 @@ def test_a_grouped_call_of_native_experts_sums_them_as_one_call_each_would(dtype
     torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * want.abs().max().item())
     plain = tuple(m.weight for m in experts[0])
     assert not kernels.GroupedExperts.accepts(plain, experts[0])  # plain tensors do not join a native group
+
+
+@pytest.mark.skipif(not kernels.can_native(torch.float32), reason="the C kernels were not built")
+def test_a_grouped_call_orders_and_counts_its_picks_and_refuses_an_expert_it_does_not_hold():
+    from fiddlerc.runtime.matvec import NativeWeight
+
+    g = torch.Generator().manual_seed(7)
+    hidden, inter = 64, 32
+    experts = {
+        e: tuple(NativeWeight(torch.randn(*s, generator=g) * 0.1) for s in ((inter, hidden),) * 2 + ((hidden, inter),))
+        for e in (0, 2, 3)
+    }  # expert 1 is held elsewhere (another tier)
+    grouped = kernels.GroupedExperts(experts, num_experts=4)
+    assert not grouped.holds_all
+    x, counts = torch.randn(1, hidden, generator=g), torch.zeros(4, dtype=torch.int64)
+    route = torch.tensor([0.25, 0.75])
+    forward = grouped(x, torch.tensor([[0, 3]]), route, counts)
+    backward = grouped(x, torch.tensor([[3, 0]]), route.flip(0), counts)  # the same picks in the other slots
+    assert torch.equal(forward, backward)  # summed in expert order whatever the router's slot order
+    assert counts.tolist() == [2, 0, 0, 2]
+    with pytest.raises(ValueError, match="not all of them are in this group"):
+        grouped(x, [0, 1], route)
+    with pytest.raises(ValueError, match="not all of them are in this group"):
+        grouped(x, [0, 4], route)
