@@ -161,7 +161,16 @@ def attention_method(gm: torch.fx.GraphModule, plan: Plan) -> tuple[list[str], o
             f"        k = qk[:, :, {h}:].transpose(1, 2)",
         ]
         rotary_fn = None
+        # one token of one sequence, no padding: one C call where the loader set it (runtime.attention.attend_one)
+        one = [
+            "        if t == 1 and attention_mask is None and self.attend_one is not None:",
+            f"            out = self.attend_one(cache, layer, qkv, cos, sin, {h}, {kvh}, {d}, {sh['scaling']!r}, "
+            f"w.head_norm, {eps if eps is not None else 0.0!r})",
+            "            if out is not None:",
+            "                return linear(out, w.o, w.o_bias), None",
+        ]
     else:
+        one = []
         rotate = [
             f"        qk = qkv[..., :{q + k}].view(b, t, {h + kvh}, {d})",
             *norm,
@@ -178,6 +187,7 @@ def attention_method(gm: torch.fx.GraphModule, plan: Plan) -> tuple[list[str], o
         "        b, t = hidden_states.shape[:2]",
         "        qkv = linear(hidden_states, w.qkv, w.qkv_bias)",
         "        cos, sin = position_embeddings",
+        *one,
         *rotate,
         f"        v = qkv[..., {q + k}:{q + k + v}].view(b, t, {kvh}, {d}).transpose(1, 2)",
         "        k, v = kv_append(cache, layer, k, v)",

@@ -19,6 +19,7 @@ from fiddlerc.loader.bind import bind_weights
 from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve_device
 from fiddlerc.model.folder import open_weight_files
 from fiddlerc.model.quantize import QUANTIZED_FILE
+from fiddlerc.runtime.attention import attend_one
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
@@ -105,6 +106,7 @@ class CompiledModel:
         self._forward.dense = bound.attention
         if device.type == "cpu" and kernels in ("auto", "native"):
             self._forward.rms_norm = native_rms_norm  # one C call a norm (fiddlerc.runtime.norms)
+            self._forward.attend_one = attend_one  # one C call a layer's attention at decode
         if self.tracer is not None and bound.attention:
             _trace_generated_attention(self._forward, self.tracer)
         # Generated attention writes into a static cache sized for the compiled context.

@@ -1,5 +1,6 @@
 """What the generated attention (module.py's `attention` method) runs on: its fused weights, the
-in-place write into transformers' `StaticCache`, and the decode-time mask rules.
+in-place write into transformers' `StaticCache`, the decode-time mask rules, and the one-token path in C
+(`attend_one`) a CPU load takes.
 
 Which layers get generated code, and the code itself, are compile-time decisions
 (fiddlerc.compiler.attention); this module holds only what runs.
@@ -12,7 +13,7 @@ from torch import nn
 from transformers.masking_utils import create_causal_mask
 
 from fiddlerc.quant_format import cat_rows
-from fiddlerc.runtime import kernels
+from fiddlerc.runtime import kernels, quant
 
 
 class AttentionWeights(nn.Module):
@@ -105,6 +106,55 @@ def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torc
     lay.cumulative_length.add_(t)  # what Hugging Face's own code reads (get_seq_length)
     lay.fiddlerc_length = start + t
     return lay.keys[:, :, : start + t], lay.values[:, :, : start + t]
+
+
+_CACHE_KINDS = {torch.float32: 0, torch.bfloat16: 1}  # _attention.c's C_ codes
+
+
+def attend_one(
+    cache,
+    layer: int,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    head_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor | None:
+    """One new token of one sequence through the generated attention after its QKV projection, in one C call
+    (`_attention.c`: per-head norms where given, the rotary, the cache write, attention over the filled
+    prefix): the attention output [1, 1, heads * head_dim] in qkv's dtype, for the output projection. None
+    where it does not apply (another batch or dtype, a cache not yet filled by a prefill, no C kernels):
+    the generated code then runs its torch ops. The module.py that calls it was generated for a rotary of
+    the standard form (fiddlerc.compiler.attention.rotary_is_standard)."""
+    lib = quant.library()
+    lay = cache.layers[layer]
+    kind = _CACHE_KINDS.get(qkv.dtype)
+    if lib is None or kind is None or qkv.shape[0] != 1 or not lay.is_initialized or qkv.device.type != "cpu":
+        return None
+    keys, values = lay.keys, lay.values
+    if keys.dtype != qkv.dtype or not (keys.is_contiguous() and values.is_contiguous()) or keys.shape[0] != 1:
+        return None
+    if head_norm is not None and head_norm.dtype != qkv.dtype:
+        return None
+    pos = lay.fiddlerc_length
+    if pos + 1 > lay.max_cache_len:
+        raise RuntimeError(f"the KV cache holds {lay.max_cache_len} tokens: the context this model was compiled for")
+    x = qkv.reshape(-1).to(torch.float32).contiguous()
+    c, s_ = (t.reshape(-1).to(torch.float32).contiguous() for t in (cos, sin))
+    norm = 0 if head_norm is None else head_norm.contiguous().data_ptr()
+    out = torch.empty(1, 1, heads * head_dim, dtype=torch.float32)
+    code = lib.lib.fc_attention_decode(kind, x.data_ptr(), norm, eps, c.data_ptr(), s_.data_ptr(), heads, kv_heads,
+                                       head_dim, keys.data_ptr(), values.data_ptr(), lay.max_cache_len, pos, scale,
+                                       out.data_ptr(), torch.get_num_threads(), int(lib.simd))  # fmt: skip
+    if code != 0:
+        raise MemoryError("fiddlerc's attention kernel could not allocate its buffer")
+    lay.cumulative_length.add_(1)  # what Hugging Face's own code reads (get_seq_length), as kv_append keeps it
+    lay.fiddlerc_length = pos + 1
+    return out.to(qkv.dtype)
 
 
 def causal_mask(*args, **kwargs):

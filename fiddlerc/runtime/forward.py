@@ -25,6 +25,7 @@ class GeneratedForward(nn.Module):
 
     rms_norm = staticmethod(norms.rms_norm)
     causal_mask = staticmethod(attention.causal_mask)
+    attend_one = None  # the loader sets attention.attend_one where the C kernels run (a CPU load)
 
     @staticmethod
     def micro_rows(x: torch.Tensor | None, micro_batch: int, count: int) -> torch.Tensor | None:

@@ -36,6 +36,11 @@ class _Library:
         lib.fc_experts_silu_float.restype = i32
         lib.fc_rms_norm.argtypes = [i32, p, p, i64, i64, i64, ctypes.c_float, p]  # fiddlerc.runtime.norms
         lib.fc_rms_norm.restype = None
+        # fiddlerc.runtime.attention.attend_one: (kind, qkv, head_norm, eps, cos, sin, heads, kv_heads, head_dim,
+        # keys, values, max_len, pos, scale, out, threads, simd)
+        lib.fc_attention_decode.argtypes = [i32, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
+                                            ctypes.c_float, p, i32, i32]  # fmt: skip
+        lib.fc_attention_decode.restype = i32
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())
 

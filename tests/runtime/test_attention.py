@@ -9,7 +9,7 @@ import fiddlerc
 from fiddlerc.errors import OptionError
 from tests.conftest import hf_greedy, padded_prompts
 
-GENERATED_FAMILIES = ["mixtral", "qwen2_moe", "phimoe", "granitemoe", "ernie4_5_moe"]
+GENERATED_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "ernie4_5_moe"]
 
 
 @pytest.mark.parametrize("family", GENERATED_FAMILIES)
@@ -58,3 +58,36 @@ def test_sdpa_causal_mask_is_used_only_for_a_prefill_from_an_empty_cache():
     assert causal_without_mask(1, 9) is False  # one query sees every key
     with pytest.raises(RuntimeError, match="needs an attention mask"):
         causal_without_mask(3, 9)  # SDPA would align its causal mask to the first key: wrong
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe", "qwen2_moe"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_one_token_attention_in_c_equals_the_generated_torch_ops(family, dtype, model_dirs, tmp_path, monkeypatch):
+    """Teacher-forced decode (a prompt, then one token at a time) on a CPU load, where each layer's attention
+    at one token is one C call, against the same model with the reference kernels (the generated torch ops)."""
+    from fiddlerc.runtime import attention, quant
+
+    if quant.library() is None:
+        pytest.skip("the C kernels were not built")
+    calls = []
+    real = attention.attend_one
+    monkeypatch.setattr("fiddlerc.loader.model.attend_one", lambda *a: calls.append(a[1]) or real(*a))
+    fiddlerc.compile(model_dirs(family), tmp_path / "out", gpu_memory="1GiB", context=64, dtype=dtype)
+    ids = padded_prompts()[0][1:]
+
+    def decode_logits(model) -> list[torch.Tensor]:
+        cache, n = model.new_cache(), ids.shape[1]
+        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
+        for i, token in enumerate([5, 9, 2, 7, 11, 3]):
+            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
+        return out
+
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
+        want = decode_logits(ref)
+    with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        got = decode_logits(model)
+        layers = model.config.num_hidden_layers
+    assert calls == [layer for _ in range(6) for layer in range(layers)]  # every decode step, every layer
+    tol = 1e-5 if dtype == "float32" else 8e-3  # bf16: the C path rounds once where the torch ops round per op
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
