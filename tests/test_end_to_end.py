@@ -104,7 +104,7 @@ def test_perturbed_cpu_expert_changes_logits(model_dirs, hf_model, tmp_path):
     with fiddlerc.load(tmp_path / "out", device="cpu") as model:
         ids, _ = _prompts(1, length=12)
         before, before_one = model(ids), model(ids[:, :1])  # a prompt; one token (one grouped call a layer)
-        placed = model.hf_model.model.layers[1].mlp.experts
+        placed = next(p for p in model.placed_experts if p.layer == 1)
         for w in placed.weights:
             t = getattr(w.w_out, "weight", w.w_out)  # a NativeWeight reads the tensor as bound
             t.add_(torch.randn_like(t) * 0.5)

@@ -33,7 +33,7 @@ from fiddlerc.model.quantize import QUANTIZED_FILE, dense_key, matrix_key
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader, resolve_sources
 from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
 from fiddlerc.quant_format import QuantizedWeight
-from fiddlerc.runtime import kernels, matvec, quant
+from fiddlerc.runtime import kernels, matvec, quant, routing
 from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv, head_norm_rows
 from fiddlerc.runtime.experts import ExpertWeights, PlacedExperts, groupable
 from fiddlerc.runtime.host_memory import host_copy, huge_pages_available, return_freed_heap
@@ -69,6 +69,8 @@ def bind_weights(
     binder.split_rows = binder.rows_split(placed)
     attention = {a.layer: binder.bind_attention(a.module) for a in plan.attention if a.path == GENERATED}
     binder.bind_linears()
+    for ml, p in zip(plan.moe_layers, placed, strict=True):
+        binder.route_in_c(ml.block, p)
     binder.finish()
     return Bound(placed, attention)
 
@@ -225,6 +227,24 @@ class WeightBinder:
             module.spread = self.spread_for(tuple(biggest.shape), biggest.dtype, kernel)
         layout.install(block, module)
         return module
+
+    def route_in_c(self, path: str, placed: PlacedExperts) -> None:
+        """CPU load under auto/native: a MoE block of a plain kind whose experts run as one grouped call is
+        replaced by a `routing.OneTokenMoe` that routes one token in C (the last step: names of the block's
+        parameters change under it)."""
+        block = self.model.get_submodule(path)
+        gate = getattr(block, "gate", None)
+        router, top_k = getattr(gate, "weight", None), getattr(gate, "top_k", None)
+        if self.fast.type != "cpu" or self.kernel_mode not in ("auto", "native") or not isinstance(top_k, int):
+            return
+        if type(block).__name__ not in routing.PLAIN_BLOCKS or placed.grouped is None or not placed.grouped.holds_all:
+            return
+        if not routing.OneTokenMoe.accepts(router):
+            return
+        normalise = routing.router_form(gate, self.model.config, top_k)
+        if normalise is not None:
+            parent, _, leaf = path.rpartition(".")
+            setattr(self.model.get_submodule(parent), leaf, routing.OneTokenMoe(block, top_k, normalise, placed))
 
     def quantized_expert(self, layer: int, e: int, stored: ExpertWeights) -> ExpertWeights:
         """A cpu-tier expert's matrices from QUANTIZED_FILE (memory-mapped, quantized at compile time); its

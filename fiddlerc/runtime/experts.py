@@ -205,6 +205,13 @@ class PlacedExperts(nn.Module):
             return run_expert(x * w, weights, self.math)
         return run_expert(x, weights, self.math) * w
 
+    def one_call_ready(self) -> bool:
+        """Whether one token's experts run as one grouped call on this thread, counted in `decode_counts`: where
+        the group holds every expert (a CPU load, whose grouped experts get an inline worker), unless picks are
+        spread over two threads, observed or traced."""
+        g = self.grouped
+        return g is not None and g.holds_all and not self.spread and self.observer is None and self.tracer is None
+
     def counts(self) -> tuple[int, int, int, list[int]]:
         """Routed (token, expert) pairs since load: served by the fast tier, the cpu tier, fetched; per expert."""
         decode = self.decode_counts.tolist()
@@ -357,11 +364,8 @@ class PlacedExperts(nn.Module):
         themselves at this size). The picks the grouped call holds run in it, on the worker; else the
         cpu-tier experts run on the worker, beside the others; with `spread`, every other pick does,
         whatever its tier (both tiers are this CPU). Each part is summed in expert order."""
-        g = self.grouped
-        if g is not None and g.holds_all and not self.spread and self.observer is None and self.tracer is None:
-            # the lean path: one call, which also orders and counts the picks (`counts()` adds them up)
-            y = self.worker.submit(g, hidden_states, top_k_index, top_k_weights, self.decode_counts).result()
-            return y.to(hidden_states.dtype)
+        if self.one_call_ready():  # the lean path: one call, which also orders and counts the picks (`counts()`)
+            return self.grouped(hidden_states, top_k_index, top_k_weights, self.decode_counts).to(hidden_states.dtype)
         if self.observer is not None:
             self.observer(self.layer, top_k_index.reshape(1, -1).to("cpu"))
         picks = sorted((e, slot) for slot, e in enumerate(top_k_index[0].tolist()))  # expert order, as HF sums

@@ -41,6 +41,9 @@ class _Library:
         lib.fc_attention_decode.argtypes = [i32, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
                                             ctypes.c_float, p, i32, i32]  # fmt: skip
         lib.fc_attention_decode.restype = i32
+        # fiddlerc.runtime.routing.route_one: (kind, weight, experts, hidden, x, k, normalise, picks, weights, simd)
+        lib.fc_route_softmax_topk.argtypes = [i32, p, i64, i64, p, i32, i32, p, p, i32]
+        lib.fc_route_softmax_topk.restype = i32
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())
 
