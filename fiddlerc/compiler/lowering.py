@@ -156,6 +156,18 @@ def skip_decode_mask(graph: torch.fx.Graph, gm: torch.fx.GraphModule, plan: Plan
             node.op, node.target = "call_module", "causal_mask"
 
 
+def logits_rows(graph: torch.fx.Graph, gm: torch.fx.GraphModule, plan: Plan) -> None:
+    """The slice of the final hidden states before lm_head (Hugging Face's `logits_to_keep`, traced as 0:
+    every position) as `self.logits_rows(x)`, which keeps the last position only where the runtime
+    generates (fiddlerc.runtime.forward.GeneratedForward)."""
+    every = (slice(None), slice(0, None), slice(None))
+    for node in graph.nodes:
+        if node.op == "call_module" and node.target.endswith("lm_head") and node.args:
+            arg = node.args[0]
+            if _is(arg, "call_function", operator.getitem, 2) and arg.args[1] == every:
+                arg.op, arg.target, arg.args = "call_module", "logits_rows", (arg.args[0],)
+
+
 def unwrap_calls(graph: torch.fx.Graph, gm: torch.fx.GraphModule, plan: Plan) -> None:
     """Forget which calls fx traced through `torch.fx.wrap`: module.py is executed, never traced again, so
     it needs no wrap registrations."""

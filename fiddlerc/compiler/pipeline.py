@@ -17,6 +17,7 @@ from fiddlerc.compiler.lowering import (
     check_no_constants,
     fold_moe_calls,
     fuse_rms_norms,
+    logits_rows,
     micro_batched,
     skip_decode_mask,
     unwrap_calls,
@@ -54,6 +55,7 @@ LOWERING = [
     fuse_rms_norms,  # each inlined Llama-kind RMSNorm as one self.rms_norm call (bit-identical)
     call_generated_attention,  # the plan's generated attention layers as self.attention(layer, ...)
     skip_decode_mask,  # no mask at decode without padding, where every attention layer is generated
+    logits_rows,  # lm_head reads the last position only where the runtime generates
     unwrap_calls,  # no torch.fx.wrap registrations: module.py is executed, never traced
     check_no_constants,  # every tensor read is a model attribute bound at load, none baked in at trace time
 ]

@@ -138,6 +138,15 @@ class CompiledModel:
             cache = cache.caches[0]
         return self._forward(input_ids, cache, attention_mask, position_ids)
 
+    def _run_last(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
+        """`_run` computing the logits of the last position only [B, 1, V]: all generation reads (as Hugging
+        Face's generate asks with logits_to_keep=1); a prefill of T tokens is spared T - 1 rows of lm_head."""
+        self._forward.logits_last = True
+        try:
+            return self._run(input_ids, cache, attention_mask, position_ids)
+        finally:
+            self._forward.logits_last = False
+
     def _check_input(self, input_ids: torch.Tensor, new_tokens: int = 0) -> None:
         if self._worker.closed:  # checked here: layers whose kernels run inline never reach the worker
             raise RuntimeError("the CPU worker was closed: load the model again")
@@ -199,7 +208,7 @@ class CompiledModel:
                 raise OptionError("beam search needs max_new_tokens >= 1")
             with self._lock:
                 return _beam_search(
-                    self._run,
+                    self._run_last,
                     self.new_cache,
                     input_ids.to(self.device),
                     None if attention_mask is None else attention_mask.to(self.device),
@@ -212,7 +221,7 @@ class CompiledModel:
                 )
         with self._lock:
             out = _generate(
-                self._run,
+                self._run_last,
                 self.new_cache,
                 input_ids.to(self.device),
                 attention_mask,

@@ -26,6 +26,11 @@ class GeneratedForward(nn.Module):
     rms_norm = staticmethod(norms.rms_norm)
     causal_mask = staticmethod(attention.causal_mask)
     attend_one = None  # the loader sets attention.attend_one where the C kernels run (a CPU load)
+    logits_last = False  # generation sets it for its calls: `logits_rows` keeps the last position only
+
+    def logits_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """The final hidden states [B, T, H] lm_head reads: every position, or the last one where generating."""
+        return x[:, -1:] if self.logits_last else x
 
     @staticmethod
     def micro_rows(x: torch.Tensor | None, micro_batch: int, count: int) -> torch.Tensor | None:

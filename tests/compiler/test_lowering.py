@@ -35,7 +35,7 @@ def test_each_moe_layer_folds_into_one_commented_block_call(model_dirs):
     )
     assert not [n for n in graph.nodes if n.op == "call_function" and "fiddlerc_expert" in str(n.target)]
     assert {n.target for n in graph.nodes if n.op == "call_module" and not n.target.startswith("m.")} == {
-        "attention", "rms_norm", "causal_mask"}  # fmt: skip
+        "attention", "rms_norm", "causal_mask", "logits_rows"}  # fmt: skip
 
 
 def test_micro_batched_graph_copies_each_stage_once_per_micro_batch_in_schedule_order(model_dirs):
@@ -69,3 +69,23 @@ def test_codegen_fuses_every_rms_norm_it_recognises_and_leaves_others(model_dirs
     fiddlerc.compile(model_dirs("qwen3_next"), tmp_path / "q", gpu_memory="1GiB", context=64)
     text = (tmp_path / "q" / "module.py").read_text()
     assert "= self.rms_norm(" not in text and "rsqrt" in text  # Gemma-style `1 + weight` norms are not this pattern
+
+
+def test_generation_computes_lm_head_for_the_last_position_only(model_dirs, tmp_path, monkeypatch):
+    """Hugging Face generate asks for the last position's logits only (logits_to_keep=1); so does ours, while
+    a plain call still returns every position's."""
+    import torch
+
+    import fiddlerc
+
+    fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64)
+    assert "= self.logits_rows(" in (tmp_path / "out" / "module.py").read_text()
+    ids = torch.randint(3, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        rows = []
+        real = model.hf_model.lm_head.forward
+        monkeypatch.setattr(model.hf_model.lm_head, "forward", lambda x: rows.append(x.shape[1]) or real(x))
+        full = model(ids)
+        out = model.generate(ids, max_new_tokens=3, ignore_eos=True)
+    assert full.shape[1] == 9 and rows == [9, 1, 1, 1]
+    assert torch.equal(out[:, 9], full[:, -1].argmax(-1))  # the first new token: the full forward's last row
