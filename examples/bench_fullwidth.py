@@ -10,11 +10,13 @@ Slices of real models with random weights and a vocabulary of 8192 (random weigh
 only: every format does the same work on them):
 - mixtral: Mixtral-8x7B layers (hidden 4096, 8 experts of 14336, top-2, 32/8 heads) x 2 layers;
 - qwen3: Qwen3-30B-A3B layers (hidden 2048, 128 experts of 768, top-8, 32/4 heads, head_dim 128) x 4.
+- bench: the ~1 GB benchmark model of bench_decode.py (hidden 1024, 8 experts of 1024, top-2, 8 layers),
+  fp32; fiddlerc fp32 and bf16 beside llama.cpp F32 and BF16, 64 new tokens by default;
 - narrow-mixtral, narrow-qwen3: hidden 64, 8 layers, the same routing (8 experts of 128, top-2; 128 of
   32, top-8), fp32, 128 new tokens by default: their weights read in microseconds, so the time per token
   is the engine's fixed cost (everything between the weights' reads). fiddlerc fp32 beside llama.cpp F32
   and Hugging Face fp32.
-bf16 checkpoints (fp32 for the narrow ones), written once under --dir with a tokenizer trained there
+bf16 checkpoints (fp32 for bench and the narrow ones), written once under --dir with a tokenizer trained there
 (llama.cpp's converter needs one; timing feeds token ids). fiddlerc compiles each slice with every expert on the CPU tier
 (`--fast-experts 0`), in bf16 and with `--expert-dtype` and `--dense-dtype` int8 or int4 (embeddings,
 norms and routers stay bf16).
@@ -40,6 +42,14 @@ VOCAB = 8192
 
 
 NARROW = ("narrow-mixtral", "narrow-qwen3")
+# slice -> (dtype stored, fiddlerc's formats, llama.cpp's formats, new tokens by default)
+SLICES = {
+    "mixtral": ("bf16", ("bf16", "int8", "int4"), ("bf16", "q8_0", "q4_0"), 16),
+    "qwen3": ("bf16", ("bf16", "int8", "int4"), ("bf16", "q8_0", "q4_0"), 16),
+    "bench": ("fp32", ("fp32", "bf16"), ("f32", "bf16"), 64),
+    **{n: ("fp32", ("fp32",), ("f32",), 128) for n in NARROW},
+}
+PEER = {"fp32": "llama.cpp F32", "bf16": "llama.cpp BF16", "int8": "llama.cpp Q8_0", "int4": "llama.cpp Q4_0"}
 
 
 def slice_config(name: str):
@@ -56,6 +66,9 @@ def slice_config(name: str):
     if name == "narrow-qwen3":
         return T.Qwen3MoeConfig(**common, **narrow, moe_intermediate_size=32, head_dim=16, num_experts=128,
                                 num_experts_per_tok=8, decoder_sparse_step=1, mlp_only_layers=[])  # fmt: skip
+    if name == "bench":  # the ~1 GB benchmark model of bench_decode.py and bench.py
+        return T.MixtralConfig(**common, hidden_size=1024, intermediate_size=1024, num_hidden_layers=8,
+                               num_attention_heads=16, num_key_value_heads=4, num_local_experts=8, num_experts_per_tok=2)  # fmt: skip
     if name == "mixtral":
         return T.MixtralConfig(**common, hidden_size=4096, intermediate_size=14336, num_hidden_layers=2,
                                num_attention_heads=32, num_key_value_heads=8, num_local_experts=8, num_experts_per_tok=2)  # fmt: skip
@@ -106,23 +119,23 @@ def prepare(name: str, root: Path, llama: tuple[str, Path] | None) -> dict[str, 
     from fiddlerc.tools.demo import write_model
 
     model = root / name / "model"
-    narrow = name in NARROW
+    stored, formats, llama_formats, _ = SLICES[name]
     if not (model / "config.json").is_file():
-        write_model(slice_config(name), model, seed=0, dtype=torch.float32 if narrow else torch.bfloat16)
-        tok = train_tokenizer("llama" if name.endswith("mixtral") else "gpt2")
+        write_model(slice_config(name), model, seed=0, dtype=torch.float32 if stored == "fp32" else torch.bfloat16)
+        tok = train_tokenizer("gpt2" if name.endswith("qwen3") else "llama")
         assert len(tok) == VOCAB, f"the tokenizer has {len(tok)} tokens, the model {VOCAB}"
         tok.save_pretrained(model)
-    paths = {"hf fp32" if narrow else "hf bf16": model}
-    for fmt in ("fp32",) if narrow else ("bf16", "int8", "int4"):
+    paths = {f"hf {stored}": model}
+    for fmt in formats:
         out = root / name / f"fiddlerc-{fmt}"
         if not (out / "manifest.json").is_file():
             quantized = None if fmt in ("bf16", "fp32") else fmt  # experts and dense projections alike, as llama.cpp's
-            fiddlerc.compile(model, out, gpu_memory="1TiB", context=256, fast_experts=0,
+            fiddlerc.compile(model, out, gpu_memory="1TiB", context=256, fast_experts=0, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(fmt),
                              expert_dtype=quantized, dense_dtype=quantized)  # fmt: skip
         paths[f"fiddlerc {fmt}"] = out
     if llama is not None:
         python, src = llama
-        for fmt in ("f32",) if narrow else ("bf16", "q8_0", "q4_0"):
+        for fmt in llama_formats:
             gguf = root / name / f"llama-{fmt}.gguf"
             if not gguf.is_file():
                 code = _CONVERT if fmt != "q4_0" else _QUANTIZE
@@ -212,7 +225,7 @@ def _child(engine: str, path: str, threads: int, prompt: int, new: int) -> dict:
     else:
         from transformers import AutoModelForCausalLM
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()  # as stored: bf16, fp32 (narrow)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="auto").eval()  # as stored
 
         def run(n):
             with torch.no_grad():
@@ -357,12 +370,12 @@ def error_table(root: Path, llama: tuple[str, Path] | None) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--slices", default="mixtral,qwen3," + ",".join(NARROW))
+    ap.add_argument("--slices", default=",".join(SLICES))
     ap.add_argument("--dir", default="/tmp/fiddlerc-fullwidth")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt", type=int, default=32)
-    ap.add_argument("--new-tokens", type=int, default=None, help="default: 16 (full width), 128 (narrow)")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 16 full width, 64 bench, 128 narrow")
     ap.add_argument("--llama-python", default=None, help="a Python with llama_cpp installed")
     ap.add_argument(
         "--llama-src", default=None, help="llama.cpp's source (vendor/llama.cpp of llama-cpp-python's sdist)"
@@ -383,9 +396,7 @@ def main() -> None:
         paths = prepare(name, Path(args.dir), llama)
         if args.no_hf:
             paths = {k: p for k, p in paths.items() if not k.startswith("hf ")}
-        slice_args = argparse.Namespace(
-            **{**vars(args), "new_tokens": args.new_tokens or (128 if name in NARROW else 16)}
-        )
+        slice_args = argparse.Namespace(**{**vars(args), "new_tokens": args.new_tokens or SLICES[name][3]})
         params = _params(Path(args.dir) / name / "model")
         results: dict[str, list[dict]] = {k: [] for k in paths}
         for _ in range(args.rounds):
@@ -394,14 +405,13 @@ def main() -> None:
         print(f"\n{name} slice, {args.threads} threads, prompt {args.prompt}, {slice_args.new_tokens} new tokens, "
               f"median of {args.rounds} alternating rounds (decode tokens/s and ms/token; bits per weight over all weights)")  # fmt: skip
         decode = {k: statistics.median(r["decode"] for r in v) for k, v in results.items()}
-        peer = {"bf16": "llama.cpp BF16", "int8": "llama.cpp Q8_0", "int4": "llama.cpp Q4_0", "fp32": "llama.cpp F32"}
         for k, p in paths.items():
             prefill = statistics.median(r["prefill"] for r in results[k])
             line = (f"  {k:17} {stored_bits(p, params):5.2f} bpw  decode {decode[k]:8.2f} tok/s = {1e3 / decode[k]:6.2f} ms/token"
                     f"  prefill {prefill:8.1f} tok/s")  # fmt: skip
             fmt = k.split()[-1]
-            if k.startswith("fiddlerc") and peer[fmt] in decode:
-                line += f"  = {decode[k] / decode[peer[fmt]]:.2f}x {peer[fmt]}"
+            if k.startswith("fiddlerc") and PEER[fmt] in decode:
+                line += f"  = {decode[k] / decode[PEER[fmt]]:.2f}x {PEER[fmt]}"
             print(line)
 
 
