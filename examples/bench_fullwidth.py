@@ -182,8 +182,9 @@ def stored_bits(path: Path, params: int) -> float:
         dense = plan["memory"]["dense_bytes"]
         total = sum(f.stat().st_size for f in model_dir.glob("*.safetensors"))
         quantized = path / "quantized.safetensors"
-        if not quantized.is_file():  # bf16: every weight from the model folder
-            return total * 8 / params
+        if not quantized.is_file():  # every weight from the model folder, in the compiled dtype
+            itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}.get(plan["model"]["dtype"])
+            return itemsize * 8.0 if itemsize else total * 8 / params
         doc = json.loads((path / "plan.json").read_text())["target"]
         kept = _unquantized_bytes(model_dir, quantized) if doc["dense_dtype"] else dense
         return (kept + quantized.stat().st_size) * 8 / params
