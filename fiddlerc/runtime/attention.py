@@ -143,8 +143,8 @@ def attend_one(
     pos = lay.fiddlerc_length
     if pos + 1 > lay.max_cache_len:
         raise RuntimeError(f"the KV cache holds {lay.max_cache_len} tokens: the context this model was compiled for")
-    x = qkv.reshape(-1).to(torch.float32).contiguous()
-    c, s_ = (t.reshape(-1).to(torch.float32).contiguous() for t in (cos, sin))
+    x = quant.as_f32(qkv)
+    c, s_ = quant.as_f32(cos), quant.as_f32(sin)
     norm = 0 if head_norm is None else head_norm.contiguous().data_ptr()
     out = torch.empty(1, 1, heads * head_dim, dtype=torch.float32)
     code = lib.lib.fc_attention_decode(kind, x.data_ptr(), norm, eps, c.data_ptr(), s_.data_ptr(), heads, kv_heads,

@@ -337,9 +337,9 @@ class GroupedExperts:
         """sum over `picks` of route[i] * expert(x), x [1, hidden], picks and route [k] (any order; the router's
         `top_k_index[0]` and `top_k_weights[0]`): fp32 [1, hidden]. `counts` (int64 [experts]) counts the picks."""
         lib = quant.library()
-        picks = torch.as_tensor(picks).reshape(-1).to(torch.int64).contiguous()
-        xf = x.reshape(1, -1).to(torch.float32).contiguous()
-        r = route.reshape(-1).to(torch.float32).contiguous()
+        if type(picks) is not torch.Tensor or picks.dtype is not torch.int64 or not picks.is_contiguous():
+            picks = torch.as_tensor(picks).to(torch.int64).contiguous()
+        xf, r = quant.as_f32(x), quant.as_f32(route)
         y = torch.empty(1, self.hidden, dtype=torch.float32)
         head = (self.code, picks.numel(), picks.data_ptr(), r.data_ptr(), self.table)
         tail = (self.num_experts, self.hidden, self.inter, xf.data_ptr(), y.data_ptr(),

@@ -29,7 +29,7 @@ def matvec(x: torch.Tensor, w: torch.Tensor, *, threads: int | None = None, simd
             "fiddlerc's float kernel reads contiguous CPU fp32/bf16/fp16 weights, with the C kernels built"
         )
     rows, cols = w.shape
-    x = x.to(torch.float32).contiguous()
+    x = quant.as_f32(x)
     if x.dim() != 2 or x.shape[1] != cols:
         raise ValueError(f"activations of shape {tuple(x.shape)} for a weight of {cols} columns")
     y = torch.empty(x.shape[0], rows, dtype=torch.float32)

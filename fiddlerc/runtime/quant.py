@@ -57,6 +57,12 @@ def library() -> _Library | None:
     return _Library(spec.origin)
 
 
+def as_f32(t: torch.Tensor) -> torch.Tensor:
+    """`t` as a C kernel reads it: contiguous fp32 (itself where it is already; a call at one token has few
+    microseconds to spare)."""
+    return t if t.dtype is torch.float32 and t.is_contiguous() else t.to(torch.float32).contiguous()
+
+
 def available() -> bool:
     return library() is not None
 
@@ -74,7 +80,7 @@ def _lib() -> _Library:
 def quantize_activations(x: torch.Tensor, *, simd: bool | None = None) -> QuantizedActivations:
     """Quantize activations [n, cols] (any float dtype) for `matmul`."""
     lib = _lib()
-    x = x.to(torch.float32).contiguous()
+    x = as_f32(x)
     n, cols = x.shape
     if cols % (2 * GROUP):
         raise ValueError(f"activations of width {cols} are not a multiple of two blocks of {GROUP}")

@@ -57,7 +57,7 @@ def router_form(gate: nn.Module, config, top_k: int) -> bool | None:
 def route_one(x: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(picks int64 [top_k], weights fp32 [top_k]) of one token x [1, H] through the router `weight` [E, H]."""
     lib = quant.library()
-    xf = x.reshape(-1).to(torch.float32).contiguous()
+    xf = quant.as_f32(x)
     picks = torch.empty(top_k, dtype=torch.int64)
     weights = torch.empty(top_k, dtype=torch.float32)
     experts, hidden = weight.shape
