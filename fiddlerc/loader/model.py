@@ -109,6 +109,7 @@ class CompiledModel:
             self._forward.attend_one = attend_one  # one C call a layer's attention at decode
         if self.tracer is not None and bound.attention:
             _trace_generated_attention(self._forward, self.tracer)
+        self._forward.flatten_modules()  # the last change to the module tree: plain attribute lookups from here
         # Generated attention writes into a static cache sized for the compiled context.
         self._static_cache = bool(bound.attention)
         self._cache_class = cache_class(meta_model)

@@ -46,3 +46,16 @@ def test_run_micro_leaves_no_call_deferred_when_it_raises():
     with pytest.raises(RuntimeError, match="stage failed"):
         fwd.run_micro(None, [], None, None)
     assert [p.deferred for p in fwd.placed.values()] == [None, None]
+
+
+def test_flatten_modules_makes_children_plain_attributes_that_reassignment_still_replaces():
+    inner = nn.Sequential(nn.Linear(2, 2), nn.ReLU())
+    fwd = GeneratedForward(nn.Module(), config=None)
+    fwd.m.body = inner
+    fwd.flatten_modules()
+    assert fwd.__dict__["m"] is fwd.m and fwd.m.__dict__["body"] is inner and inner.__dict__["0"] is inner[0]
+    replacement = nn.Identity()
+    fwd.m.body = replacement  # nn.Module.__setattr__ drops the flattened entry as it registers the new child
+    assert fwd.m.body is replacement and fwd.m._modules["body"] is replacement
+    x = torch.randn(3, 2)
+    assert torch.equal(fwd.m.body(x), x)
