@@ -212,6 +212,16 @@ class PlacedExperts(nn.Module):
         g = self.grouped
         return g is not None and g.holds_all and not self.spread and self.observer is None and self.tracer is None
 
+    def _token_by_token(self, tokens: int, k: int) -> bool:
+        """Whether a call of several tokens runs token by token through the grouped call: where its experts are
+        small (each under kernels.MIN_AUTO_BYTES, where a product costs less than the twenty-odd ops an
+        expert's batch costs in Python) and each expert the call reaches gets few of its tokens (at most 4
+        on average: fine-grained routing, Qwen3's 8 of 128), so batching them by expert saves little reading."""
+        if not self.one_call_ready() or tokens * k > 4 * self.num_experts:
+            return False
+        first = self.weights[next(iter(self.grouped.experts))]
+        return sum(m.nbytes for m in first.matrices) < kernels.MIN_AUTO_BYTES
+
     def counts(self) -> tuple[int, int, int, list[int]]:
         """Routed (token, expert) pairs since load: served by the fast tier, the cpu tier, fetched; per expert."""
         decode = self.decode_counts.tolist()
@@ -265,6 +275,11 @@ class PlacedExperts(nn.Module):
     ) -> torch.Tensor:
         if hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and self.deferred is None:
             return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
+        if hidden_states.device.type == "cpu" and self.deferred is None and self._token_by_token(*top_k_index.shape):
+            out = torch.empty_like(hidden_states)
+            for t in range(hidden_states.shape[0]):  # each token's experts in one grouped call, as at decode
+                out[t] = self.grouped(hidden_states[t], top_k_index[t], top_k_weights[t], self.decode_counts)[0]
+            return out
         k = top_k_index.shape[1]
         # [T*k] flat routing on the host: the one synchronisation of this layer.
         flat = top_k_index.reshape(-1).to("cpu")

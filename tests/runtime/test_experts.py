@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import fiddlerc
@@ -68,3 +69,28 @@ def test_a_fetch_reads_the_tensors_under_native_weights_and_leaves_plain_ones_as
     fetched = w.to(torch.device("cpu"), torch.float32)  # what a copy to the GPU does, on the CPU here
     assert all(type(m) is torch.Tensor and m.dtype == torch.float32 for m in fetched.matrices)
     assert torch.equal(fetched.w_in[0], gate.float()) and torch.equal(fetched.w_out, down.float())
+
+
+def test_a_prompt_over_fine_grained_small_experts_runs_token_by_token_and_equals_the_reference(tmp_path):
+    """Qwen3-like routing (many small experts, few tokens each): a prompt's experts run one token at a time
+    through the grouped call on a CPU load, equal to the reference's batches by expert, counted alike."""
+    from fiddlerc.runtime import quant
+    from fiddlerc.tools.demo import write_model
+    from tests.conftest import tiny_config
+
+    if quant.library() is None:
+        pytest.skip("the grouped call needs the C kernels")
+    config = tiny_config("qwen3_moe")
+    config.num_experts, config.num_experts_per_tok = 32, 4
+    write_model(config, tmp_path / "model", seed=0)
+    fiddlerc.compile(tmp_path / "model", tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=8)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(0))
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
+        want, want_stats = ref(ids), ref.routing_stats()
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        assert all(p._token_by_token(12, 4) for p in model.placed_experts)
+        got, stats = model(ids), model.routing_stats()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for layer, s in stats["layers"].items():
+        assert s["per_expert"] == want_stats["layers"][layer]["per_expert"]
+        assert (s["fast"], s["cpu"]) == (want_stats["layers"][layer]["fast"], want_stats["layers"][layer]["cpu"])
