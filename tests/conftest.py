@@ -114,6 +114,17 @@ def padded_prompts():
     return ids, mask
 
 
+def decode_logits(model, ids: torch.Tensor, tokens=(5, 9, 2, 7)) -> list[torch.Tensor]:
+    """Teacher-forced decode of a compiled model: the last logits of a prefill of `ids` [1, T], then of each of
+    `tokens` fed one at a time (the one-token path), from one cache."""
+    cache, n = model.new_cache(), ids.shape[1]
+    with torch.no_grad():
+        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
+        for i, token in enumerate(tokens):
+            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
+    return out
+
+
 def mapping_of(ptr: int) -> tuple[str, int]:
     """(file name or "", AnonHugePages kB) of the mapping of this process that holds address `ptr`."""
     found, name, huge = False, "", 0

@@ -48,16 +48,17 @@ static float dot_portable(int kind, const float *q, const void *row, int64_t d) 
 }
 
 #ifdef FC_X86
+/* eight values of a row of `kind` from index i, widened to fp32 (a bf16 is the top half of an fp32) */
+__attribute__((target("avx2,fma"), always_inline)) static inline __m256 load8(int kind, const void *row, int64_t i) {
+    if (kind == C_F32) return _mm256_loadu_ps((const float *)row + i);
+    __m128i h = _mm_loadu_si128((const __m128i *)((const uint16_t *)row + i));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+}
+
 __attribute__((target("avx2,fma"))) static float dot_avx2(int kind, const float *q, const void *row, int64_t d) {
     __m256 a = _mm256_setzero_ps();
     int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        __m256 r = kind == C_F32 ? _mm256_loadu_ps((const float *)row + i)
-                                 : _mm256_castsi256_ps(_mm256_slli_epi32(
-                                       _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))),
-                                       16));
-        a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), r, a);
-    }
+    for (; i + 8 <= d; i += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), load8(kind, row, i), a);
     float s = fc_hsum8(a);
     for (; i < d; i++) s += q[i] * read_at(kind, row, i);
     return s;
@@ -67,13 +68,7 @@ __attribute__((target("avx2,fma"))) static float dot_avx2(int kind, const float 
 __attribute__((target("avx2,fma"))) static void axpy_avx2(int kind, float *o, float w, const void *row, int64_t d) {
     const __m256 wv = _mm256_set1_ps(w);
     int64_t i = 0;
-    for (; i + 8 <= d; i += 8) {
-        __m256 r = kind == C_F32 ? _mm256_loadu_ps((const float *)row + i)
-                                 : _mm256_castsi256_ps(_mm256_slli_epi32(
-                                       _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)row + i))),
-                                       16));
-        _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, r, _mm256_loadu_ps(o + i)));
-    }
+    for (; i + 8 <= d; i += 8) _mm256_storeu_ps(o + i, _mm256_fmadd_ps(wv, load8(kind, row, i), _mm256_loadu_ps(o + i)));
     for (; i < d; i++) o[i] += w * read_at(kind, row, i);
 }
 #endif

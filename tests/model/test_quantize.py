@@ -12,7 +12,7 @@ from fiddlerc.errors import ArtifactError, OptionError, UnsupportedModelError
 from fiddlerc.model.quantize import QUANTIZED_FILE
 from fiddlerc.runtime import kernels, quant
 from fiddlerc.tools.demo import write_model
-from tests.conftest import VOCAB, mapping_of
+from tests.conftest import VOCAB, decode_logits, mapping_of
 
 needs_kernels = pytest.mark.skipif(not quant.available(), reason="the C kernels were not built")
 
@@ -269,21 +269,14 @@ def test_one_token_decode_runs_a_layers_cpu_experts_in_one_grouped_call(wide, tm
         lambda self, *a: calls.append(torch.as_tensor(a[1]).numel()) or real(self, *a),
     )
 
-    def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
-        cache, n = model.new_cache(), ids.shape[1]
-        out = [model._run(ids[:1], cache, None, torch.arange(n)[None])[:, -1]]
-        for i, token in enumerate([5, 9, 2, 7]):
-            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
-        return out
-
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
         assert all(p.grouped is not None for p in model.placed_experts)
-        got = decode_logits(model)
+        got = decode_logits(model, ids[:1])
         assert calls == [2] * 2 * 4  # each decode step: one call per layer for its top-2
         stats = model.routing_stats()["layers"]  # the picks the C call counted are in the stats too
         assert all(s["cpu"] == (ids.shape[1] + 4) * 2 and sum(s["per_expert"]) == s["cpu"] for s in stats.values())
         for p in model.placed_experts:
             p.grouped = None  # expert by expert, as a batch runs them
-        want = decode_logits(model)
+        want = decode_logits(model, ids[:1])
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)

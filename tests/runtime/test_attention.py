@@ -7,7 +7,7 @@ import torch
 
 import fiddlerc
 from fiddlerc.errors import OptionError
-from tests.conftest import hf_greedy, padded_prompts
+from tests.conftest import decode_logits, hf_greedy, padded_prompts
 
 GENERATED_FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "phimoe", "granitemoe", "ernie4_5_moe"]
 
@@ -75,17 +75,10 @@ def test_one_token_attention_in_c_equals_the_generated_torch_ops(family, dtype, 
     fiddlerc.compile(model_dirs(family), tmp_path / "out", gpu_memory="1GiB", context=64, dtype=dtype)
     ids = padded_prompts()[0][1:]
 
-    def decode_logits(model) -> list[torch.Tensor]:
-        cache, n = model.new_cache(), ids.shape[1]
-        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
-        for i, token in enumerate([5, 9, 2, 7, 11, 3]):
-            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
-        return out
-
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
-        want = decode_logits(ref)
+        want = decode_logits(ref, ids, (5, 9, 2, 7, 11, 3))
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
-        got = decode_logits(model)
+        got = decode_logits(model, ids, (5, 9, 2, 7, 11, 3))
         layers = model.config.num_hidden_layers
     assert calls == [layer for _ in range(6) for layer in range(layers)]  # every decode step, every layer
     tol = 1e-5 if dtype == "float32" else 8e-3  # bf16: the C path rounds once where the torch ops round per op

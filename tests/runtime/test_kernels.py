@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import fiddlerc
 from fiddlerc.runtime import kernels
-from tests.conftest import padded_prompts
+from tests.conftest import decode_logits, padded_prompts
 
 
 def test_pick_takes_the_faster_kernel_only_when_it_wins_at_decode_and_holds_at_prefill():
@@ -112,20 +112,13 @@ def test_cpu_only_decode_splits_dense_products_where_experts_spread(model_dirs, 
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
     ids = padded_prompts()[0][1:]
 
-    def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
-        cache, n = model.new_cache(), ids.shape[1]
-        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
-        for i, token in enumerate([5, 9, 2, 7]):
-            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
-        return out
-
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
-        want = decode_logits(ref)
+        want = decode_logits(ref, ids)
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
         dense = model._forward.dense.values()
         assert all(type(d.qkv) is kernels.RowSplit and type(d.o) is kernels.RowSplit for d in dense)
         assert type(model.hf_model.lm_head) is kernels.KernelLinear and "row-split" in repr(model.hf_model.lm_head)
-        for got, expected in zip(decode_logits(model), want, strict=True):
+        for got, expected in zip(decode_logits(model, ids), want, strict=True):
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
 
 

@@ -7,7 +7,7 @@ import torch
 
 import fiddlerc
 from fiddlerc.runtime import quant, routing
-from tests.conftest import padded_prompts, tiny_config
+from tests.conftest import decode_logits, padded_prompts, tiny_config
 
 needs_kernels = pytest.mark.skipif(quant.library() is None, reason="the C kernels were not built")
 
@@ -61,21 +61,14 @@ def test_one_token_blocks_route_in_c_and_equal_the_reference(family, dtype, mode
     fiddlerc.compile(model_dirs(family), tmp_path / "out", gpu_memory="1GiB", context=64, dtype=dtype, fast_experts=2)
     ids = padded_prompts()[0][1:]
 
-    def decode_logits(model) -> list[torch.Tensor]:  # teacher-forced: the prompt, then one token at a time
-        cache, n = model.new_cache(), ids.shape[1]
-        out = [model._run(ids, cache, None, torch.arange(n)[None])[:, -1]]
-        for i, token in enumerate([5, 9, 2, 7, 11, 3]):
-            out.append(model._run(torch.tensor([[token]]), cache, None, torch.tensor([[n + i]]))[:, -1])
-        return out
-
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu", kernels="reference") as ref:
-        want, want_stats = decode_logits(ref), ref.routing_stats()
+        want, want_stats = decode_logits(ref, ids, (5, 9, 2, 7, 11, 3)), ref.routing_stats()
         assert not any(type(layer.mlp) is routing.OneTokenMoe for layer in ref.hf_model.model.layers)
     with torch.no_grad(), fiddlerc.load(tmp_path / "out", device="cpu") as model:
         assert all(type(layer.mlp) is routing.OneTokenMoe for layer in model.hf_model.model.layers)
         first = model.hf_model.model.layers[0].mlp
         assert first.experts is model.placed_experts[0] and first.gate is first.block.gate  # the block's, read through
-        got, stats = decode_logits(model), model.routing_stats()
+        got, stats = decode_logits(model, ids, (5, 9, 2, 7, 11, 3)), model.routing_stats()
     tol = 1e-5 if dtype == "float32" else 8e-3
     for g, w in zip(got, want, strict=True):
         torch.testing.assert_close(g.float(), w.float(), rtol=tol, atol=tol)
