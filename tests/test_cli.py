@@ -147,3 +147,32 @@ def test_popularity_is_also_spelt_profile_as_in_the_fiddler_paper():
     for spelling in ("popularity", "profile"):
         args = build_parser().parse_args([spelling, "model", "--data", "d.txt", "-o", "pop.json"])
         assert args.func.__name__ == "_cmd_popularity" and (args.model_dir, args.out) == ("model", "pop.json")
+
+
+def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_a_run_at_the_next_token():
+    import torch
+
+    from fiddlerc import cli
+
+    class Tokenizer:
+        def encode(self, text):
+            return [1, 2]
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "x" * len(ids)
+
+    class Model:
+        def generate(self, ids, on_token, **kwargs):
+            for step in range(5):
+                if step == 2:
+                    try:  # what a finalizer does with an exception raised while it runs: drops it
+                        cli._on_sigint(2, None)
+                    except KeyboardInterrupt:
+                        pass
+                on_token(torch.tensor([7]))
+
+    cli._interrupted.clear()
+    with pytest.raises(KeyboardInterrupt):
+        cli._generate_text(Model(), Tokenizer(), "hi", 5, 0.0, None)
+    assert cli._interrupted.is_set()
+    assert cli.main(["plan", "--list-hardware"]) == 0 and not cli._interrupted.is_set()  # each command starts afresh

@@ -208,9 +208,10 @@ class PlacedExperts(nn.Module):
     def one_call_ready(self) -> bool:
         """Whether one token's experts run as one grouped call on this thread, counted in `decode_counts`: where
         the group holds every expert (a CPU load, whose grouped experts get an inline worker), unless picks are
-        spread over two threads, observed or traced."""
+        spread over two threads, observed, traced, or deferred (micro-batching)."""
         g = self.grouped
-        return g is not None and g.holds_all and not self.spread and self.observer is None and self.tracer is None
+        quiet = self.observer is None and self.tracer is None and self.deferred is None
+        return g is not None and g.holds_all and not self.spread and quiet
 
     def _token_by_token(self, tokens: int, k: int) -> bool:
         """Whether a call of several tokens runs token by token through the grouped call: where its experts are
