@@ -14,7 +14,8 @@ The steps run in this order, each a method of `WeightBinder`: dense tensors and 
 of every MoE layer (a `PlacedExperts` module installed in each block); the decision whether big
 one-token products split their rows over two threads (which needs the experts' measured spread);
 then the generated attention layers' fused weights and the remaining CPU linears, placed by that
-decision.
+decision; last, on a CPU load, the MoE blocks that route one token in C (fiddlerc.runtime.routing)
+take their blocks' places.
 """
 
 from __future__ import annotations
