@@ -242,7 +242,10 @@ class WeightBinder:
             return
         if not routing.OneTokenMoe.accepts(router):
             return
-        normalise = routing.router_form(gate, self.model.config, top_k)
+        key = ("router", type(gate), top_k)  # every layer's router is of one class and config: probed once
+        if key not in self._memo:
+            self._memo[key] = routing.router_form(gate, self.model.config, top_k)
+        normalise = self._memo[key]
         if normalise is not None:
             parent, _, leaf = path.rpartition(".")
             setattr(self.model.get_submodule(parent), leaf, routing.OneTokenMoe(block, top_k, normalise, placed))

@@ -154,9 +154,9 @@ int fc_experts_silu_float(int kind, int n, const int64_t *picks, const float *ro
 #ifndef FC_X86
     simd = 0;
 #endif
-    int64_t order[64];
-    float weight[64];
-    if (n > 64 || fc_expert_order(n, picks, route, table, experts, order, weight, counts) != 0) return -1;
+    int64_t order[FC_MAX_PICKS];
+    float weight[FC_MAX_PICKS];
+    if (fc_expert_order(n, picks, route, table, experts, order, weight, counts) != 0) return -1;
     float *g = malloc((size_t)(2 * inter + hidden) * sizeof(float));
     if (g == NULL) return -2;
     float *u = g + inter, *o = u + inter;
@@ -212,14 +212,15 @@ void fc_rms_norm(int kind, const void *x, const void *weight, int64_t rows, int6
 /* One token's routing by a softmax-then-top-k router (fiddlerc.runtime.routing): logits = W x (W [experts]
  * [hidden] of `kind`, rounded to the kind as F.linear returns them), probabilities softmax(logits) in fp32,
  * the `k` most probable (picks, weights; the largest first, ties to the lower expert), renormalised to sum
- * to one where `normalise`. Returns 0, or -1 without its buffer. */
+ * to one where `normalise`. Returns 0; -1 for k outside [1, experts]; -2 without its buffer. */
 int fc_route_softmax_topk(int kind, const void *w, int64_t experts, int64_t hidden, const float *x, int k,
                           int normalise, int64_t *picks, float *weights, int simd) {
 #ifndef FC_X86
     simd = 0;
 #endif
+    if (k < 1 || k > experts) return -1;
     float *p = malloc((size_t)experts * sizeof(float));
-    if (p == NULL) return -1;
+    if (p == NULL) return -2;
     float_product(kind, w, experts, hidden, x, 1, p, 1, simd);
     float top = -INFINITY, total = 0.0f;
     for (int64_t e = 0; e < experts; e++) {

@@ -349,18 +349,19 @@ void fc_matmul(int fmt, const uint8_t *w, const void *wd, int64_t rows, int64_t 
 /* One token through `n` SwiGLU experts quantized in `fmt`, summed in expert order: y [hidden] = sum of
  * route[i] * down_e(silu(gate_e x) * up_e x) over e = picks[i], all in fp32, with x quantized once for
  * all gates and ups and each expert's hidden activations once for its down. One call instead of some twenty
- * small ones per expert: at one token of a fine-grained MoE those cost as much as the products. `table` and `scales` hold every expert's gate, up and down (3 per expert, NULL where the group does
- * not hold it), `counts` (NULL: none) counts each pick. Returns 0; -1 for a pick the table does not
- * hold; -2 without its buffers. */
+ * small ones per expert: at one token of a fine-grained MoE those cost as much as the products. `table`
+ * and `scales` hold every expert's gate, up and down (3 per expert, NULL where the group does not hold
+ * it), `counts` (NULL: none) counts each pick. Returns 0; -1 for a pick the table does not hold; -2
+ * without its buffers. */
 int fc_experts_silu(int fmt, int n, const int64_t *picks, const float *route, const void *const *table,
                     const void *const *scales, int64_t experts, int64_t hidden, int64_t inter, const float *x, float *y,
                     int64_t *counts, int threads, int simd) {
 #ifndef FC_X86
     simd = 0;
 #endif
-    int64_t order[64];
-    float weight[64];
-    if (n > 64 || fc_expert_order(n, picks, route, table, experts, order, weight, counts) != 0) return -1;
+    int64_t order[FC_MAX_PICKS];
+    float weight[FC_MAX_PICKS];
+    if (fc_expert_order(n, picks, route, table, experts, order, weight, counts) != 0) return -1;
     const int64_t nbh = hidden / QK, nbi = inter / QK;
     int8_t *xq = malloc((size_t)hidden), *hq = malloc((size_t)inter);
     float *xd = malloc((size_t)nbh * sizeof(float)), *hd = malloc((size_t)nbi * sizeof(float));

@@ -16,10 +16,13 @@
 
 /* The picks of one token's experts (expert ids and their routing weights, in the router's slot order) put
  * in expert order, so a grouped call sums as Hugging Face does; each pick is counted in `counts` (per
- * expert, NULL: not counted). Returns 0, or -1 where a pick is out of range or not in `table` (three
- * pointers per expert, NULL for experts the group does not hold). Top-k is small: insertion sort. */
+ * expert, NULL: not counted). `order` and `weight` hold FC_MAX_PICKS. Returns 0, or -1 where there are
+ * more picks than that, or a pick is out of range or not in `table` (three pointers per expert, NULL for
+ * experts the group does not hold). Top-k is small: insertion sort. */
+#define FC_MAX_PICKS 64
 static inline int fc_expert_order(int n, const int64_t *picks, const float *route, const void *const *table,
                                   int64_t experts, int64_t *order, float *weight, int64_t *counts) {
+    if (n > FC_MAX_PICKS) return -1;
     for (int i = 0; i < n; i++) {
         int64_t e = picks[i];
         if (e < 0 || e >= experts || table[3 * e] == NULL) return -1;

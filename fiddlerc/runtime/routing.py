@@ -61,8 +61,12 @@ def route_one(x: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool
     picks = torch.empty(top_k, dtype=torch.int64)
     weights = torch.empty(top_k, dtype=torch.float32)
     experts, hidden = weight.shape
-    lib.lib.fc_route_softmax_topk(_KINDS[weight.dtype], weight.data_ptr(), experts, hidden, xf.data_ptr(), top_k,
-                                  int(normalise), picks.data_ptr(), weights.data_ptr(), int(lib.simd))  # fmt: skip
+    code = lib.lib.fc_route_softmax_topk(_KINDS[weight.dtype], weight.data_ptr(), experts, hidden, xf.data_ptr(),
+                                         top_k, int(normalise), picks.data_ptr(), weights.data_ptr(), int(lib.simd))  # fmt: skip
+    if code == -1:
+        raise ValueError(f"top-{top_k} of {experts} experts: k must be between 1 and the number of experts")
+    if code != 0:
+        raise MemoryError("fiddlerc's router kernel could not allocate its buffer")
     return picks, weights
 
 

@@ -75,3 +75,10 @@ def test_one_token_blocks_route_in_c_and_equal_the_reference(family, dtype, mode
     for layer, s in stats["layers"].items():  # the same picks, counted by the C call, by tier
         assert s["per_expert"] == want_stats["layers"][layer]["per_expert"]
         assert (s["fast"], s["cpu"]) == (want_stats["layers"][layer]["fast"], want_stats["layers"][layer]["cpu"])
+
+
+@needs_kernels
+def test_route_one_refuses_a_top_k_beyond_the_experts():
+    w, x = torch.randn(4, 16), torch.randn(1, 16)
+    with pytest.raises(ValueError, match="k must be between 1 and the number of experts"):
+        routing.route_one(x, w, 5, True)
