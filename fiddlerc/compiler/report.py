@@ -109,7 +109,7 @@ def _attention_paths(plan: Plan) -> list[tuple[str, str, list[int]]]:
     return [(path, reason, layers) for (path, reason), layers in groups.items()]
 
 
-def _layer_ranges(layers: list[int]) -> str:
+def layer_ranges(layers: list[int]) -> str:
     """[0, 1, 2, 5] -> "0-2, 5"."""
     runs: list[list[int]] = []
     for x in layers:
@@ -123,8 +123,12 @@ def _layer_ranges(layers: list[int]) -> str:
 def _attention_lines(plan: Plan) -> list[str]:
     label = {"generated": "generated code", "hf": "Hugging Face module"}
     return [
-        f"attention, layers {_layer_ranges(layers)}: {label[path]} ({reason})"
-        for path, reason, layers in _attention_paths(plan)
+        *(
+            f"attention, layers {layer_ranges(layers)}: {label[path]} ({reason})"
+            for path, reason, layers in _attention_paths(plan)
+        ),
+        "kernels under each layer's decode step are chosen at load, for that machine (C calls on a CPU load): "
+        "`fiddlerc -v run` logs them, CompiledModel.decode_paths() returns them",
     ]
 
 

@@ -3,6 +3,7 @@ gives logits, tokens and routing statistics."""
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 import weakref
@@ -17,6 +18,7 @@ from fiddlerc.compiler.codegen import load_module
 from fiddlerc.errors import OptionError
 from fiddlerc.loader.bind import bind_weights
 from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve_device
+from fiddlerc.loader.paths import decode_paths, paths_text
 from fiddlerc.model.folder import open_weight_files
 from fiddlerc.model.quantize import QUANTIZED_FILE
 from fiddlerc.runtime.attention import attend_one
@@ -28,6 +30,7 @@ from fiddlerc.runtime.norms import native_rms_norm
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
+log = logging.getLogger(__name__)
 _ATTENTION = re.compile(r"\.layers\.(\d+)\.(?:[A-Za-z_]+\.)?(self_attn|attention|attn)$")
 
 
@@ -110,6 +113,7 @@ class CompiledModel:
         if self.tracer is not None and bound.attention:
             _trace_generated_attention(self._forward, self.tracer)
         self._forward.flatten_modules()  # the last change to the module tree: plain attribute lookups from here
+        log.info("%s", paths_text(self.decode_paths()))
         # Generated attention writes into a static cache sized for the compiled context.
         self._static_cache = bool(bound.attention)
         self._cache_class = cache_class(meta_model)
@@ -117,6 +121,11 @@ class CompiledModel:
         self.eos_token_ids = _as_ids(getattr(gen, "eos_token_id", None) or self.config.eos_token_id)
         pad = getattr(gen, "pad_token_id", None) or getattr(self.config, "pad_token_id", None)
         self.pad_token_id = pad if isinstance(pad, int) else (self.eos_token_ids[0] if self.eos_token_ids else 0)
+
+    def decode_paths(self) -> dict[int, dict[str, str]]:
+        """Layer -> what its attention, norms, router and experts run at one token of one sequence, as
+        loaded on this machine (fiddlerc.loader.paths); `fiddlerc -v run` logs it."""
+        return decode_paths(self.plan, self.hf_model, self._forward, self._forward.placed, self.artifact.module_text)
 
     def new_cache(self):
         def one():
