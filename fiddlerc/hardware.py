@@ -36,6 +36,26 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+# The /proc/cpuinfo flags that decide which kernels run fast (fiddlerc's C kernels, MKL's and oneDNN's).
+_KERNEL_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile", "avx_vnni")
+
+
+def cpu_features() -> str:
+    """This CPU's kernel-relevant flags and usable core count, e.g. "avx2 fma f16c / 2 cores": part of every
+    measurement's cache key, since cloud machines of different generations share one model name
+    ("AMD EPYC") and host name (seen here: sessions on AVX2-only and on AVX512-BF16 machines alike)."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return " ".join(f for f in _KERNEL_FLAGS if f in flags) + f" / {cores} cores"
+
+
 @dataclass(frozen=True)
 class GpuSpec:
     name: str

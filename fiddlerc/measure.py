@@ -19,7 +19,7 @@ from typing import TypeVar
 import torch
 
 from fiddlerc.files import write_atomic
-from fiddlerc.hardware import cache_dir, cpu_name
+from fiddlerc.hardware import cache_dir, cpu_features, cpu_name
 
 T = TypeVar("T")
 
@@ -62,9 +62,9 @@ def median_seconds(
 
 def cache_path(kind: str, key: list) -> Path:
     """The cache file of one measurement: `kind` names it, `key` says what was measured and how; the
-    machine's host name and CPU and the torch version are part of the key, so another machine or
-    torch never reads it."""
-    text = json.dumps([kind, *key, platform.node(), cpu_name(), torch.__version__])
+    machine's host name, CPU model, kernel flags and cores and the torch version are part of the key, so
+    another machine or torch never reads it."""
+    text = json.dumps([kind, *key, platform.node(), cpu_name(), cpu_features(), torch.__version__])
     return cache_dir() / f"{kind}-{hashlib.sha256(text.encode()).hexdigest()[:12]}.json"
 
 

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 
@@ -59,3 +60,13 @@ def test_cli_lists_one_profile_per_line_name_first(capsys):
     assert main(["plan", "--list-hardware"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in lines] == profile_names()
+
+
+def test_cpu_features_name_the_vector_flags_and_cores_of_this_machine():
+    from fiddlerc.hardware import cpu_features
+
+    flags, cores = cpu_features().split(" / ")
+    assert cores.endswith(" cores") and int(cores.split()[0]) >= 1
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file() and " avx2 " in cpuinfo.read_text():
+        assert "avx2" in flags.split()

@@ -32,3 +32,10 @@ def test_cached_measures_once_and_again_when_damaged(tmp_path, monkeypatch):
 def test_pool_is_larger_than_the_caches():
     assert measure.pool_size(2**20) * 2**20 >= measure.POOL_BYTES
     assert measure.pool_size(2**40) == 4  # never fewer than a few items
+
+
+def test_machines_that_share_a_cpu_model_and_host_name_but_not_its_kernels_get_their_own_cache(monkeypatch):
+    monkeypatch.setattr(measure, "cpu_features", lambda: "avx2 fma f16c / 2 cores")
+    avx2 = measure.cache_path("kind", [1])
+    monkeypatch.setattr(measure, "cpu_features", lambda: "avx2 fma f16c avx512f avx512_bf16 / 2 cores")
+    assert measure.cache_path("kind", [1]) != avx2

@@ -151,6 +151,16 @@ class WeightBinder:
             self._memo[key] = kernels.resolve(self.kernel_mode, shape, dtype, among)
         return self._memo[key]
 
+    def native_tokens(self, w: torch.Tensor) -> int:
+        """The most tokens a call of native weight `w` runs in the C product: measured under auto
+        (kernels.native_tokens), matvec.MAX_TOKENS under native."""
+        if self.kernel_mode != "auto":
+            return matvec.MAX_TOKENS
+        key = ("native-tokens", tuple(w.shape), w.dtype)
+        if key not in self._memo:
+            self._memo[key] = kernels.native_tokens(tuple(w.shape), w.dtype)
+        return self._memo[key]
+
     def spread_for(self, shape: tuple[int, int], dtype: torch.dtype, kernel: str) -> bool:
         key = ("spread", shape, dtype, kernel)
         if key not in self._memo:
@@ -214,7 +224,7 @@ class WeightBinder:
             else:
                 w = w.to(self.devices[dev], self.dtype)
             if on_host and "native" in kinds:  # a fetch reads the tensors underneath
-                w = w.native(lambda m: kernel(m) == "native" and matvec.supports(m))
+                w = w.native(lambda m: self.native_tokens(m) if kernel(m) == "native" and matvec.supports(m) else 0)
             weights.append(w)
         # CPU-only with kernels that use every core themselves (quantized, native): the cpu tier runs on the
         # calling thread
@@ -304,7 +314,7 @@ class WeightBinder:
             self.reader.release(w)
         if split:
             return kernels.RowSplit(out, self.worker)
-        return NativeWeight(out) if kernel == "native" and matvec.supports(out) else out
+        return NativeWeight(out, self.native_tokens(out)) if kernel == "native" and matvec.supports(out) else out
 
     def bind_attention(self, path: str) -> AttentionWeights:
         """A generated attention layer's fused weights, in place of the Hugging Face module at `path`."""

@@ -83,12 +83,13 @@ class ExpertWeights:
         b_out = None if self.b_out is None else self.b_out.to(dtype=dtype)
         return ExpertWeights(tuple(copy(t) for t in self.w_in), convert(self.b_in), copy(self.w_out), b_out)
 
-    def native(self, which: Callable[[torch.Tensor], bool]) -> ExpertWeights:
-        """The same tensors, the matrices `which` picks read by fiddlerc's C product at one token
-        (fiddlerc.runtime.matvec)."""
+    def native(self, which: Callable[[torch.Tensor], int]) -> ExpertWeights:
+        """The same tensors, the matrices `which` picks read by fiddlerc's C product (fiddlerc.runtime.matvec)
+        in calls of up to `which(matrix)` tokens (0: not picked)."""
 
         def wrap(t: torch.Tensor) -> torch.Tensor | NativeWeight:
-            return NativeWeight(t) if which(t) else t
+            tokens = which(t)
+            return NativeWeight(t, tokens) if tokens else t
 
         return ExpertWeights(tuple(wrap(t) for t in self.w_in), self.b_in, wrap(self.w_out), self.b_out)
 

@@ -43,6 +43,7 @@ MODES = ("auto", *KERNELS)  # what load(kernels=...) accepts
 PACK_TOKENS = 1  # the call size packed layouts are tuned for: decode, the case that matters most
 MIN_AUTO_BYTES = 256 * 2**10  # smaller weights are call-overhead bound: auto keeps the reference
 _PROBE_TOKENS = (1, 8)
+NATIVE_PROBE_TOKENS = (2, 4, 8, 12, 16)  # native_tokens: where fiddlerc's C product stops beating F.linear
 
 
 def shared_input(x: torch.Tensor, weights: tuple) -> torch.Tensor | QuantizedActivations:
@@ -146,8 +147,13 @@ class KernelLinear(nn.Module):
 
     def extra_repr(self) -> str:
         w = self.kernel_weight
-        kinds = {RowSplit: "row-split over two threads", NativeWeight: "fiddlerc's C product at one token"}
-        how = f"{w.fmt} blocks" if type(w) is QuantizedWeight else kinds.get(type(w), "packed for oneDNN")
+        if type(w) is NativeWeight:
+            return f"in_features={self.in_features}, out_features={self.out_features}, fiddlerc's C product up to {w.max_tokens} tokens"
+        how = (
+            f"{w.fmt} blocks"
+            if type(w) is QuantizedWeight
+            else {RowSplit: "row-split over two threads"}.get(type(w), "packed for oneDNN")
+        )
         return f"in_features={self.in_features}, out_features={self.out_features}, {how}"
 
 
@@ -161,19 +167,26 @@ def _time(fn, weights: list[torch.Tensor], x: torch.Tensor, rounds: int) -> floa
     return median_seconds(one_pass, rounds) / len(weights)
 
 
-def measure(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict[str, dict[int, float]]:
-    """Microseconds per call of each kernel this CPU supports, by token count, for a weight `shape`."""
+def measure(
+    shape: tuple[int, int],
+    dtype: torch.dtype,
+    rounds: int = 5,
+    tokens_probed: tuple[int, ...] = _PROBE_TOKENS,
+    among: tuple[str, ...] = KERNELS,
+) -> dict[str, dict[int, float]]:
+    """Microseconds per call of each kernel `among` those this CPU supports, by token count, for a weight
+    `shape` (native: fiddlerc's C product at every count, however many tokens)."""
     out_f, in_f = shape
     n = pool_size(out_f * in_f * dtype.itemsize)
     gen = torch.Generator().manual_seed(0)
     plain = [torch.randn(out_f, in_f, generator=gen).to(dtype) for _ in range(n)]
     candidates = {"reference": (F.linear, plain)}
-    if can_pack(dtype):
+    if can_pack(dtype) and "packed" in among:
         candidates["packed"] = (linear, [pack(w) for w in plain])
-    if can_native(dtype):
-        candidates["native"] = (linear, [NativeWeight(w) for w in plain])
+    if can_native(dtype) and "native" in among:
+        candidates["native"] = (linear, [NativeWeight(w, max(tokens_probed)) for w in plain])
     result: dict[str, dict[int, float]] = {k: {} for k in candidates}
-    for tokens in _PROBE_TOKENS:
+    for tokens in tokens_probed:
         x = torch.randn(tokens, in_f, generator=gen).to(dtype)
         for _ in range(2):  # alternate the kernels, keep each one's best median
             for name, (fn, weights) in candidates.items():
@@ -184,14 +197,45 @@ def measure(shape: tuple[int, int], dtype: torch.dtype, rounds: int = 5) -> dict
 
 def pick(timings: dict[str, dict[int, float]]) -> str:
     """The kernel fastest at 1 token (decode) that is no slower at 8 (prefill, batches); else the reference.
-    `native` runs the reference beyond two tokens, so only its one-token time counts (at 8 it differs from
-    the reference by noise alone)."""
+    Only native's one-token time counts: beyond the tokens where it measured faster (`native_tokens`) a
+    native weight runs the reference."""
     best = "reference"
     for name, t in timings.items():
         ref = timings["reference"]
         holds = name == "native" or t[8] <= ref[8] * 1.03
         if name != "reference" and t[1] < ref[1] * 0.97 and holds:
             best = name if best == "reference" or t[1] < timings[best][1] else best
+    return best
+
+
+def native_tokens(shape: tuple[int, int], dtype: torch.dtype) -> int:
+    """The most tokens a call of a native weight of `shape` runs in fiddlerc's C product, not `F.linear`:
+    the largest of `NATIVE_PROBE_TOKENS` up to which the C product measured faster at every probe (cached
+    per machine), and never under matvec.MAX_TOKENS. A prompt's experts get a few tokens each in a
+    model whose routing is uneven (seen here: 3-15 tokens of 128 for some experts of the benchmark model),
+    where MKL's fp32 product of 1024 x 1024 took ~0.5 ms whatever the count up to 16 and the C one
+    0.13-0.45 ms; with AVX512-BF16, oneDNN's bf16 product wins from 3 tokens on."""
+    if shape[0] * shape[1] * dtype.itemsize < MIN_AUTO_BYTES or not can_native(dtype):
+        return matvec.MAX_TOKENS
+
+    def compute() -> dict:
+        timings = measure(shape, dtype, tokens_probed=NATIVE_PROBE_TOKENS, among=("reference", "native"))
+        return {"microseconds_by_tokens": timings, "tokens": crossover(timings)}
+
+    try:
+        return max(matvec.MAX_TOKENS, int(_cached("n1", shape, dtype, compute)["tokens"]))
+    except (KeyError, TypeError, ValueError):  # a malformed entry (edited by hand)
+        return matvec.MAX_TOKENS
+
+
+def crossover(timings: dict[str, dict[int, float]]) -> int:
+    """The largest probed token count up to which native beat the reference by 3 % at every probe; 0 if
+    it did not at the first."""
+    best = 0
+    for tokens in sorted(timings["reference"]):
+        if timings["native"][tokens] > timings["reference"][tokens] * 0.97:
+            break
+        best = tokens
     return best
 
 

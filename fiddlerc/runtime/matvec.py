@@ -1,8 +1,9 @@
 """Products of a few tokens with a float CPU weight as it is bound (bf16, fp16 or fp32; memory-mapped,
 never repacked), in fiddlerc's C kernel (`_matvec.c`, built with the package): at one token it reads
 the weight at memory bandwidth where `F.linear`'s matrix-vector product does not (kernels.py says when
-it is chosen: by measurement, per shape). Calls of more tokens than `MAX_TOKENS` run `F.linear`,
-whose matrix-matrix products reuse each weight across the tokens."""
+it is chosen: by measurement, per shape). Calls of more tokens than a weight's `max_tokens` (at least
+`MAX_TOKENS`; measured per shape) run `F.linear`, whose matrix-matrix products reuse each weight across
+the tokens."""
 
 from __future__ import annotations
 
@@ -48,13 +49,15 @@ def matvec(x: torch.Tensor, w: torch.Tensor, *, threads: int | None = None, simd
 
 
 class NativeWeight:
-    """A CPU weight [out, in] whose products of up to `MAX_TOKENS` tokens run `matvec`; longer calls run
-    `F.linear` on the same tensor (held once)."""
+    """A CPU weight [out, in] whose products of up to `max_tokens` tokens run `matvec`; longer calls run
+    `F.linear` on the same tensor (held once). The loader sets `max_tokens` from a measurement of the
+    weight's shape (fiddlerc.runtime.kernels.native_tokens)."""
 
     is_mkldnn = False
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, max_tokens: int = MAX_TOKENS) -> None:
         self.weight = weight
+        self.max_tokens = max_tokens
 
     @property
     def shape(self) -> torch.Size:
@@ -78,7 +81,7 @@ class NativeWeight:
     def __call__(self, x: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
         lead = x.shape[:-1]
         n = x.numel() // x.shape[-1]
-        if n > MAX_TOKENS:
+        if n > self.max_tokens:
             return F.linear(x, self.weight, b)
         y = matvec(x.reshape(n, -1), self.weight).to(x.dtype)
         if b is not None:

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import fiddlerc
-from fiddlerc.runtime import kernels
+from fiddlerc.runtime import kernels, matvec
 from tests.conftest import decode_logits, padded_prompts
 
 
@@ -132,6 +132,27 @@ def test_auto_measures_once_and_caches_the_choice(monkeypatch, tmp_path):
     assert kernels.choose(shape, torch.float32) == "reference"
     assert calls == [shape]
     assert kernels.choose((8, 8), torch.float32) == "reference" and calls == [shape]  # too small to measure
+
+
+def test_native_tokens_is_where_the_c_product_stops_winning_measured_once(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    ref = {2: 500.0, 4: 500.0, 8: 520.0, 12: 600.0, 16: 650.0}
+    native = {2: 200.0, 4: 300.0, 8: 480.0, 12: 700.0, 16: 600.0}  # loses at 12: 16 does not count
+    assert kernels.crossover({"reference": ref, "native": native}) == 8
+    assert kernels.crossover({"reference": ref, "native": {t: 2 * us for t, us in ref.items()}}) == 0
+    calls = []
+
+    def fake(shape, dtype, tokens_probed, among):
+        calls.append(shape)
+        assert tokens_probed == kernels.NATIVE_PROBE_TOKENS and set(among) == {"reference", "native"}
+        return {"reference": ref, "native": native}
+
+    monkeypatch.setattr(kernels, "measure", fake)
+    monkeypatch.setattr(kernels, "can_native", lambda dtype: True)
+    shape = (1024, 1024)
+    assert kernels.native_tokens(shape, torch.float32) == 8 == kernels.native_tokens(shape, torch.float32)
+    assert calls == [shape]
+    assert kernels.native_tokens((8, 8), torch.float32) == matvec.MAX_TOKENS and calls == [shape]  # too small
 
 
 def test_spread_is_measured_once_and_only_for_weights_worth_measuring(monkeypatch, tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fiddlerc.runtime import matvec
+from fiddlerc.runtime import kernels, matvec
 from fiddlerc.runtime.matvec import MAX_TOKENS, NativeWeight
 
 needs_kernels = pytest.mark.skipif(not matvec.quant.available(), reason="the C kernels were not built")
@@ -18,7 +18,7 @@ SHAPES = [(4, 64), (33, 200), (96, 768), (21, 4100), (8, 8192)]
 def test_products_equal_fp32_arithmetic_on_the_same_weights(dtype, rows, cols):
     g = torch.Generator().manual_seed(rows + cols)
     w = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
-    for tokens in range(1, MAX_TOKENS + 1):
+    for tokens in (*range(1, MAX_TOKENS + 1), 5, max(kernels.NATIVE_PROBE_TOKENS)):  # up to native_tokens' probes
         x = torch.randn(tokens, cols, generator=g).to(dtype)
         want = F.linear(x.double(), w.double()).float()  # the same numbers, summed exactly
         tol = 1e-6 * cols**0.5 * want.abs().max().item()  # fp32 sums in another order only
@@ -42,6 +42,10 @@ def test_a_native_weight_computes_like_f_linear_and_longer_calls_are_f_linear():
         torch.testing.assert_close(got, F.linear(x, w, b), rtol=1e-2, atol=1e-2)  # bf16 rounding of the result
     long = torch.randn(MAX_TOKENS + 1, 128, generator=g).to(torch.bfloat16)
     assert native(long, b).equal(F.linear(long, w, b))
+    measured = NativeWeight(w, max_tokens=8)  # as the loader sets it from kernels.native_tokens
+    x8, x9 = (torch.randn(n, 128, generator=g).to(torch.bfloat16) for n in (8, 9))
+    assert measured(x8, None).equal(matvec.matvec(x8, w).to(torch.bfloat16))  # the C product up to 8 tokens
+    assert measured(x9, None).equal(F.linear(x9, w))  # F.linear beyond
 
 
 @needs_kernels
