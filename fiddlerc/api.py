@@ -56,8 +56,11 @@ def _inputs(
         expert_dtype=expert_dtype, dense_dtype=dense_dtype, stored_experts=stored_expert_format(folder),
     )  # fmt: skip
     model, compute_dtype = meta_model_of(folder, dtype)
+    profile = _profile(hardware, model, compute_dtype, target.expert_dtype)
+    if profile is not None and target.cpu_only:  # no GPU tier: priced on the profile's CPU alone
+        profile = profile.cpu_side()
     options = CompileOptions(
-        hardware=_profile(hardware, model, compute_dtype, target.expert_dtype),
+        hardware=profile,
         popularity=None if popularity is None else load_popularity(popularity),
         cpu_memory_bytes=None if cpu_memory is None else parse_size(cpu_memory),
         micro_batches=micro_batches,
@@ -65,9 +68,9 @@ def _inputs(
     return model, compute_dtype, target, options
 
 
-def plan(
+def plan_and_profile(
     config_or_dir: str | Path,
-    gpu_memory: str | int,
+    gpu_memory: str | int | None = None,
     *,
     fast_experts: int | None = None,
     context: int = 4096,
@@ -79,20 +82,27 @@ def plan(
     micro_batches: int | None = None,
     expert_dtype: str | None = None,
     dense_dtype: str | None = None,
-) -> Plan:
-    """Plan a model from its config.json alone (no weights needed): the placement compile would make,
-    priced on `hardware` (a profile name or file) when given."""
+) -> tuple[Plan, HardwareProfile | None]:
+    """`plan`, and the hardware profile it was priced on (None without `hardware`; a CPU-only plan's is the
+    profile's CPU alone), for simulating the plan on the same machine."""
     folder = open_config(config_or_dir)
     inputs = _inputs(folder, gpu_memory, fast_experts=fast_experts, context=context, batch=batch, dtype=dtype,
                      hardware=hardware, cpu_memory=cpu_memory, popularity=popularity, micro_batches=micro_batches,
                      expert_dtype=expert_dtype, dense_dtype=dense_dtype)  # fmt: skip
-    return build_plan(folder, *inputs)[1]
+    return build_plan(folder, *inputs)[1], inputs[3].hardware
+
+
+def plan(config_or_dir: str | Path, gpu_memory: str | int | None = None, **options) -> Plan:
+    """Plan a model from its config.json alone (no weights needed): the placement compile would make,
+    priced on `hardware` (a profile name or file, or auto) when given. `gpu_memory` and the other options as
+    for `compile`."""
+    return plan_and_profile(config_or_dir, gpu_memory, **options)[0]
 
 
 def compile(  # noqa: A001 - the verb users expect
     model_dir: str | Path,
     out_dir: str | Path,
-    gpu_memory: str | int,
+    gpu_memory: str | int | None = None,
     *,
     fast_experts: int | None = None,
     context: int = 4096,
@@ -107,6 +117,10 @@ def compile(  # noqa: A001 - the verb users expect
 ) -> Artifact:
     """Compile a Hugging Face MoE model folder into `out_dir` (plan.json, module.py, sources.json, report.txt,
     manifest.json).
+
+    `gpu_memory` is the target GPU's budget ("24GiB"; several GPUs as "cuda:0=20GiB,cuda:1=10GiB"). None:
+    this machine's cuda:0, its free memory now less a margin (the plan records it), or where there is no
+    CUDA device a CPU-only plan; 0: a CPU-only plan (every weight in host memory, no GPU tier).
 
     `hardware` (a profile name or file, or "auto": this machine, calibrated) prices the plan: its
     prediction goes into plan.json and the report. `cpu_memory` is the host memory for the run

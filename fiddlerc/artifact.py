@@ -30,7 +30,8 @@ from fiddlerc.model.folder import ModelFolder, load_config, open_model_folder, o
 from fiddlerc.model.meta import build_meta_model
 from fiddlerc.model.quantize import QUANTIZED_FILE, QuantizedWeights
 from fiddlerc.model.weights import resolve_sources, sources_from_json, sources_to_json
-from fiddlerc.plan import Plan, Target, plan_from_json, plan_to_json
+from fiddlerc.plan import Plan, Target
+from fiddlerc.plan_file import plan_from_json, plan_to_json
 from fiddlerc.units import parse_dtype
 from fiddlerc.version import __version__
 
@@ -130,12 +131,33 @@ def _read(path: Path, what: str) -> bytes:
         raise ArtifactError(f"{path} is missing: {what}; recompile with `fiddlerc compile`") from None
 
 
+def _open_compiled(out: Path) -> dict:
+    """The manifest of compiled folder `out`, or an error that says what `out` is and what to do."""
+    if not out.is_dir():
+        raise ArtifactError(f"{out} is not a compiled folder (run `fiddlerc compile MODEL_DIR -o {out}` first)")
+    if not (out / MANIFEST_FILE).is_file() and (out / "config.json").is_file():
+        raise ArtifactError(
+            f"{out} is a model folder, not a compiled one: compile it first (`fiddlerc compile {out} -o OUT`), "
+            "then give OUT"
+        )
+    return read_manifest(_read(out / MANIFEST_FILE, "the compiled folder is incomplete"), out / MANIFEST_FILE)
+
+
+def read_plan(out_dir: str | Path) -> Plan:
+    """The plan of a compiled folder, checked against its manifest (without the model's weights: what to
+    load it on can be decided from it before `verify_artifact`)."""
+    out = Path(out_dir)
+    manifest = _open_compiled(out)
+    plan_bytes = _read(out / PLAN_FILE, "the compiled folder is incomplete")
+    if sha256_bytes(plan_bytes) != manifest["files"].get(PLAN_FILE):
+        raise ArtifactError(f"{out / PLAN_FILE} was changed after compiling (hash mismatch): recompile")
+    return plan_from_json(plan_bytes)
+
+
 def verify_artifact(out_dir: str | Path, model_dir: str | Path | None = None) -> tuple[Artifact, nn.Module]:
     """Check a compiled folder against its manifest, its model's weights and a fresh codegen."""
     out = Path(out_dir)
-    if not out.is_dir():
-        raise ArtifactError(f"{out} is not a compiled folder (run `fiddlerc compile MODEL_DIR -o {out}` first)")
-    manifest = read_manifest(_read(out / MANIFEST_FILE, "the compiled folder is incomplete"), out / MANIFEST_FILE)
+    manifest = _open_compiled(out)
     files, versions, recorded_dir, weights = (
         manifest["files"],
         manifest["versions"],

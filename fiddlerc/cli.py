@@ -13,6 +13,7 @@ from pathlib import Path
 from fiddlerc.plan import DENSE_QUANTIZED, DTYPE_NAMES, EXPERT_DTYPES
 from fiddlerc.version import __version__
 
+DEFAULT_HARDWARE = "quadro-rtx6000-skylake48"  # what `plan` prices on without --hardware: the Fiddler paper's machine
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
 MICRO_HELP = "split a batch into N micro-batches whose CPU experts overlap each other's GPU work (default: the cost model's choice)"
@@ -41,12 +42,25 @@ def _cmd_compile(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     art = compile(args.model_dir, args.out, args.gpu_memory, **_planning_options(args))
-    n_fast = sum(1 for e in art.plan.experts if e.device != "cpu")
-    print(
-        f"compiled {art.folder.path} -> {art.path} in {time.perf_counter() - t0:.2f} s: "
-        f"{n_fast} of {len(art.plan.experts)} experts on {art.plan.target.device}"
-    )
+    if art.plan.target.budget_note is not None and not art.plan.target.cpu_only:
+        print(f"GPU budget: {art.plan.target.budget_note}")
+    print(f"compiled {art.folder.path} -> {art.path} in {time.perf_counter() - t0:.2f} s: {_placement_line(art.plan)}")
     return 0
+
+
+def _placement_line(plan) -> str:
+    """Where the experts went, and what that means on this machine."""
+    t = plan.target
+    if t.cpu_only:
+        why = t.budget_note or "--gpu-memory 0"
+        return f"CPU-only plan ({why}): all {len(plan.experts)} experts and every other weight in host memory"
+    import torch
+
+    n_fast = sum(1 for e in plan.experts if e.device != "cpu")
+    line = f"{n_fast} of {len(plan.experts)} experts on {' + '.join(t.gpus())}"
+    if not torch.cuda.is_available():
+        line += f" (planned for a GPU; this machine has none, so {t.device} runs on the CPU here)"
+    return line
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -157,19 +171,26 @@ def _cmd_plan(args: argparse.Namespace) -> int:
         for name in profile_names():
             print(f"{name}\t{load_profile(name).description}")
         return 0
-    if not args.model or not args.gpu_memory:
+    if not args.model:
         from fiddlerc.errors import OptionError
 
-        raise OptionError("plan needs CONFIG_OR_DIR and --gpu-memory (or --list-hardware)")
-    from fiddlerc.api import plan
+        raise OptionError("plan needs CONFIG_OR_DIR (or --list-hardware)")
+    from fiddlerc.api import plan_and_profile
     from fiddlerc.compiler.report import report_text
     from fiddlerc.compiler.simulate import Workload, simulate
-    from fiddlerc.hardware import load_profile
 
-    p = plan(args.model, args.gpu_memory, **_planning_options(args))
+    options = _planning_options(args)
+    why = "given"
+    if options["hardware"] is None:
+        options["hardware"], why = (
+            DEFAULT_HARDWARE,
+            "the default, as no --hardware was given; see --list-hardware, or auto to measure this machine",
+        )
+    p, profile = plan_and_profile(args.model, args.gpu_memory, **options)
+    print(f"hardware profile: {profile.name} ({why})")
     print(report_text(p), end="")
     work = Workload(args.prompt_tokens, args.output_tokens, batch=args.batch)
-    run = simulate(p, load_profile(args.hardware), work, trace=bool(args.trace))
+    run = simulate(p, profile, work, trace=bool(args.trace))
     if args.trace:
         Path(args.trace).write_text(run.trace_json())
         print(f"wrote the simulated schedule to {args.trace} (open in https://ui.perfetto.dev)")
@@ -270,12 +291,14 @@ def _cmd_architectures(args: argparse.Namespace) -> int:
     return 0
 
 
-def _target_options(p: argparse.ArgumentParser, *, gpu_memory_required: bool) -> None:
+def _target_options(p: argparse.ArgumentParser) -> None:
     """What `compile` and `plan` both turn into the plan's target and compile options."""
     p.add_argument(
         "--gpu-memory",
-        required=gpu_memory_required,
-        help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes; several as cuda:0=20GiB,cuda:1=10GiB",
+        default=None,
+        help="budget of the target GPU cuda:0, e.g. 24GiB, 512MiB, 24GB, or bytes; several as cuda:0=20GiB,cuda:1=10GiB; "
+        "0: a CPU-only plan (no GPU tier). Default: cuda:0's free memory now less 10%% of its memory (at least 1 GiB), "
+        "or a CPU-only plan on a machine without CUDA",
     )
     p.add_argument(
         "--fast-experts", type=int, default=None, metavar="N", help="put exactly the best N experts on the GPU"
@@ -349,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", help="compile a Hugging Face MoE model folder")
     c.add_argument("model_dir")
     c.add_argument("-o", "--out", required=True, help="output folder")
-    _target_options(c, gpu_memory_required=True)
+    _target_options(c)
     c.add_argument(
         "--hardware",
         default=None,
@@ -378,9 +401,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     pl = sub.add_parser("plan", help="plan a model from its config alone and predict its decode speed")
     pl.add_argument("model", nargs="?", help="config.json or a folder holding one (weights not needed)")
-    _target_options(pl, gpu_memory_required=False)  # not with --list-hardware
+    _target_options(pl)
     pl.add_argument(
-        "--hardware", default="quadro-rtx6000-skylake48", help="profile name or JSON file (see --list-hardware)"
+        "--hardware",
+        default=None,
+        help=f"profile name, JSON file (see --list-hardware), or auto (this machine, calibrated); default {DEFAULT_HARDWARE}",
     )
     pl.add_argument("--list-hardware", action="store_true", help="list the shipped hardware profiles, one per line")
     pl.add_argument("--html", default=None, metavar="FILE", help="also write the HTML report of the plan there")

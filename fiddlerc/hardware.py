@@ -12,7 +12,7 @@ import json
 import math
 import os
 import platform
-from dataclasses import MISSING, asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields, replace
 from pathlib import Path
 
 from fiddlerc.errors import OptionError
@@ -103,6 +103,12 @@ class HardwareProfile:
     @property
     def cpu_only(self) -> bool:
         return self.gpu is None
+
+    def cpu_side(self) -> HardwareProfile:
+        """This profile without its GPU: what a CPU-only plan is priced on."""
+        if self.gpu is None:
+            return self
+        return replace(self, name=f"{self.name}-cpu", gpu=None, description=f"{self.description}, its CPU alone")
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1, sort_keys=False) + "\n"

@@ -3,7 +3,8 @@
 Reads: the graph's modules (every parameter outside the routed experts), `plan.moe_layers`,
 the config (attention shapes), `plan.target` (budget; context length and batch for the KV reserve).
 Writes: `plan.memory` (budget, dense bytes, KV reserve). Raises BudgetError when the budget
-cannot hold the dense weights plus the KV reserve, saying how much is needed.
+cannot hold the dense weights plus the KV reserve, saying how much is needed; a CPU-only plan
+(`target.cpu_only`) keeps them in host memory, which place_experts accounts.
 """
 
 from __future__ import annotations
@@ -40,11 +41,15 @@ def account_memory(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions
     dense = param_bytes(model.parameters(), dtype) - experts
     kv = kv_bytes_per_token(model.config, dtype) * plan.target.context_tokens * plan.target.batch_size
     budget = plan.target.budget_bytes
-    if dense + kv > budget:
+    if not plan.target.cpu_only and dense + kv > budget:  # a CPU-only plan keeps them in host memory
+        given = f"--gpu-memory {format_size(budget)}"
+        if plan.target.budget_note is not None:
+            given = f"the GPU budget {format_size(budget)} ({plan.target.budget_note})"
         raise BudgetError(
-            f"--gpu-memory {format_size(budget)} is smaller than the dense weights ({format_size(dense)}) plus the "
+            f"{given} is smaller than the dense weights ({format_size(dense)}) plus the "
             f"KV-cache reserve ({format_size(kv)} for {plan.target.context_tokens} tokens x {plan.target.batch_size} "
-            f"sequence(s)): give at least {format_size(dense + kv)} ({dense + kv} bytes), or lower --context/--batch"
+            f"sequence(s)): give at least {format_size(dense + kv)} ({dense + kv} bytes) as --gpu-memory, lower --context/--batch, "
+            "or compile a CPU-only plan with --gpu-memory 0"
         )
     return plan.with_(
         memory=Memory(budget_bytes=budget, dense_bytes=dense, kv_reserve_bytes=kv, gpu=plan.target.device)

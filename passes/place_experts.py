@@ -16,6 +16,8 @@ Several GPUs (`--gpu-memory cuda:0=20GiB,cuda:1=10GiB`; the first holds the dens
 KV reserve, the others experts only): the same objective, solved as a min-cost flow over networkx
 (`assign_by_flow`), exact since a model's experts are one size.
 
+A CPU-only plan (`--gpu-memory 0`, or no CUDA device and no --gpu-memory) puts every expert on the CPU.
+
 Host memory: the bytes the run keeps in host memory (the CPU-tier experts; everything on a
 CPU-only target) against `--cpu-memory` (default: the profile's memory). More than fits is not an
 error: the weights are memory-mapped, so the run pages from disk, and the cost model prices that.
@@ -92,6 +94,8 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
         if len(gpus) > 1:
             device = flow[rank - 1]
             why = f"{head}, min-cost flow over {', '.join(gpus)} and the CPU: {device}"
+        elif plan.target.cpu_only:
+            device, why = CPU, f"{head}, CPU-only plan (no GPU tier)"
         elif want is not None:
             device = fast if rank <= want else CPU
             why = f"{head}, within --fast-experts {want}" if rank <= want else f"{head}, beyond --fast-experts {want}"
@@ -112,12 +116,18 @@ def place_experts(gm: torch.fx.GraphModule, plan: Plan, options: CompileOptions)
     mem = plan.memory
     itemsize = parse_dtype(plan.model.dtype).itemsize
     host = stored_bytes(expert_bytes.get(CPU, 0), itemsize, plan.target.expert_dtype)  # quantized where asked
-    if hw is not None and hw.cpu_only:  # the "GPU" is the CPU: everything lives in host memory
+    if plan.target.cpu_only or (hw is not None and hw.cpu_only):  # the "GPU" is the CPU: all in host memory
         host = mem.dense_bytes + mem.kv_reserve_bytes + host + sum(b for d, b in expert_bytes.items() if d != CPU)
     host_budget = options.cpu_memory_bytes
     if host_budget is None and hw is not None:
         host_budget = hw.cpu.memory_bytes
-    memory = replace(mem, expert_bytes=ordered, host_bytes=host, host_budget_bytes=host_budget)
+    memory = replace(
+        mem,
+        expert_bytes=ordered,
+        host_bytes=host,
+        host_budget_bytes=host_budget,
+        host_budget_given=options.cpu_memory_bytes is not None,
+    )
     return plan.with_(experts=tuple(placements), memory=memory)
 
 

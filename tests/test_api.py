@@ -10,7 +10,7 @@ from fiddlerc import api
 from fiddlerc.errors import OptionError
 from fiddlerc.model.folder import open_model_folder
 from fiddlerc.model.meta import meta_model_of
-from fiddlerc.plan import plan_to_json
+from fiddlerc.plan_file import plan_to_json
 
 
 def test_plan_from_the_config_alone_is_the_plan_compile_writes(model_dirs, tmp_path):

@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from fiddlerc.cli import main
 
@@ -91,7 +92,10 @@ def test_plan_from_config_alone_predicts_tokens_per_second(tmp_path, capsys):
     assert re.search(r"predicted decode on quadro-rtx6000-skylake48 .*: \d+\.\d+ tokens/s", out)
     assert re.search(r"simulated on .*prefill \d+\.\d+ s, decode \d+\.\d+ tokens/s.*busy gpu .* cpu", out)
     assert "PAGES FROM DISK" not in out
-    assert main(["plan", str(config)]) == 2  # no budget
+    assert main(["plan", str(config)]) == 0  # no budget: this machine's GPU, or a CPU-only plan without one
+    out = capsys.readouterr().out
+    assert "hardware profile: quadro-rtx6000-skylake48" in out and "the default, as no --hardware was given" in out
+    assert ("target: CPU only, no GPU tier" in out) != torch.cuda.is_available()
     # host memory too small for the CPU-tier experts: the plan says it pages, and the speed drops
     args = ["plan", str(config), "--gpu-memory", "24GiB", "--context", "512", "--output-tokens", "16"]
     assert main([*args, "--cpu-memory", "40GiB"]) == 0
@@ -176,3 +180,16 @@ def test_a_ctrl_c_whose_exception_was_swallowed_still_stops_a_run_at_the_next_to
         cli._generate_text(Model(), Tokenizer(), "hi", 5, 0.0, None)
     assert cli._interrupted.is_set()
     assert cli.main(["plan", "--list-hardware"]) == 0 and not cli._interrupted.is_set()  # each command starts afresh
+
+
+def test_help_version_and_the_hardware_list_answer_without_importing_torch():
+    code = (
+        "import contextlib, io, sys\n"
+        "from fiddlerc.cli import main\n"
+        "for argv in (['--version'], ['--help'], ['compile', '--help'], ['plan', '--list-hardware']):\n"
+        "    with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+        "        main(argv)\n"
+        "print(sorted(m for m in ('torch', 'transformers', 'numpy') if m in sys.modules))\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "[]", run.stdout + run.stderr

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import fiddlerc
+from fiddlerc.errors import OptionError
 from tests.conftest import ARCHS, VOCAB, hf_greedy
 
 SPLITS = ["none", "half", "all"]  # experts on the GPU tier
@@ -136,3 +137,25 @@ def test_fused_expert_keys_on_disk(arch, model_dirs, hf_model, tmp_path):
     ids, _ = _prompts(2)
     with fiddlerc.load(tmp_path / "out", device="cpu") as model, torch.no_grad():
         torch.testing.assert_close(model(ids), ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen3_moe"])
+def test_a_cpu_only_plan_keeps_every_weight_in_host_memory_and_computes_as_hugging_face(
+    arch, model_dirs, hf_model, tmp_path
+):
+    art = fiddlerc.compile(model_dirs(arch), tmp_path / "out", gpu_memory=0, context=64)
+    t, mem = art.plan.target, art.plan.memory
+    assert t.cpu_only and t.gpus() == () and t.budget_bytes == 0
+    assert {e.device for e in art.plan.experts} == {"cpu"}
+    assert mem.host_bytes == mem.dense_bytes + mem.kv_reserve_bytes + mem.expert_bytes["cpu"]
+    assert "target: CPU only, no GPU tier (--gpu-memory 0)" in (art.path / "report.txt").read_text()
+    ref = hf_model(model_dirs(arch))
+    ids, mask = _prompts(2)
+    with fiddlerc.load(art.path) as model:  # no device: a CPU-only plan loads on the CPU, CUDA or not
+        assert model.device.type == "cpu"
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids), ref(input_ids=ids).logits, rtol=1e-5, atol=1e-5)
+        got = model.generate(ids[:1], max_new_tokens=8, ignore_eos=True)
+        assert torch.equal(got, hf_greedy(ref, ids[:1], mask[:1], 8))
+    with pytest.raises(OptionError, match="CPU-only"):
+        fiddlerc.load(art.path, device="cuda:0")

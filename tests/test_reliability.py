@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 import fiddlerc
 from fiddlerc.artifact import read_manifest
 from fiddlerc.errors import ArtifactError, FiddlerError, ModelFolderError, OptionError, PlanError
-from fiddlerc.plan import plan_from_json
+from fiddlerc.plan_file import plan_from_json
 from tests.conftest import VOCAB
 
 ROOT = Path(__file__).parents[1]

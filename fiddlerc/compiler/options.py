@@ -12,9 +12,15 @@ from dataclasses import dataclass
 
 from fiddlerc.errors import OptionError
 from fiddlerc.hardware import HardwareProfile
-from fiddlerc.plan import COMPUTE, DENSE_QUANTIZED, EXPERT_DTYPES, MXFP4, Target, is_gpu_name
+from fiddlerc.plan import COMPUTE, CPU, DENSE_QUANTIZED, EXPERT_DTYPES, MXFP4, Target, is_gpu_name
 from fiddlerc.popularity import Popularity
-from fiddlerc.units import parse_size
+from fiddlerc.units import format_size, parse_size
+
+# Without --gpu-memory, a plan for this machine's cuda:0 takes its free memory at compile time less this
+# margin, for what the run needs beside the plan's weights: the CUDA context (~0.5 GiB), activations and
+# the caching allocator's slack (vLLM's default gpu_memory_utilization of 0.9 leaves the same 10 %).
+GPU_MARGIN_FRACTION = 0.10
+GPU_MARGIN_MIN_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,24 @@ def parse_gpu_memory(text: str | int) -> list[tuple[str, int]]:
     return out
 
 
+def default_gpu_budget() -> tuple[list[tuple[str, int]], str]:
+    """The target GPUs when no --gpu-memory is given, and a note saying how they were chosen: cuda:0's free
+    memory now less the margin where CUDA is present, else none (a CPU-only plan)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return [], "no --gpu-memory and no CUDA device at compile time"
+    free, total = torch.cuda.mem_get_info(0)
+    margin = max(GPU_MARGIN_MIN_BYTES, int(total * GPU_MARGIN_FRACTION))
+    budget = max(0, free - margin)
+    note = (
+        f"no --gpu-memory: {format_size(free)} free of {format_size(total)} on cuda:0 "
+        f"({torch.cuda.get_device_name(0)}) at compile time, less a margin of {format_size(margin)} "
+        f"({GPU_MARGIN_FRACTION:.0%} of its memory, at least {format_size(GPU_MARGIN_MIN_BYTES)})"
+    )
+    return [("cuda:0", budget)], note
+
+
 def expert_format(requested: str | None, stored: str | None) -> str | None:
     """The cpu-tier experts' format (None: the compute dtype) for --expert-dtype `requested` on a checkpoint
     whose experts are stored in `stored`."""
@@ -71,7 +95,7 @@ def expert_format(requested: str | None, stored: str | None) -> str | None:
 
 
 def parse_target(
-    gpu_memory: str | int,
+    gpu_memory: str | int | None,
     *,
     fast_experts: int | None = None,
     context: int = 4096,
@@ -87,8 +111,15 @@ def parse_target(
     `micro_batches` is checked against `batch` here; it travels in CompileOptions. `expert_dtype` (int8,
     int4) stores and computes the cpu-tier experts quantized (fiddlerc.quant_format), `dense_dtype` the dense
     projections where they run on the CPU. `stored_experts` is the checkpoint's own expert format (mxfp4, or
-    None): its experts stay in it by default, and `expert_dtype="compute"` dequantizes them instead."""
-    gpus = parse_gpu_memory(gpu_memory)
+    None): its experts stay in it by default, and `expert_dtype="compute"` dequantizes them instead.
+    `gpu_memory` None: `default_gpu_budget`; 0 (one GPU of no memory): a CPU-only plan, no GPU tier."""
+    note = None
+    if gpu_memory is None:
+        gpus, note = default_gpu_budget()
+    else:
+        gpus = parse_gpu_memory(gpu_memory)
+        if gpus == [("cuda:0", 0)]:
+            gpus = []
     if fast_experts is not None and fast_experts < 0:
         raise OptionError(f"--fast-experts must be >= 0, got {fast_experts}")
     if context <= 0:
@@ -102,7 +133,13 @@ def parse_target(
     if dense_dtype is not None and dense_dtype not in DENSE_QUANTIZED:
         raise OptionError(f"--dense-dtype {dense_dtype!r} is not one of {', '.join(DENSE_QUANTIZED)}")
     expert_dtype = expert_format(expert_dtype, stored_experts)
-    (device, budget), *more = gpus
+    if not gpus and fast_experts:
+        why = "--gpu-memory 0" if note is None else "no CUDA device here and no --gpu-memory"
+        raise OptionError(
+            f"--fast-experts {fast_experts} needs a GPU tier, and this plan has none ({why}): give --gpu-memory "
+            "for the target GPU, or leave --fast-experts out"
+        )
+    (device, budget), *more = gpus or [(CPU, 0)]
     return Target(
         device=device,
         budget_bytes=budget,
@@ -112,4 +149,5 @@ def parse_target(
         more_gpus=dict(more),
         expert_dtype=expert_dtype,
         dense_dtype=dense_dtype,
+        budget_note=note,
     )

@@ -31,7 +31,8 @@ from fiddlerc.passes.plan_execution import plan_execution
 from fiddlerc.passes.predict_speed import predict_speed
 from fiddlerc.passes.schedule_overlap import schedule_overlap
 from fiddlerc.passes.select_attention import select_attention
-from fiddlerc.plan import ModelInfo, Plan, Target, verify_plan
+from fiddlerc.plan import ModelInfo, Plan, Target
+from fiddlerc.plan_file import verify_plan
 from fiddlerc.units import dtype_name
 from fiddlerc.version import __version__
 

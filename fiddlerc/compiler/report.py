@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import json
 
-from fiddlerc.plan import CPU, Plan, plan_to_dict
+from fiddlerc.plan import CPU, Plan
+from fiddlerc.plan_file import plan_to_dict
 from fiddlerc.quant_format import bits_per_weight, stored_bytes
 from fiddlerc.units import format_size, parse_dtype
 
@@ -19,10 +20,13 @@ def report_text(plan: Plan) -> str:
     assert mem is not None
     gpu_experts = mem.expert_bytes.get(t.device, 0)
     gpus = " + ".join(t.gpus())
+    if t.cpu_only:
+        return _cpu_only_text(plan)
+    placed_by = f"measured popularity {t.popularity}" if t.popularity else "uniform routing (no --popularity)"
     lines = [
         f"fiddlerc plan for {m.architecture} ({m.model_type}, {m.dtype}, {m.num_layers} layers)",
-        f"target {t.device}: budget {format_size(t.budget_bytes)}; placed by "
-        + (f"measured popularity {t.popularity}" if t.popularity else "uniform routing (no --popularity)"),
+        f"target {t.device}: budget {format_size(t.budget_bytes)}; placed by {placed_by}",
+        *([f"  budget: {t.budget_note}"] if t.budget_note else []),
         f"  dense weights     {format_size(mem.dense_bytes):>12}  (embeddings, attention, norms, routers, shared experts, lm_head)",
         f"  KV-cache reserve  {format_size(mem.kv_reserve_bytes):>12}  ({t.context_tokens} tokens x {t.batch_size} sequence(s))",
         f"  experts on {t.device:<7}{format_size(gpu_experts):>12}",
@@ -32,7 +36,7 @@ def report_text(plan: Plan) -> str:
             for dev, budget in t.more_gpus.items()
         ),
         f"experts on cpu      {format_size(mem.expert_bytes.get(CPU, 0)):>12}" + _cpu_format(plan),
-        *_host_lines(mem),
+        *_host_lines(plan),
         *_dense_format(plan),
         "",
         f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  {'on GPU' if t.more_gpus else 'on ' + t.device:>10}  {'on cpu':>6}  {'expected hit rate':>17}  routing",
@@ -63,20 +67,25 @@ def report_text(plan: Plan) -> str:
             f"schedule: a batch of {t.batch_size} runs as {t.micro_batches} micro-batches whose CPU experts overlap "
             f"each other's fast-device work ({len(t.schedule)} steps: {' '.join(t.schedule[:6])} ...)"
         )
-    if plan.prediction is not None:
-        pr = plan.prediction
+    return "\n".join([*lines, *_prediction_lines(plan)]) + "\n"
+
+
+def _prediction_lines(plan: Plan) -> list[str]:
+    pr, t = plan.prediction, plan.target
+    if pr is None:
+        return []
+    lines = [
+        f"predicted decode on {t.hardware} (batch 1, position {pr.position}): {1000 / pr.decode_ms_per_token:.2f} tokens/s "
+        f"({pr.decode_ms_per_token:.1f} ms/token: dense {pr.dense_ms:.1f} ms, experts busy "
+        f"{pr.fast_expert_ms:.1f} ms fast tier / {pr.cpu_expert_ms:.1f} ms CPU)"
+    ]
+    split = time_split(plan)
+    if split is not None:
         lines.append(
-            f"predicted decode on {t.hardware} (batch 1, position {pr.position}): {1000 / pr.decode_ms_per_token:.2f} tokens/s "
-            f"({pr.decode_ms_per_token:.1f} ms/token: dense {pr.dense_ms:.1f} ms, experts busy "
-            f"{pr.fast_expert_ms:.1f} ms fast tier / {pr.cpu_expert_ms:.1f} ms CPU)"
+            f"simulated: {pr.simulated_ms_per_token:.1f} ms/token; GPU busy {split['GPU']:.1f} ms, CPU busy "
+            f"{split['CPU']:.1f} ms, transfers {split['transfers']:.2f} ms, fast device idle {split['idle']:.1f} ms"
         )
-        split = time_split(plan)
-        if split is not None:
-            lines.append(
-                f"simulated: {pr.simulated_ms_per_token:.1f} ms/token; GPU busy {split['GPU']:.1f} ms, CPU busy "
-                f"{split['CPU']:.1f} ms, transfers {split['transfers']:.2f} ms, fast device idle {split['idle']:.1f} ms"
-            )
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _cpu_format(plan: Plan) -> str:
@@ -89,6 +98,32 @@ def _cpu_format(plan: Plan) -> str:
         f" in {plan.model.dtype}; stored and run as {fmt} ({bits_per_weight(fmt)} bits per weight): "
         f"{format_size(stored)} in quantized.safetensors; GPU-tier experts run in {plan.model.dtype}"
     )
+
+
+def _cpu_only_text(plan: Plan) -> str:
+    """The report of a plan with no GPU tier: what host memory holds, and how its layers run."""
+    m, t, mem = plan.model, plan.target, plan.memory
+    experts = mem.expert_bytes.get(CPU, 0)
+    lines = [
+        f"fiddlerc plan for {m.architecture} ({m.model_type}, {m.dtype}, {m.num_layers} layers)",
+        "target: CPU only, no GPU tier" + (f" ({t.budget_note})" if t.budget_note else " (--gpu-memory 0)"),
+        "  every weight and the KV cache in host memory; a CPU load runs each token's experts beside each other",
+        f"  dense weights     {format_size(mem.dense_bytes):>12}  (embeddings, attention, norms, routers, shared experts, lm_head)",
+        f"  KV-cache reserve  {format_size(mem.kv_reserve_bytes):>12}  ({t.context_tokens} tokens x {t.batch_size} sequence(s))",
+        f"  experts           {format_size(experts):>12}" + _cpu_format(plan),
+        *_host_lines(plan),
+        *_dense_format(plan),
+        "",
+        f"{'layer':>5}  {'experts':>7}  {'top-k':>5}  {'per expert':>12}  {'shared':>12}  routing",
+        *(
+            f"{ml.layer:>5}  {ml.num_experts:>7}  {ml.top_k:>5}  {format_size(ml.bytes_per_expert):>12}  "
+            f"{format_size(ml.shared_expert_bytes) if ml.shared_expert_bytes else '-':>12}  {ml.routing}"
+            for ml in plan.moe_layers
+        ),
+        "",
+        *_attention_lines(plan),
+    ]
+    return "\n".join([*lines, *_prediction_lines(plan)]) + "\n"
 
 
 def _dense_format(plan: Plan) -> list[str]:
@@ -132,12 +167,14 @@ def _attention_lines(plan: Plan) -> list[str]:
     ]
 
 
-def _host_lines(mem) -> list[str]:
+def _host_lines(plan: Plan) -> list[str]:
+    mem = plan.memory
     if mem.host_bytes is None or mem.host_budget_bytes is None:
         return []
-    line = (
-        f"host memory         {format_size(mem.host_bytes):>12}  of {format_size(mem.host_budget_bytes)} (--cpu-memory)"
+    source = (
+        "--cpu-memory" if mem.host_budget_given else f"the {plan.target.hardware} profile's; set it with --cpu-memory"
     )
+    line = f"host memory         {format_size(mem.host_bytes):>12}  of {format_size(mem.host_budget_bytes)} ({source})"
     if mem.paged_fraction > 0:
         return [line, f"  PAGES FROM DISK: {mem.paged_fraction:.0%} of the host-resident weight reads miss memory "
                 f"(predictions include it); raise --cpu-memory or --gpu-memory"]  # fmt: skip

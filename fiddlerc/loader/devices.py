@@ -17,7 +17,7 @@ log = logging.getLogger(__name__)
 def device_map(plan: Plan, fast: torch.device) -> dict[str, torch.device]:
     """The plan's devices on this machine: its first GPU on `fast`; further GPUs on the CUDA devices
     of the same names (which must exist), or all on the CPU when `fast` is the CPU."""
-    out = {CPU: torch.device(CPU), plan.target.device: fast}
+    out = {CPU: torch.device(CPU)} if plan.target.cpu_only else {CPU: torch.device(CPU), plan.target.device: fast}
     for name in plan.target.more_gpus:
         if fast.type == CPU:
             out[name] = fast
@@ -32,12 +32,20 @@ def device_map(plan: Plan, fast: torch.device) -> dict[str, torch.device]:
     return out
 
 
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """The fast device at load time: the GPU if there is one, else the CPU (with a warning)."""
+def resolve_device(device: str | torch.device | None, cpu_only: bool = False) -> torch.device:
+    """The fast device at load time: the GPU if there is one, else the CPU (with a warning). A CPU-only
+    plan (`cpu_only`) runs on the CPU, and refuses a GPU."""
+    if cpu_only:
+        if device is not None and str(device).split(":")[0] != CPU:
+            raise OptionError(
+                f"this plan is CPU-only (no GPU tier), so it does not run on {device}: load it with device='cpu', "
+                "or recompile with --gpu-memory for the GPU"
+            )
+        return torch.device(CPU)
     if device is None:
         if torch.cuda.is_available():
             return torch.device("cuda:0")
-        log.warning("no CUDA device: experts placed on the GPU tier run on the CPU in the main thread")
+        log.warning("no CUDA device: the plan's GPU tier (cuda:0) runs on the CPU here")
         return torch.device(CPU)
     try:
         dev = torch.device(device)

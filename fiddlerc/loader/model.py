@@ -303,6 +303,6 @@ def load(
     product wherever it can read the weight."""
     if kernels not in KERNEL_MODES:
         raise OptionError(f"kernels={kernels!r} is not one of {', '.join(KERNEL_MODES)}")
-    fast = resolve_device(device)
     artifact, meta_model = verify_artifact(out_dir, model_dir)
+    fast = resolve_device(device, artifact.plan.target.cpu_only)
     return CompiledModel(artifact, meta_model, fast, num_threads, trace, kernels)

@@ -45,7 +45,7 @@ def test_module_reads_like_code(model_dirs, tmp_path):
 
 def test_hostile_plan_fields_never_reach_code(model_dirs, tmp_path):
     """A plan with code in every string field fails verification before codegen sees it."""
-    from fiddlerc.plan import plan_from_json
+    from fiddlerc.plan_file import plan_from_json
 
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
     base = json.loads((tmp_path / "out" / "plan.json").read_text())
@@ -75,7 +75,7 @@ def test_reason_text_is_inert(model_dirs, tmp_path):
     """A valid-but-odd reason (no control characters) is data: regenerated module.py ignores it."""
     from fiddlerc.artifact import regenerate_module
     from fiddlerc.model.folder import open_model_folder
-    from fiddlerc.plan import plan_from_json
+    from fiddlerc.plan_file import plan_from_json
 
     fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64, fast_experts=2)
     data = json.loads((tmp_path / "out" / "plan.json").read_text())

@@ -122,7 +122,8 @@ def test_verifier_checks_the_prediction():
     from dataclasses import replace
 
     from fiddlerc.errors import PlanError
-    from fiddlerc.plan import Prediction, verify_plan
+    from fiddlerc.plan import Prediction
+    from fiddlerc.plan_file import verify_plan
 
     p = plan(["cpu"] * 4)
     with pytest.raises(PlanError, match="prediction needs target.hardware"):

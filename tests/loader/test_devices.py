@@ -12,7 +12,7 @@ import fiddlerc
 from fiddlerc.errors import OptionError
 from fiddlerc.loader import devices
 from fiddlerc.loader.devices import check_host_memory, device_map, resolve_device
-from tests.test_plan import small_plan
+from tests.test_plan_file import small_plan
 
 
 def test_unavailable_device(model_dirs, tmp_path):

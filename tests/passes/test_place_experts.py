@@ -7,7 +7,8 @@ import pytest
 from fiddlerc.compiler.options import CompileOptions
 from fiddlerc.errors import BudgetError
 from fiddlerc.passes.place_experts import place_experts
-from fiddlerc.plan import Memory, ModelInfo, MoeLayer, Plan, Target, verify_plan
+from fiddlerc.plan import Memory, ModelInfo, MoeLayer, Plan, Target
+from fiddlerc.plan_file import verify_plan
 
 
 class _NoGraph:

@@ -14,6 +14,10 @@ def test_bench_reports_both_models_and_their_ratios(model_dirs, tmp_path):
     for speed in (r.fiddlerc, r.hf):
         assert speed.decode_tokens_per_s > 0 and speed.prefill_tokens_per_s > 0 and speed.time_to_first_token_s > 0
     assert r.ratios["decode"] == pytest.approx(r.fiddlerc.decode_tokens_per_s / r.hf.decode_tokens_per_s)
+    # every ratio is > 1 where fiddlerc is faster: for time to first token, HF's time over fiddlerc's
+    assert r.ratios["time_to_first_token"] == pytest.approx(
+        r.hf.time_to_first_token_s / r.fiddlerc.time_to_first_token_s
+    )
     assert r.read_gbps > 0 and 0 < r.roofline["fiddlerc"]
     # a decode step reads the dense weights, the KV cache so far and top-k experts per MoE layer
     ml = art.plan.moe_layers
