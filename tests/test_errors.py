@@ -3,7 +3,8 @@
 import pytest
 
 import fiddlerc
-from fiddlerc import cli, errors
+from fiddlerc import errors
+from fiddlerc.cli import common, compiling, main
 
 KINDS = [errors.ModelFolderError, errors.UnsupportedModelError, errors.OptionError, errors.BudgetError,
          errors.PlanError, errors.ArtifactError]  # fmt: skip
@@ -21,8 +22,8 @@ def test_the_cli_prints_a_user_error_on_one_line_and_exits_2(kind, monkeypatch, 
     def fail(args):
         raise kind("the budget is too small: give at least 2 GiB")
 
-    monkeypatch.setattr(cli, "_cmd_architectures", fail)
-    assert cli.main(["architectures"]) == cli.EXIT_USAGE == 2
+    monkeypatch.setattr(compiling, "_cmd_architectures", fail)
+    assert main(["architectures"]) == common.EXIT_USAGE == 2
     assert capsys.readouterr().err == "fiddlerc: error: the budget is too small: give at least 2 GiB\n"
 
 
@@ -30,6 +31,6 @@ def test_a_bug_is_not_dressed_up_as_a_user_error(monkeypatch):
     def fail(args):
         raise KeyError("internal")
 
-    monkeypatch.setattr(cli, "_cmd_architectures", fail)
+    monkeypatch.setattr(compiling, "_cmd_architectures", fail)
     with pytest.raises(KeyError):
-        cli.main(["architectures"])
+        main(["architectures"])

@@ -7,6 +7,7 @@ import logging
 import re
 import threading
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -21,14 +22,20 @@ from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve
 from fiddlerc.loader.paths import decode_paths, paths_text
 from fiddlerc.model.folder import open_weight_files
 from fiddlerc.model.quantize import QUANTIZED_FILE
+from fiddlerc.model.tokenizer import TextStream, chat_ids, load_tokenizer, prompt_ids
+from fiddlerc.plan import GENERATED
 from fiddlerc.runtime.attention import attend_one
 from fiddlerc.runtime.generate import MicroBatchCache
 from fiddlerc.runtime.generate import beam_search as _beam_search
 from fiddlerc.runtime.generate import generate as _generate
+from fiddlerc.runtime.generate import pick as _pick
+from fiddlerc.runtime.generate import steps as _steps
 from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
 from fiddlerc.runtime.norms import native_rms_norm
+from fiddlerc.runtime.slots import SlotCache
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
+from fiddlerc.units import parse_dtype
 
 log = logging.getLogger(__name__)
 _ATTENTION = re.compile(r"\.layers\.(\d+)\.(?:[A-Za-z_]+\.)?(self_attn|attention|attn)$")
@@ -95,6 +102,7 @@ class CompiledModel:
             self._finalizer()
             raise
         self.hf_model = meta_model
+        self._tokenizer = None
         self.placed_experts = bound.placed  # each MoE layer's PlacedExperts (fiddlerc.runtime.experts)
         self.tracer: Tracer | None = None
         self._trace_path = Path(trace) if trace is not None else None
@@ -137,6 +145,23 @@ class CompiledModel:
 
         micro = self.plan.target.micro_batches
         return MicroBatchCache([one() for _ in range(micro)]) if micro > 1 else one()
+
+    def slot_cache(self, slots: int | None = None) -> SlotCache | None:
+        """A KV cache of `slots` sequences (default: the plan's --batch) that join and leave a running batch
+        (fiddlerc.runtime.slots), for `next_logits`; None where some attention layer runs Hugging Face's
+        module, whose cache writes one position for the whole batch."""
+        if not self.plan.attention or any(a.path != GENERATED for a in self.plan.attention):
+            return None
+        slots = slots or self.plan.target.batch_size
+        dtype = parse_dtype(self.plan.model.dtype)  # what attention computes keys and values in
+        return SlotCache(self.config, slots, self.plan.target.context_tokens, dtype, self.device)
+
+    def next_logits(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor) -> torch.Tensor:
+        """Logits [B, V] of the token after each row of `input_ids` [B, T] (positions `position_ids` [B, T]),
+        appending them to `cache`: one sequence's slot (`slot_cache(...).view(s)`, or a `new_cache()`), or a
+        SlotCache after `begin_step(B)`, one token per slot."""
+        with self._lock, torch.no_grad():
+            return self._run_last(input_ids.to(self.device), cache, None, position_ids.to(self.device))[:, -1]
 
     def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
         if isinstance(cache, MicroBatchCache):
@@ -203,17 +228,23 @@ class CompiledModel:
         ignore_eos: bool = False,
         seed: int | None = None,
         on_token=None,
+        streamer=None,
         num_beams: int = 1,
         length_penalty: float = 1.0,
         early_stopping: bool = False,
     ) -> torch.Tensor:
         """Prompt + new tokens [B, T + n]: greedy unless do_sample, beam search with num_beams > 1 (as
-        Hugging Face's, with its length_penalty and early_stopping); stops at EOS unless ignore_eos."""
+        Hugging Face's, with its length_penalty and early_stopping); stops at EOS unless ignore_eos.
+        `on_token` sees each step's tokens [B]; `streamer` is a transformers streamer (TextStreamer,
+        TextIteratorStreamer: `put` gets the prompt, then each step's tokens, and `end` comes last)."""
         self._check_input(input_ids, max_new_tokens)
         eos = () if ignore_eos else (_as_ids(eos_token_id) if eos_token_id is not None else self.eos_token_ids)
         if num_beams > 1:
-            if do_sample or on_token is not None:
-                raise OptionError("beam search is deterministic here: drop do_sample and on_token, or use num_beams=1")
+            if do_sample or on_token is not None or streamer is not None:
+                raise OptionError(
+                    "beam search is deterministic and knows its best beam only at the end: drop do_sample, on_token "
+                    "and streamer, or use num_beams=1"
+                )
             if max_new_tokens < 1:
                 raise OptionError("beam search needs max_new_tokens >= 1")
             with self._lock:
@@ -229,6 +260,9 @@ class CompiledModel:
                     length_penalty=length_penalty,
                     early_stopping=early_stopping,
                 )
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+            on_token = _also_to(streamer, on_token)
         with self._lock:
             out = _generate(
                 self._run_last,
@@ -244,7 +278,62 @@ class CompiledModel:
                 seed=seed,
                 on_token=on_token,
             )
+        if streamer is not None:
+            streamer.end()
         return out
+
+    @property
+    def tokenizer(self):
+        """The model folder's tokenizer (loaded on first use; fiddlerc.model.tokenizer)."""
+        if self._tokenizer is None:
+            self._tokenizer = load_tokenizer(self.artifact.folder.path)
+        return self._tokenizer
+
+    def stream(
+        self,
+        prompt: str | list[dict],
+        max_new_tokens: int = 256,
+        *,
+        chat_template: str | None = None,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        ignore_eos: bool = False,
+    ) -> Completion:
+        """The answer's text, piece by piece as it is generated (iterate the Completion; its counts and
+        finish reason are set as it goes): to `prompt` as plain text, or to a conversation
+        ([{"role": "user", "content": ...}, ...]) written with the tokenizer's chat template or
+        `chat_template`. Stops at the model's end-of-turn ids (its generation_config's EOS list). The
+        model is held from the first piece until the answer ends or the Completion is closed."""
+        tok = self.tokenizer
+        ids = prompt_ids(tok, prompt) if isinstance(prompt, str) else chat_ids(tok, prompt, chat_template)
+        input_ids = torch.tensor([ids], device=self.device)
+        self._check_input(input_ids, max_new_tokens)
+        eos = () if ignore_eos else self.eos_token_ids
+        sampling = dict(do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed)
+        done = Completion(len(ids))
+
+        def pieces() -> Iterator[str]:
+            text = TextStream(tok)
+            with self._lock:
+                steps = _steps(self._run_last, self.new_cache, input_ids, None, max_new_tokens, eos_token_ids=eos,
+                               pad_token_id=self.pad_token_id, **sampling)  # fmt: skip
+                for token in steps:
+                    done.completion_tokens += 1
+                    if int(token[0]) in eos:
+                        done.finish_reason = "stop"
+                        break
+                    piece = text.push(int(token[0]))
+                    if piece:
+                        yield piece
+            done.finish_reason = done.finish_reason or "length"
+            tail = text.flush()
+            if tail:
+                yield tail
+
+        done.pieces = pieces()
+        return done
 
     def routing_stats(self) -> dict:
         """Routed (token, expert) pairs since load, per MoE layer and in total: served by resident experts
@@ -275,6 +364,48 @@ class CompiledModel:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class Completion:
+    """An answer as `CompiledModel.stream` generates it: iterate it for its text pieces; `prompt_tokens`,
+    `completion_tokens` (the end-of-turn id counted) and `finish_reason` ("stop": an end-of-turn id,
+    "length": max_new_tokens reached; None while it runs) follow it."""
+
+    def __init__(self, prompt_tokens: int) -> None:
+        self.prompt_tokens = prompt_tokens
+        self.completion_tokens = 0
+        self.finish_reason: str | None = None
+        self.pieces: Iterator[str] = iter(())
+
+    def __iter__(self) -> Iterator[str]:
+        return self.pieces
+
+    def text(self) -> str:
+        """The whole answer (the rest of it, if some was read already)."""
+        return "".join(self.pieces)
+
+    def close(self) -> None:
+        """Stop generating (the model is free again)."""
+        close = getattr(self.pieces, "close", None)
+        if close is not None:
+            close()
+
+
+def sample_next(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+    """The next token per row of `logits` [B, V], as `generate` picks it: greedy, or sampled with
+    `temperature` and nucleus `top_p` from `generator`."""
+    return _pick(logits, do_sample, temperature, top_p, generator)
+
+
+def _also_to(streamer, on_token):
+    """An on_token callback that also puts each step's tokens into a transformers streamer."""
+
+    def both(token: torch.Tensor) -> None:
+        streamer.put(token.cpu())
+        if on_token is not None:
+            on_token(token)
+
+    return both
 
 
 def _as_ids(value) -> tuple[int, ...]:

@@ -6,7 +6,7 @@ position is the number of real tokens before it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import torch
 
@@ -34,7 +34,7 @@ class MicroBatchCache:
             cache.reorder_cache(local)
 
 
-def _pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
+def pick(logits: torch.Tensor, do_sample: bool, temperature: float, top_p: float, generator) -> torch.Tensor:
     """Next token per row of logits [B, V]."""
     if not do_sample or temperature == 0:
         return logits.argmax(dim=-1)
@@ -57,15 +57,36 @@ def generate(
     attention_mask: torch.Tensor | None,
     max_new_tokens: int,
     *,
+    on_token: Callable[[torch.Tensor], None] | None = None,
+    **sampling,
+) -> torch.Tensor:
+    """Prompt + new tokens [B, T + n], as Hugging Face returns them (finished rows padded); `on_token`
+    sees each step's tokens [B] as they come. `sampling`: the keywords of `steps`."""
+    out = input_ids
+    for token in steps(forward, new_cache, input_ids, attention_mask, max_new_tokens, **sampling):
+        out = torch.cat([out, token[:, None]], dim=-1)
+        if on_token is not None:
+            on_token(token)
+    return out
+
+
+@torch.no_grad()
+def steps(
+    forward: Forward,
+    new_cache: Callable[[], object],
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    max_new_tokens: int,
+    *,
     do_sample: bool = False,
     temperature: float = 1.0,
     top_p: float = 1.0,
     eos_token_ids: Sequence[int] = (),
     pad_token_id: int = 0,
     seed: int | None = None,
-    on_token: Callable[[torch.Tensor], None] | None = None,
-) -> torch.Tensor:
-    """Prompt + new tokens [B, T + n], as Hugging Face returns them (finished rows padded)."""
+) -> Iterator[torch.Tensor]:
+    """Each step's next token per row [B], as it is picked (rows that finished get `pad_token_id`); stops
+    after `max_new_tokens` or when every row has produced an EOS."""
     if max_new_tokens < 0:
         raise ValueError("max_new_tokens must be >= 0")
     if temperature < 0 or not 0 < top_p <= 1:
@@ -81,16 +102,13 @@ def generate(
     cache = new_cache()
     position_ids = (attention_mask.cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
     logits = forward(input_ids, cache, attention_mask, position_ids)[:, -1, :]
-    out = input_ids
     finished = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=device)
     for step in range(max_new_tokens):
-        token = _pick(logits, do_sample, temperature, top_p, generator)
+        token = pick(logits, do_sample, temperature, top_p, generator)
         if eos.numel():
             token = torch.where(finished, torch.full_like(token, pad_token_id), token)
             finished |= torch.isin(token, eos)
-        out = torch.cat([out, token[:, None]], dim=-1)
-        if on_token is not None:
-            on_token(token)
+        yield token
         if step == max_new_tokens - 1 or bool(finished.all()):
             break
         attention_mask = torch.cat([attention_mask, attention_mask.new_ones((attention_mask.shape[0], 1))], dim=-1)
@@ -98,7 +116,6 @@ def generate(
         # No padding: the new token sees every cached one, which is what no mask means (and what spares the
         # generated attention a mask per step: fiddlerc.runtime.attention.causal_mask).
         logits = forward(token[:, None], cache, attention_mask if padded else None, position_ids)[:, -1, :]
-    return out
 
 
 @torch.no_grad()

@@ -13,9 +13,18 @@ import torch
 
 from fiddlerc.model.families import find_layout
 
+# A chat template in the usual shape (a header per turn, </s> ends one), so `fiddlerc chat` and the
+# server's chat endpoint run on the demo and test models.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
+)
+BOS_ID, EOS_ID = 256, 257  # byte_tokenizer's <s> and </s>
+
 
 def byte_tokenizer():
-    """A byte-level tokenizer (256 byte tokens + <s> and </s>): any text round-trips."""
+    """A byte-level tokenizer (256 byte tokens + <s> and </s>, which ends a chat turn): any text
+    round-trips."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
@@ -25,7 +34,9 @@ def byte_tokenizer():
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    out = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>")
+    out.chat_template = CHAT_TEMPLATE
+    return out
 
 
 def write_model(
@@ -39,12 +50,16 @@ def write_model(
 ) -> Path:
     """Build a random-weight causal LM from `config`, save it with `save_pretrained`, return the folder.
 
+    With `tokenizer`, the folder also gets `byte_tokenizer()`, whose <s> and </s> become the model's BOS and
+    EOS (its vocabulary must hold them: 258 tokens at least).
     `router_scale` redraws every MoE router's matrix with `router_scale` times the usual 0.02 std,
     making routing decisive (top-k choices far from ties), so tiny numeric differences cannot flip an
     expert choice in tests. `dtype` builds (and saves) the weights in it directly (default fp32).
     """
     from transformers import AutoModelForCausalLM
 
+    if tokenizer:
+        config.bos_token_id, config.eos_token_id = BOS_ID, EOS_ID
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(config, **({} if dtype is None else {"dtype": dtype}))
     with torch.no_grad():

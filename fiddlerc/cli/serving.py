@@ -1,0 +1,47 @@
+"""serve: the compiled model behind an OpenAI-compatible HTTP API (fiddlerc.serve)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from fiddlerc.cli.text import chat_template_text
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from fiddlerc.api import load
+    from fiddlerc.serve import serve
+
+    template = chat_template_text(args.chat_template)
+    model = load(args.out, device=args.device, model_dir=args.model)
+    name = args.served_model_name or model.artifact.folder.path.name
+    plan = model.plan.target
+
+    def ready(host: str, port: int) -> None:
+        print(
+            f"fiddlerc serve: {name} at http://{host}:{port}/v1 (up to {plan.batch_size} sequences at once, "
+            f"{plan.context_tokens} tokens each; Ctrl-C or SIGTERM stops it)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    try:
+        serve(model, host=args.host, port=args.port, name=name, api_key=args.api_key, chat_template=template,
+              queue_size=args.queue, ready=ready)  # fmt: skip
+    finally:
+        model.close()
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("serve", help="serve a compiled model over an OpenAI-compatible HTTP API")
+    s.add_argument("out", help="the compiled folder")
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=8000, help="0: any free port (printed)")
+    s.add_argument("--api-key", default=None, help="require Authorization: Bearer KEY")
+    s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder's)")
+    s.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template instead of the model's")
+    s.add_argument("--queue", type=int, default=64, help="requests that may wait beyond the running batch (then 503)")
+    s.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
+    s.add_argument("--model", default=None, help="model folder, if it moved since compiling")
+    s.set_defaults(func=_cmd_serve)

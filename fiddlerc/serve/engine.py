@@ -1,0 +1,230 @@
+"""The server's generation loop: concurrent requests batched at the step level.
+
+One thread runs the model. Each turn of its loop admits at most one waiting request, whose prompt it runs
+(prefill) into a free slot of the KV cache and whose first token it sends at once, then runs one decode step
+for every running request together: one forward of a [running, 1] batch, in which each expert's weights are
+read once for all the tokens routed to it. A request leaves the batch when it ends (an end-of-turn id, its
+token budget, a stop string, the context, or its client gone) and its slot goes to the next. So a new
+request's first token waits for at most one decode step of the others and its own prefill, never for them to
+finish; prompts are not batched with each other (each is one forward of its own).
+
+The batch holds up to the sequences the plan reserved KV cache for (`--batch`); further requests wait in a
+bounded queue, and `submit` refuses one beyond it (the HTTP layer answers 503). Where a model's attention
+runs Hugging Face's module (not fiddlerc's generated attention, whose slot cache this needs), requests still
+take turns step by step, each with its own cache, but each step is its own forward.
+
+Each request samples with its own torch.Generator, so a seeded request gives the same tokens whatever else
+runs beside it, up to the rounding of the batched kernels (a batch of one runs the one-token kernels).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from fiddlerc.loader.model import sample_next
+from fiddlerc.model.tokenizer import TextStream
+
+log = logging.getLogger(__name__)
+
+
+class QueueFull(Exception):
+    """The engine's queue of waiting requests is full."""
+
+
+@dataclass
+class Sampling:
+    temperature: float = 1.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+@dataclass
+class Job:
+    """One request: its prompt's ids, its budget and sampling, its stop strings, and `emit`, called from the
+    engine's thread with ("text", piece), then ("end", finish_reason) or ("error", message)."""
+
+    prompt_ids: list[int]
+    max_tokens: int
+    sampling: Sampling
+    stop: tuple[str, ...]
+    emit: Callable[[tuple], None]
+    completion_tokens: int = 0
+    finish_reason: str | None = None
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    # engine state
+    cache: object = None
+    position: int = 0
+    last: int = 0
+    held: str = ""
+    text: TextStream | None = None
+    generator: torch.Generator | None = None
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.prompt_ids)
+
+    def cancel(self) -> None:
+        """Stop generating (the client went away); the engine frees its slot at its next step."""
+        self.cancelled.set()
+
+
+class Engine:
+    """Runs `model` (a CompiledModel) for the jobs `submit` gives it, on its own thread."""
+
+    def __init__(self, model, slots: int | None = None, queue_size: int = 64) -> None:
+        self.model = model
+        self.tokenizer = model.tokenizer
+        self.cache = model.slot_cache(slots)
+        self.slots = self.cache.slots if self.cache is not None else (slots or model.plan.target.batch_size)
+        self.context = model.plan.target.context_tokens
+        self.queue_size = queue_size
+        self.eos = set(model.eos_token_ids)
+        self._waiting: collections.deque[Job] = collections.deque()
+        self._running: list[Job] = []
+        self._wake = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="fiddlerc-engine", daemon=True)
+        self._thread.start()
+
+    @property
+    def batched(self) -> bool:
+        """Whether running requests share one forward a step (else each step is a forward of its own)."""
+        return self.cache is not None
+
+    def submit(self, job: Job) -> None:
+        """Queue `job`; QueueFull where `queue_size` requests wait already, RuntimeError once stopping."""
+        with self._wake:
+            if self._stopping:
+                raise RuntimeError("the server is shutting down")
+            if len(self._waiting) >= self.queue_size:
+                raise QueueFull(f"{len(self._waiting)} requests are waiting already")
+            self._waiting.append(job)
+            self._wake.notify()
+
+    def load(self) -> tuple[int, int]:
+        """(running, waiting) requests."""
+        with self._wake:
+            return len(self._running), len(self._waiting)
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Take no more jobs, finish those running and waiting, then end the thread."""
+        with self._wake:
+            self._stopping = True
+            self._wake.notify()
+        self._thread.join(timeout)
+
+    # -- the loop
+
+    def _loop(self) -> None:
+        while True:
+            with self._wake:
+                while not self._waiting and not self._running and not self._stopping:
+                    self._wake.wait()
+                if self._stopping and not self._waiting and not self._running:
+                    return
+                job = self._waiting.popleft() if self._waiting and len(self._running) < self.slots else None
+            try:
+                if job is not None:
+                    self._start(job)
+                self._drop_finished()
+                if self._running:
+                    self._step()
+                    self._drop_finished()
+            except Exception as e:  # a bug, or out of memory: every request in flight hears of it
+                log.exception("generation failed")
+                for j in [*self._running, *([job] if job is not None and job not in self._running else [])]:
+                    j.finish_reason = j.finish_reason or "error"
+                    j.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
+                self._release_all()
+
+    def _start(self, job: Job) -> None:
+        """The prompt into a free slot, and its first token."""
+        slot = len(self._running)
+        job.cache = self.cache.view(slot) if self.cache is not None else self.model.new_cache()
+        job.text = TextStream(self.tokenizer)
+        seed = job.sampling.seed if job.sampling.seed is not None else int(torch.seed() % 2**63)
+        job.generator = torch.Generator().manual_seed(seed)
+        ids = torch.tensor([job.prompt_ids])
+        logits = self.model.next_logits(ids, job.cache, torch.arange(ids.shape[1])[None])
+        job.position = ids.shape[1]
+        self._running.append(job)
+        self._advance(job, logits[0])
+
+    def _step(self) -> None:
+        """One decode step of every running job."""
+        jobs = self._running
+        if self.cache is not None and len(jobs) > 1:
+            positions = self.cache.begin_step(len(jobs))
+            tokens = torch.tensor([[j.last] for j in jobs])
+            logits = self.model.next_logits(tokens, self.cache, positions[:, None])
+        else:  # one job (the one-token kernels), or a model without a slot cache: a forward each
+            rows = [
+                self.model.next_logits(torch.tensor([[j.last]]), j.cache, torch.tensor([[j.position]])) for j in jobs
+            ]
+            logits = torch.cat(rows)
+        for j, row in zip(jobs, logits, strict=True):
+            j.position += 1
+            self._advance(j, row)
+
+    def _advance(self, job: Job, logits: torch.Tensor) -> None:
+        """Pick the job's next token from `logits` [V], send its text, and see whether the job ends."""
+        s = job.sampling
+        token = int(sample_next(logits[None], s.temperature > 0, s.temperature or 1.0, s.top_p, job.generator)[0])
+        job.last = token
+        job.completion_tokens += 1
+        if token in self.eos:
+            job.finish_reason = "stop"
+        else:
+            self._send(job, job.text.push(token))
+        if job.finish_reason is None and (job.completion_tokens >= job.max_tokens or job.position >= self.context):
+            job.finish_reason = "length"
+        if job.finish_reason is not None:
+            self._send(job, job.text.flush(), final=True)
+
+    def _send(self, job: Job, piece: str, final: bool = False) -> None:
+        """Text out, held back while it could be the start of a stop string; a stop string ends the job there."""
+        text = job.held + piece
+        for stop in job.stop:
+            at = text.find(stop)
+            if at >= 0:
+                text, job.finish_reason, final = text[:at], "stop", True
+        keep = (
+            0
+            if final
+            else max((n for stop in job.stop for n in range(1, len(stop)) if text.endswith(stop[:n])), default=0)
+        )
+        job.held = text[len(text) - keep :] if keep else ""
+        out = text[: len(text) - keep]
+        if out:
+            job.emit(("text", out))
+
+    def _drop_finished(self) -> None:
+        """Jobs that ended or were cancelled leave the batch; the last running job takes a freed slot."""
+        i = 0
+        while i < len(self._running):
+            job = self._running[i]
+            if job.finish_reason is None and not job.cancelled.is_set():
+                i += 1
+                continue
+            last = len(self._running) - 1
+            if self.cache is not None and i != last:
+                self.cache.move(last, i)
+                self._running[last].cache = self.cache.view(i)
+            elif self.cache is not None:
+                self.cache.view(i).clear()
+            self._running[i] = self._running[last]
+            self._running.pop()
+            if not job.cancelled.is_set():
+                job.emit(("end", job.finish_reason))
+
+    def _release_all(self) -> None:
+        for j in self._running:
+            if self.cache is not None:
+                j.cache.clear()
+        self._running = []

@@ -1,0 +1,62 @@
+"""The server's slot cache: sequences of different lengths in one batched step compute what each computes
+alone, and Hugging Face computes for it."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fiddlerc
+from fiddlerc.runtime.slots import SlotCache
+from tests.conftest import VOCAB
+
+
+class _Config:
+    num_attention_heads, num_key_value_heads, head_dim, hidden_size, num_hidden_layers = 4, 2, 8, 32, 2
+
+
+def test_a_step_appends_each_sequence_at_its_own_position_and_masks_the_rest():
+    cache = SlotCache(_Config(), slots=3, context=16, dtype=torch.float32, device=torch.device("cpu"))
+    for slot, n in ((0, 5), (1, 2)):
+        for lay in cache.view(slot).layers:
+            lay.fiddlerc_length = n
+    assert cache.begin_step(2).tolist() == [5, 2]
+    mask = cache.mask()
+    assert mask.shape == (2, 1, 1, 6)
+    assert mask[0, 0, 0].tolist() == [True] * 6 and mask[1, 0, 0].tolist() == [True] * 3 + [False] * 3
+    k = torch.randn(2, 2, 1, 8)
+    keys, values = cache.append(0, k, k + 1)
+    assert keys.shape == (2, 2, 6, 8)
+    assert torch.equal(cache.keys[0][0, :, 5], k[0, :, 0]) and torch.equal(cache.keys[0][1, :, 2], k[1, :, 0])
+    assert cache.view(0).layers[0].fiddlerc_length == 6 and cache.view(1).layers[1].fiddlerc_length == 2
+    cache.append(1, k, k)
+    assert cache.lengths(2).tolist() == [6, 3]
+    cache.move(0, 1)  # slot 1's sequence ended: slot 0's takes it
+    assert cache.lengths(2).tolist() == [0, 6] and torch.equal(cache.keys[0][1, :, 5], k[0, :, 0])
+    with pytest.raises(RuntimeError, match="one token to each of 2 slots"):
+        cache.append(0, torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
+
+
+@pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
+def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(family, model_dirs, hf_model, tmp_path):
+    src = model_dirs(family)
+    fiddlerc.compile(src, tmp_path / "out", gpu_memory=0, context=32, batch=3)
+    ref = hf_model(src)
+    g = torch.Generator().manual_seed(3)
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (7, 3, 5)]
+    nxt = torch.randint(3, VOCAB, (3, 2), generator=g)  # two batched steps
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        cache = model.slot_cache()
+        assert cache is not None and cache.slots == 3
+        for slot, ids in enumerate(prompts):  # prefills, one sequence each, as the server admits them
+            first = model.next_logits(ids, cache.view(slot), torch.arange(ids.shape[1])[None])
+            with torch.no_grad():
+                torch.testing.assert_close(first[0], ref(input_ids=ids).logits[0, -1], rtol=1e-5, atol=1e-5)
+        for step in range(2):
+            positions = cache.begin_step(3)
+            got = model.next_logits(nxt[:, step : step + 1], cache, positions[:, None])
+            for row, ids in enumerate(prompts):
+                full = torch.cat([ids[0], nxt[row, : step + 1]])[None]
+                with torch.no_grad():
+                    want = ref(input_ids=full).logits[0, -1]
+                torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
