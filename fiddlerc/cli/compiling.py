@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import argparse
 import time
-from pathlib import Path
 
+from fiddlerc.errors import OptionError
+from fiddlerc.files import output_file, write_atomic
 from fiddlerc.plan import DENSE_QUANTIZED, DTYPE_NAMES, EXPERT_DTYPES
 
 DEFAULT_HARDWARE = "quadro-rtx6000-skylake48"  # what `plan` prices on without --hardware: the Fiddler paper's machine
@@ -60,10 +61,13 @@ def _cmd_report(args: argparse.Namespace) -> int:
     from fiddlerc.artifact import verify_artifact
     from fiddlerc.compiler.report import report_html, report_json, report_text
 
+    if args.output is not None and args.format != "html":
+        raise OptionError("-o/--output is where --format html writes: add --format html, or drop -o")
+    path = output_file(args.output, "--output") if args.output else None
     art, _ = verify_artifact(args.out, args.model)
     if args.format == "html":
-        path = Path(args.output) if args.output else art.path / "report.html"
-        path.write_text(report_html(art.plan), encoding="utf-8")
+        path = path or art.path / "report.html"
+        write_atomic(path, report_html(art.plan))
         print(f"wrote {path}")
         return 0
     print(report_json(art.plan) if args.format == "json" else report_text(art.plan), end="")
@@ -85,6 +89,8 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     from fiddlerc.compiler.report import report_text
     from fiddlerc.compiler.simulate import Workload, simulate
 
+    trace = output_file(args.trace, "--trace") if args.trace else None
+    html = output_file(args.html, "--html") if args.html else None
     options = _planning_options(args)
     why = "given"
     if options["hardware"] is None:
@@ -98,13 +104,13 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     work = Workload(args.prompt_tokens, args.output_tokens, batch=args.batch)
     run = simulate(p, profile, work, trace=bool(args.trace))
     if args.trace:
-        Path(args.trace).write_text(run.trace_json())
+        write_atomic(trace, run.trace_json())
         print(f"wrote the simulated schedule to {args.trace} (open in https://ui.perfetto.dev)")
     busy = ", ".join(f"{name} {ms / 1000:.1f} s" for name, ms in run.busy_ms.items())
     if args.html:
         from fiddlerc.compiler.report import report_html
 
-        Path(args.html).write_text(report_html(p), encoding="utf-8")
+        write_atomic(html, report_html(p))
         print(f"wrote {args.html}")
     print(
         f"simulated on {p.target.hardware} (prompt {work.prompt_tokens}, output {work.output_tokens}, batch {work.batch}): "

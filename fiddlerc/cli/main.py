@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
@@ -32,6 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     from fiddlerc.errors import FiddlerError
 
     args = build_parser().parse_args(argv)
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' bars (its tqdm reads this)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="fiddlerc: %(message)s")
     for noisy in ("transformers", "httpx"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

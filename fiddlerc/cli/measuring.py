@@ -7,6 +7,7 @@ import time
 from pathlib import Path
 
 from fiddlerc.cli.common import EXIT_INTERRUPTED
+from fiddlerc.files import output_file, write_atomic
 from fiddlerc.plan import DTYPE_NAMES, EXPERT_DTYPES
 
 
@@ -42,7 +43,7 @@ def _cmd_popularity(args: argparse.Namespace) -> int:
     run = count_routing(
         args.model_dir,
         args.data,
-        args.out,
+        output_file(args.out, "-o"),
         max_tokens=args.max_tokens,
         decode_tokens=args.decode_tokens,
         threads=args.threads,
@@ -56,8 +57,11 @@ def _cmd_popularity(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
+    from fiddlerc.artifact import read_plan
     from fiddlerc.tools.bench import bench, bench_table
 
+    read_plan(args.out)  # a compiled folder, before the JSON's place is made
+    path = output_file(args.json if args.json else Path(args.out) / "bench.json", "--json")
     result = bench(
         args.out,
         prompt_tokens=args.prompt_tokens,
@@ -69,8 +73,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         hf=not args.no_hf,
     )
     print(bench_table(result), end="")
-    path = Path(args.json) if args.json else Path(args.out) / "bench.json"
-    path.write_text(result.to_json())
+    write_atomic(path, result.to_json())
     print(f"wrote {path}")
     return 0
 

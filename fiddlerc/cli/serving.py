@@ -1,4 +1,5 @@
-"""serve: the compiled model behind an OpenAI-compatible HTTP API (fiddlerc.serve)."""
+"""serve and export: the compiled model behind an OpenAI-compatible HTTP API (fiddlerc.serve), and its
+measured expert popularity for engines that serve it over many GPUs (fiddlerc.tools.export)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,30 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    import json
+
+    from fiddlerc.artifact import read_plan
+    from fiddlerc.errors import OptionError
+    from fiddlerc.files import output_file, write_atomic
+    from fiddlerc.popularity import load_popularity
+    from fiddlerc.tools.export import sglang_logical_count
+
+    path = output_file(args.output, "-o")
+    plan = read_plan(args.out)
+    if args.popularity is None:
+        raise OptionError(
+            "export writes measured expert popularity: give --popularity FILE (`fiddlerc popularity MODEL_DIR --data "
+            "TEXT -o FILE` measures it)"
+        )
+    doc = sglang_logical_count(plan, load_popularity(args.popularity))
+    write_atomic(path, json.dumps(doc) + "\n")
+    layers = len(doc["logical_count"])
+    print(f"wrote {path}: routed-token counts of {layers} decoder layers x {len(doc['logical_count'][0])} experts; "
+          f"serve with SGLang's --init-expert-location {path}")  # fmt: skip
+    return 0
+
+
 def add_commands(sub) -> None:
     s = sub.add_parser("serve", help="serve a compiled model over an OpenAI-compatible HTTP API")
     s.add_argument("out", help="the compiled folder")
@@ -45,3 +70,10 @@ def add_commands(sub) -> None:
     s.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     s.add_argument("--model", default=None, help="model folder, if it moved since compiling")
     s.set_defaults(func=_cmd_serve)
+
+    e = sub.add_parser("export", help="measured expert popularity for SGLang's expert-parallel placement")
+    e.add_argument("out", help="the compiled folder")
+    e.add_argument("--to", choices=["sglang"], required=True, help="the engine whose format to write")
+    e.add_argument("--popularity", default=None, metavar="FILE", help="the counts (`fiddlerc popularity` writes them)")
+    e.add_argument("-o", "--output", required=True, help="the file to write (JSON)")
+    e.set_defaults(func=_cmd_export)

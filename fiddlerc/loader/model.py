@@ -17,6 +17,7 @@ from fiddlerc.artifact import MODULE_FILE, Artifact, verify_artifact
 from fiddlerc.compiler.capture import cache_class, new_cache
 from fiddlerc.compiler.codegen import load_module
 from fiddlerc.errors import OptionError
+from fiddlerc.files import output_file
 from fiddlerc.loader.bind import bind_weights
 from fiddlerc.loader.devices import check_gpu_memory, check_host_memory, resolve_device
 from fiddlerc.loader.paths import decode_paths, paths_text
@@ -105,7 +106,7 @@ class CompiledModel:
         self._tokenizer = None
         self.placed_experts = bound.placed  # each MoE layer's PlacedExperts (fiddlerc.runtime.experts)
         self.tracer: Tracer | None = None
-        self._trace_path = Path(trace) if trace is not None else None
+        self._trace_path = output_file(trace, "the trace") if trace is not None else None  # checked before the run
         if trace is not None:
             self.tracer = Tracer()
             _trace_attention(meta_model, self.tracer)
@@ -238,6 +239,11 @@ class CompiledModel:
         `on_token` sees each step's tokens [B]; `streamer` is a transformers streamer (TextStreamer,
         TextIteratorStreamer: `put` gets the prompt, then each step's tokens, and `end` comes last)."""
         self._check_input(input_ids, max_new_tokens)
+        if attention_mask is not None and not bool(attention_mask[:, -1].all()):
+            raise OptionError(
+                "a right-padded batch (a row whose last position is padding) would continue from its padding: "
+                "pad on the left (tokenizer.padding_side = 'left'), as Hugging Face's generate expects"
+            )
         eos = () if ignore_eos else (_as_ids(eos_token_id) if eos_token_id is not None else self.eos_token_ids)
         if num_beams > 1:
             if do_sample or on_token is not None or streamer is not None:

@@ -3,7 +3,7 @@
 Routes: POST /v1/chat/completions and /v1/completions (streamed as server-sent events with "stream": true,
 `stream_options.include_usage` adds a last chunk with the counts), GET /v1/models, GET /health.
 Parameters: max_tokens (chat: also max_completion_tokens), temperature, top_p, seed, stop, n (1 only),
-stream, stream_options; a few that change nothing at their neutral value (presence_penalty 0,
+logit_bias, stream, stream_options; a few that change nothing at their neutral value (presence_penalty 0,
 frequency_penalty 0, user). Any other parameter gets a 400 that names it, as does a prompt over the
 context, a chat request to a model without a chat template, malformed JSON, and a bad value. A full
 queue gets a 503; a wrong or missing key (with --api-key) a 401. A client that disconnects stops its
@@ -26,7 +26,7 @@ from fiddlerc.errors import OptionError
 from fiddlerc.model.tokenizer import chat_ids, check_conversation, prompt_ids
 from fiddlerc.serve.engine import Engine, Job, QueueFull, Sampling
 
-COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options"}
+COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logit_bias"}
 NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "user": None}  # accepted where they change nothing
 CHAT = COMMON | {"messages", "max_completion_tokens"}
 COMPLETIONS = COMMON | {"prompt"}
@@ -181,17 +181,31 @@ class Server:
         stop = (stop,) if isinstance(stop, str) else tuple(stop or ())
         if len(stop) > 4 or not all(isinstance(s, str) and s for s in stop):
             raise ApiError(400, "stop must be a string or a list of up to 4 non-empty strings", "stop")
-        sampling = Sampling(
-            temperature=float(_number(body, "temperature", 1.0, 0, 2)),
-            top_p=float(_number(body, "top_p", 1.0, 0, 1)) or 1.0,
-            seed=_number(body, "seed", None, -(2**63), 2**63 - 1, integer=True),
-        )
+        temperature = float(_number(body, "temperature", 1.0, 0, 2))
+        top_p = float(_number(body, "top_p", 1.0, 0, 1))
+        if top_p == 0:  # nothing to sample from but the most likely token
+            temperature, top_p = 0.0, 1.0
+        sampling = Sampling(temperature, top_p, _number(body, "seed", None, -(2**63), 2**63 - 1, integer=True))
         stream = body.get("stream") or False
         options = body.get("stream_options") or {}
         if not isinstance(stream, bool) or not isinstance(options, dict):
             raise ApiError(400, "stream must be true or false, stream_options an object", "stream")
-        job = {"prompt_ids": ids, "max_tokens": max_tokens, "sampling": sampling, "stop": stop}
+        job = {"prompt_ids": ids, "max_tokens": max_tokens, "sampling": sampling, "stop": stop,
+               "logit_bias": self._logit_bias(body.get("logit_bias"))}  # fmt: skip
         return job, stream, bool(options.get("include_usage"))
+
+    def _logit_bias(self, value) -> dict[int, float]:
+        """OpenAI's logit_bias: {"token id": bias in [-100, 100]} (-100 bans a token, 100 forces it)."""
+        if value is None:
+            return {}
+        vocab = self.engine.model.config.vocab_size
+        try:
+            bias = {int(k): float(v) for k, v in dict(value).items()}
+        except (TypeError, ValueError):
+            raise ApiError(400, "logit_bias must map token ids to numbers", "logit_bias") from None
+        if any(not 0 <= k < vocab or not -100 <= v <= 100 for k, v in bias.items()):
+            raise ApiError(400, f"logit_bias maps token ids in [0, {vocab}) to biases in [-100, 100]", "logit_bias")
+        return bias
 
     def _usage(self, job: Job) -> dict:
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,

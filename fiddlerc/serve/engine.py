@@ -54,6 +54,7 @@ class Job:
     sampling: Sampling
     stop: tuple[str, ...]
     emit: Callable[[tuple], None]
+    logit_bias: dict[int, float] = field(default_factory=dict)  # token id -> added to its logit (OpenAI's)
     completion_tokens: int = 0
     finish_reason: str | None = None
     cancelled: threading.Event = field(default_factory=threading.Event)
@@ -175,6 +176,9 @@ class Engine:
     def _advance(self, job: Job, logits: torch.Tensor) -> None:
         """Pick the job's next token from `logits` [V], send its text, and see whether the job ends."""
         s = job.sampling
+        if job.logit_bias:
+            logits = logits.clone()
+            logits[list(job.logit_bias)] += torch.tensor(list(job.logit_bias.values()), dtype=logits.dtype)
         token = int(sample_next(logits[None], s.temperature > 0, s.temperature or 1.0, s.top_p, job.generator)[0])
         job.last = token
         job.completion_tokens += 1

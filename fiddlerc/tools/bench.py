@@ -89,6 +89,7 @@ class BenchResult:
     ratios: dict = field(default_factory=dict)
     startup: Startup | None = None
     experts: ExpertKernel | None = None  # None: no expert runs on the CPU
+    notes: list[str] = field(default_factory=list)  # what the table leaves out, and why
 
     @property
     def roofline(self) -> dict:
@@ -320,6 +321,9 @@ def bench(
     runners = {"fiddlerc": model}
     ref = None
     hf_rss = 0
+    note = hf_fits(plan, dev) if hf else None
+    if note is not None:
+        hf = False
     if hf:
         from transformers import AutoModelForCausalLM
 
@@ -373,6 +377,7 @@ def bench(
         hf=speeds.get("hf"),
         startup=startup,
         experts=experts,
+        notes=[note] if note is not None else [],
     )
     if result.hf is not None:
         result.ratios = {  # each > 1 where fiddlerc is the faster
@@ -381,6 +386,19 @@ def bench(
             "time_to_first_token": result.hf.time_to_first_token_s / result.fiddlerc.time_to_first_token_s,
         }
     return result
+
+
+def hf_fits(plan, dev: torch.device) -> str | None:
+    """None where the Hugging Face baseline, loaded whole onto `dev` as it is measured, fits there; else the
+    note that says why it is skipped (its whole model on one GPU is what fiddlerc exists to avoid)."""
+    if dev.type != "cuda":
+        return None
+    need = plan.memory.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    free, _ = torch.cuda.mem_get_info(dev)
+    if need <= 0.9 * free:
+        return None
+    return (f"Hugging Face baseline skipped: the whole model ({need / 2**30:.1f} GiB) does not fit in the "
+            f"{free / 2**30:.1f} GiB free on {dev}")  # fmt: skip
 
 
 def bench_table(r: BenchResult) -> str:
@@ -424,4 +442,5 @@ def bench_table(r: BenchResult) -> str:
             f"memory: resident after the first pass and one call of every expert {st.resident_bytes / 1e9:.2f} GB "
             f"for {st.weight_bytes / 1e9:.2f} GB of weights ({ratios['resident_over_weights']:.2f}x)"
         )
+    rows += r.notes
     return "\n".join(rows) + "\n"

@@ -68,3 +68,22 @@ def test_plan_from_config_alone_predicts_tokens_per_second(tmp_path, capsys):
         return float(re.search(r"predicted decode .*: (\d+\.\d+) tokens/s", text).group(1))
 
     assert speed(paged) < speed(out) / 2
+
+
+def test_report_writes_html_where_asked_making_its_folder_and_refuses_a_folder_in_one_line(
+    tiny_with_tokenizer, tmp_path, capsys
+):
+    out = tmp_path / "out"
+    assert main(["compile", str(tiny_with_tokenizer), "-o", str(out), "--gpu-memory", "0", "--context", "64"]) == 0
+    target = tmp_path / "new" / "r.html"
+    assert main(["report", str(out), "--format", "html", "-o", str(target)]) == 0
+    assert target.read_text().startswith("<!DOCTYPE html>") or "<html" in target.read_text()
+    capsys.readouterr()
+    for argv, message in [
+        (["report", str(out), "--format", "html", "-o", str(tmp_path)], "is a folder"),
+        (["report", str(out), "-o", str(target)], "add --format html"),
+        (["bench", str(tiny_with_tokenizer)], "is a model folder, not a compiled one"),
+    ]:
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

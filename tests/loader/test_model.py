@@ -63,3 +63,11 @@ def test_close_ends_the_worker_thread_and_a_closed_model_says_so(compiled):
     assert workers() == before
     with pytest.raises(RuntimeError, match="worker was closed: load the model again"):
         model(torch.tensor([[5, 6, 7]]))
+
+
+def test_a_right_padded_batch_is_refused_with_what_to_do(compiled):
+    ids = torch.tensor([[5, 6, 7], [5, 6, 0]])
+    with fiddlerc.load(compiled, device="cpu") as model:
+        with pytest.raises(OptionError, match="pad on the left"):
+            model.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]), max_new_tokens=2)
+        model.generate(ids, attention_mask=torch.tensor([[1, 1, 1], [0, 1, 1]]), max_new_tokens=2)  # left: fine

@@ -49,8 +49,8 @@ def test_simulated_trace_has_the_same_format(tmp_path):
         "--output-tokens",
         "3",
     ]
-    assert main([*args, "--trace", str(tmp_path / "sim.json")]) == 0
-    names, slices = load_trace(tmp_path / "sim.json")
+    assert main([*args, "--trace", str(tmp_path / "new" / "sim.json")]) == 0  # its folder made
+    names, slices = load_trace(tmp_path / "new" / "sim.json")
     assert "CPU worker (predicted)" in names.values() and "fast device (predicted)" in names.values()
     cpu = [s for s in slices if s[0] == "CPU worker (predicted)"]
     gpu = [s for s in slices if s[0] == "fast device (predicted)" and " E" in s[1]]

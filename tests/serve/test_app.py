@@ -104,6 +104,16 @@ def test_a_chat_answer_follows_the_chat_template_streamed_or_not_with_usage(clie
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == got.usage.completion_tokens
 
 
+def test_logit_bias_is_added_to_the_logits_of_its_tokens(client, model):
+    a, b = (model.tokenizer.encode(c, add_special_tokens=False)[0] for c in "AB")
+
+    def ask(bias):
+        return client.completions.create(model="tiny", prompt="x", max_tokens=5, temperature=0, logit_bias=bias)
+
+    assert ask({str(a): 100}).choices[0].text == "AAAAA"  # A, every time
+    assert ask({str(a): 99, str(b): 100}).choices[0].text == "BBBBB"  # the larger bias wins
+
+
 def test_several_clients_at_once_each_get_what_they_would_alone(client, model):
     prompts = ["the quick brown fox", "fiddler", "a b c d e f", "mixture of experts", "zzz", "once upon a time"]
     n = {p: safe_tokens(model, p, 16) for p in prompts}

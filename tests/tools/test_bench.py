@@ -3,6 +3,7 @@
 import json
 
 import pytest
+import torch
 
 import fiddlerc
 from fiddlerc.tools.bench import bench, decode_bytes_per_token
@@ -67,3 +68,18 @@ def test_a_baseline_transformers_cannot_load_here_is_refused_with_the_fix(model_
         bench(tmp_path / "out", prompt_tokens=6, new_tokens=4, rounds=1, threads=1, device="cpu")
     r = bench(tmp_path / "out", prompt_tokens=6, new_tokens=4, rounds=1, threads=1, device="cpu", hf=False)
     assert r.hf is None and r.fiddlerc.decode_tokens_per_s > 0
+
+
+def test_the_baseline_is_skipped_with_a_note_where_the_whole_model_does_not_fit_the_gpu(
+    model_dirs, tmp_path, monkeypatch
+):
+    from fiddlerc.tools.bench import hf_fits
+
+    plan = fiddlerc.compile(model_dirs("mixtral"), tmp_path / "out", gpu_memory="1GiB", context=64).plan
+    assert hf_fits(plan, torch.device("cpu")) is None  # host memory: loaded as it is
+    whole = plan.memory.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (whole // 2, 4 * whole))
+    note = hf_fits(plan, torch.device("cuda:0"))
+    assert note.startswith("Hugging Face baseline skipped") and "cuda:0" in note
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda dev=None: (4 * whole, 4 * whole))
+    assert hf_fits(plan, torch.device("cuda:0")) is None

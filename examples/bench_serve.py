@@ -1,0 +1,160 @@
+"""Aggregate decode tokens/s of `fiddlerc serve` at 1, 4 and 8 concurrent streams on the ~1 GB benchmark
+model, beside llama-cpp-python's server (`python -m llama_cpp.server`) on the same weights when given.
+
+    python examples/bench_serve.py [--dir /tmp/fiddlerc-fullwidth] [--streams 1,4,8] [--tokens 64]
+        [--rounds 3] [--dtype fp32|bf16] [--llama-python PY --llama-src SRC]
+
+Reuses (or builds) the benchmark slice of bench_fullwidth.py: its model, its trained tokenizer and, with
+--llama-*, its GGUF conversion (../shared/PEERS.md says how to build llama-cpp-python here; its server
+also needs fastapi, uvicorn, sse-starlette, starlette-context and pydantic-settings in that environment).
+fiddlerc compiles it CPU-only for 8 sequences. Both servers run at once (idle while the other is
+measured), and the rounds alternate between them. Each stream is one completion request (a prompt of
+about 16 tokens, `--tokens` new tokens, greedy, the end-of-text token banned with logit_bias so that every
+stream generates all of them), the streams sent together; aggregate tokens/s is the completion tokens of
+all streams over the wall time from the first request to the last answer (the prompts' prefill
+included). Medians of the rounds; 2 threads each (this machine's cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PROMPTS = [
+    "The history of the city begins with",
+    "A recipe for bread needs flour, water and",
+    "In the morning the market opens and",
+    "The engine turned over twice before",
+    "Mixture of experts models route each token to",
+    "She opened the letter and read that",
+    "The river runs north through the valley where",
+    "Every good compiler starts with a parser that",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    import openai
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"the server at {url} exited with {proc.returncode}")
+        try:
+            openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=5).models.list()
+            return
+        except Exception:
+            time.sleep(0.5)
+    raise SystemExit(f"the server at {url} did not come up in {timeout} s")
+
+
+def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, int]:
+    """One round: `streams` requests at once; (aggregate tokens/s, completion tokens)."""
+    import openai
+
+    client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
+    got = [0] * streams
+
+    def ask(i: int) -> None:
+        r = client.completions.create(model="bench", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
+                                      temperature=0, logit_bias={str(eos): -100})  # fmt: skip
+        got[i] = r.usage.completion_tokens
+
+    threads = [threading.Thread(target=ask, args=(i,)) for i in range(streams)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    wall = time.perf_counter() - t0
+    return sum(got) / wall, sum(got)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dir", default="/tmp/fiddlerc-fullwidth")
+    ap.add_argument("--streams", default="1,4,8")
+    ap.add_argument("--tokens", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32")
+    ap.add_argument("--llama-python", default=None)
+    ap.add_argument("--llama-src", default=None)
+    args = ap.parse_args()
+    streams = [int(s) for s in args.streams.split(",")]
+
+    import fiddlerc
+
+    sys.path.insert(0, str(HERE))
+    from bench_fullwidth import prepare
+
+    root = Path(args.dir)
+    llama = (args.llama_python, Path(args.llama_src)) if args.llama_python and args.llama_src else None
+    paths = prepare("bench", root, llama)
+    model = paths["hf fp32"]
+    out = root / "bench" / f"fiddlerc-serve-{args.dtype}"
+    dtype = {"fp32": "float32", "bf16": "bfloat16"}[args.dtype]
+    if not (out / "manifest.json").is_file():
+        fiddlerc.compile(model, out, gpu_memory=0, context=512, batch=max(streams), dtype=dtype)
+    from fiddlerc.model.tokenizer import load_tokenizer
+
+    eos = load_tokenizer(model).eos_token_id
+    env = {**os.environ, "OMP_NUM_THREADS": "2"}
+    servers: dict[str, tuple[str, subprocess.Popen]] = {}
+    port = free_port()
+    servers["fiddlerc"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
+        [sys.executable, "-m", "fiddlerc", "serve", str(out), "--port", str(port)], env=env,
+        stderr=subprocess.DEVNULL))  # fmt: skip
+    if llama is not None:
+        gguf = paths[f"llama.cpp {args.dtype.upper()}"]
+        port = free_port()
+        servers["llama.cpp"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
+            [llama[0], "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2", "--n_ctx", "1024",
+             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
+    try:
+        for url, proc in servers.values():
+            wait_ready(url, proc)
+            round_of(url, 1, 4, eos)  # warm up
+        results: dict[tuple[str, int], list[float]] = {}
+        for r in range(args.rounds):
+            names = list(servers) if r % 2 == 0 else list(reversed(servers))
+            for n in streams:
+                for name in names:
+                    rate, done = round_of(servers[name][0], n, args.tokens, eos)
+                    assert done == n * args.tokens, f"{name}: {done} tokens of {n * args.tokens}"
+                    results.setdefault((name, n), []).append(rate)
+    finally:
+        for _, proc in servers.values():
+            proc.terminate()
+            proc.wait(timeout=60)
+    print(
+        f"aggregate tokens/s, {args.dtype}, {args.tokens} new tokens a stream, median of {args.rounds} alternating rounds"
+    )
+    print(
+        f"{'streams':>8} " + " ".join(f"{name:>12}" for name in servers) + ("   fiddlerc / llama.cpp" if llama else "")
+    )
+    for n in streams:
+        med = {name: statistics.median(results[(name, n)]) for name in servers}
+        ratio = f"   {med['fiddlerc'] / med['llama.cpp']:.2f}x" if llama else ""
+        print(f"{n:>8} " + " ".join(f"{med[name]:>12.1f}" for name in servers) + ratio)
+    one = statistics.median(results[("fiddlerc", streams[0])])
+    for n in streams[1:]:
+        print(
+            f"fiddlerc: {n} streams {statistics.median(results[('fiddlerc', n)]) / one:.2f}x the aggregate of {streams[0]}"
+        )
+
+
+if __name__ == "__main__":
+    main()
