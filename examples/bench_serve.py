@@ -113,17 +113,17 @@ def main() -> None:
     eos = load_tokenizer(model).eos_token_id
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     servers: dict[str, tuple[str, subprocess.Popen]] = {}
-    port = free_port()
-    servers["fiddlerc"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
-        [sys.executable, "-m", "fiddlerc", "serve", str(out), "--port", str(port)], env=env,
-        stderr=subprocess.DEVNULL))  # fmt: skip
-    if llama is not None:
-        gguf = paths[f"llama.cpp {args.dtype.upper()}"]
-        port = free_port()
-        servers["llama.cpp"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
-            [llama[0], "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2", "--n_ctx", "1024",
-             "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
     try:
+        port = free_port()
+        servers["fiddlerc"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
+            [sys.executable, "-m", "fiddlerc", "serve", str(out), "--port", str(port)], env=env,
+            stderr=subprocess.DEVNULL))  # fmt: skip
+        if llama is not None:
+            gguf = paths[{"fp32": "llama.cpp F32", "bf16": "llama.cpp BF16"}[args.dtype]]
+            port = free_port()
+            servers["llama.cpp"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
+                [llama[0], "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2", "--n_ctx", "1024",
+                 "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         for url, proc in servers.values():
             wait_ready(url, proc)
             round_of(url, 1, 4, eos)  # warm up

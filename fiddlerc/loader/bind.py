@@ -33,6 +33,7 @@ from fiddlerc.model.folder import ModelFolder
 from fiddlerc.model.quantize import QUANTIZED_FILE, dense_key, matrix_key
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader, resolve_sources
 from fiddlerc.plan import CPU, GENERATED, MoeLayer, Plan
+from fiddlerc.progress import progress
 from fiddlerc.quant_format import QuantizedWeight
 from fiddlerc.runtime import kernels, matvec, quant, routing
 from fiddlerc.runtime.attention import AttentionWeights, fuse_qkv, head_norm_rows
@@ -66,7 +67,7 @@ def bind_weights(
     `quantized` is the compiled folder's QUANTIZED_FILE where the plan quantizes weights."""
     binder = WeightBinder(model, folder, plan, fast, worker, kernel_mode, sources, quantized)
     binder.bind_dense()
-    placed = tuple(binder.bind_experts(ml) for ml in plan.moe_layers)
+    placed = tuple(binder.bind_experts(ml) for ml in progress(plan.moe_layers, "binding MoE layers"))
     binder.split_rows = binder.rows_split(placed)
     attention = {a.layer: binder.bind_attention(a.module) for a in plan.attention if a.path == GENERATED}
     binder.bind_linears()

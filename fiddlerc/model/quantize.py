@@ -17,7 +17,6 @@ import json
 import logging
 import math
 import struct
-import sys
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from fiddlerc.model.folder import ModelFolder
 from fiddlerc.model.mxfp4 import Mxfp4Matrix
 from fiddlerc.model.weights import DirectSource, ExpertTensors, Source, WeightReader
 from fiddlerc.plan import CPU, MXFP4, Plan
+from fiddlerc.progress import progress
 from fiddlerc.quant_format import GROUP, PANEL, QuantizedWeight, check_shape, from_mxfp4, quantize
 from fiddlerc.units import format_size, parse_dtype
 
@@ -144,7 +144,7 @@ class QuantizedWeights:
     def write(self, out: Path) -> str:
         """Quantize matrix by matrix into `out / QUANTIZED_FILE`, releasing each source's pages; the sha256
         of the file, hashed as written (`fiddlerc verify` checks it)."""
-        progress = _Progress(len(self.matrices), self.data_bytes)
+        t0, total = time.time(), len(self.matrices)
         digest = hashlib.sha256()
         with open_atomic(out / QUANTIZED_FILE, binary=True) as fh:
 
@@ -154,40 +154,14 @@ class QuantizedWeights:
 
             put(struct.pack("<Q", len(self.header)))
             put(self.header)
-            for i, (key, m, fmt) in enumerate(self.matrices):
+            for key, m, fmt in progress(self.matrices, "quantizing weights"):
                 qw = _quantized(m, fmt)
                 put(qw.data.numpy().tobytes())
                 put(qw.scales.view(torch.uint8).numpy().tobytes())
                 for t in (m.blocks, m.scales) if isinstance(m, Mxfp4Matrix) else (m,):
                     self.reader.release(t)
-                progress.update(i + 1, key)
-        progress.close()
+        log.info("quantized %d matrices into %s in %.1f s", total, format_size(self.data_bytes), time.time() - t0)
         self.matrices.clear()
         self.experts.clear()
         self.reader.close()
         return digest.hexdigest()
-
-
-class _Progress:
-    """One self-overwriting line on stderr when it is a terminal; a log line otherwise."""
-
-    def __init__(self, total: int, nbytes: int) -> None:
-        self.total, self.nbytes, self.t0, self.last = total, nbytes, time.time(), 0.0
-        self.tty = sys.stderr.isatty()
-
-    def update(self, done: int, key: str) -> None:
-        now = time.time()
-        if self.tty and (now - self.last > 0.2 or done == self.total):
-            self.last = now
-            sys.stderr.write(f"\rquantizing experts: {done}/{self.total} matrices ({key}) ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
-        log.info(
-            "quantized %d expert matrices into %s in %.1f s",
-            self.total,
-            format_size(self.nbytes),
-            time.time() - self.t0,
-        )

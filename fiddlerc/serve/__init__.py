@@ -1,14 +1,16 @@
 """fiddlerc serve: an OpenAI-compatible HTTP server over a compiled model. The engine (engine.py) batches
-concurrent requests at the step level on its own thread; the app (app.py) is the HTTP API on Starlette,
-run by uvicorn (`serve`)."""
+concurrent requests at the step level; the app (app.py) is the HTTP API on Starlette, run by uvicorn
+(`serve`)."""
 
 from __future__ import annotations
 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, api_key: str | None = None,
           chat_template: str | None = None, queue_size: int = 64, ready=None) -> None:  # fmt: skip
-    """Serve `model` (a CompiledModel) until SIGINT or SIGTERM, which drain the requests in flight; `ready`
-    (a callable) is called with the bound (host, port) once the server listens."""
+    """Serve `model` (a CompiledModel) until SIGTERM or Ctrl-C, which let the requests in flight finish
+    (a second Ctrl-C stops at once); `ready` (a callable) is called with the bound (host, port) once the
+    server listens. The engine runs on this thread, which must be the main one (its kernels run faster
+    there: fiddlerc.serve.engine), and uvicorn on another."""
     import signal
     import threading
 
@@ -23,16 +25,38 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, name: str | None 
     server = uvicorn.Server(config)
     if ready is not None:
         _on_start(server, ready)
-    # uvicorn drains on SIGTERM, then raises it again under the handler it found: a quiet one here, so that
-    # the engine stops too and the process exits 0 (SIGINT: KeyboardInterrupt, which the CLI reports).
-    main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, lambda signum, frame: None) if main else None
+    failed: list[BaseException] = []
+
+    def http() -> None:
+        try:
+            server.run()
+        except BaseException as e:  # the port in use, say: the engine stops and serve raises it
+            failed.append(e)
+        finally:
+            engine.stop()  # once the HTTP side has drained, so has every request
+
+    def on_signal(signum, frame) -> None:
+        if server.should_exit and signum == signal.SIGINT:
+            server.force_exit = True
+            raise KeyboardInterrupt
+        server.should_exit = True  # uvicorn stops accepting, waits for the responses in flight, then returns
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    thread = threading.Thread(target=http, name="fiddlerc-http", daemon=True)
+    thread.start()
     try:
-        server.run()
+        engine.run()
     finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-        engine.stop(timeout=60)
+        server.should_exit = True
+        thread.join(60)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    if failed and not isinstance(failed[0], SystemExit):
+        raise failed[0]
+    if failed:  # uvicorn exits when it cannot bind, having logged why
+        from fiddlerc.errors import OptionError
+
+        raise OptionError(f"the server could not listen on {host}:{port}: is the port in use? Give another --port")
 
 
 def _on_start(server, ready) -> None:

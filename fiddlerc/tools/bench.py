@@ -27,6 +27,7 @@ import torch
 
 from fiddlerc.errors import OptionError
 from fiddlerc.measure import POOL_BYTES, median_seconds, seconds
+from fiddlerc.progress import progress
 from fiddlerc.quant_format import stored_bytes
 from fiddlerc.units import parse_dtype
 
@@ -271,7 +272,7 @@ def _speeds(generate, names: list[str], shape: tuple[int, int], new_tokens: int,
         generate(name, 2)
     full: dict[str, list[float]] = {n: [] for n in names}
     first: dict[str, list[float]] = {n: [] for n in names}
-    for _ in range(rounds):
+    for _ in progress(range(rounds), "bench rounds"):
         for name in names:
             first[name] += seconds(lambda name=name: generate(name, 1), 1, warmup=0)
             full[name] += seconds(lambda name=name: generate(name, new_tokens), 1, warmup=0)

@@ -35,6 +35,7 @@ from fiddlerc import quant_format
 from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, cache_dir, cpu_name, profile_from_json
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
 from fiddlerc.plan import MXFP4
+from fiddlerc.progress import progress
 from fiddlerc.runtime import kernels
 from fiddlerc.runtime.matvec import NativeWeight
 
@@ -97,7 +98,7 @@ def _time_expert(
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     curve: list[tuple[int, float]] = []
     k = 0
-    for n in TOKEN_COUNTS:
+    for n in progress(TOKEN_COUNTS, f"calibrating on {device.type}"):
         x = torch.randn(n, hidden, generator=g).to(device=device, dtype=dtype)
         times = []
         for _ in range(repeats + 1):

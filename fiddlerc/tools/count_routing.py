@@ -116,7 +116,7 @@ def count_routing(
             for placed in model.placed_experts:
                 placed.observer = counter
             try:
-                for ids in encoded:
+                for ids in progress(encoded, "counting routes"):
                     if max_tokens is not None and tokens >= max_tokens:
                         break
                     ids = ids[: max_tokens - tokens] if max_tokens is not None else ids

@@ -11,6 +11,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import openai
 import pytest
@@ -250,3 +251,25 @@ def test_a_full_queue_gets_a_503_and_a_model_without_a_chat_template_a_400(serve
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(timeout=60)
+
+
+def test_the_readme_client_snippet_runs_as_written(server, capsys):
+    readme = (Path(__file__).parents[2] / "README.md").read_text()
+    section = readme[readme.index("### Serving (OpenAI-compatible)") :]
+    code = section[section.index("```python\n") + len("```python\n") :]
+    code = code[: code.index("```")]
+    assert 'base_url="http://127.0.0.1:8000/v1"' in code  # as a user runs it against `fiddlerc serve --port 8000`
+    code = code.replace("http://127.0.0.1:8000/v1", server).replace('api_key="none"', 'api_key="sk-test"')
+    exec(compile(code, "README.md", "exec"), {})
+    assert capsys.readouterr().out.strip()
+
+
+def test_a_port_in_use_is_a_one_line_error(server, served):
+    port = server.rsplit(":", 1)[1].split("/")[0]
+    run = subprocess.run(
+        [sys.executable, "-m", "fiddlerc", "serve", str(served), "--port", port],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert run.returncode == 2 and "is the port in use? Give another --port" in run.stderr.splitlines()[-1]

@@ -41,7 +41,7 @@ def _job(model, prompt: str, max_tokens: int, **kw) -> tuple[Job, Collect]:
 
 @pytest.fixture
 def engine(model):
-    e = Engine(model)
+    e = Engine(model).start()
     yield e
     e.stop(timeout=30)
 
@@ -88,7 +88,7 @@ def test_stop_strings_end_the_answer_before_them_even_across_pieces(model, engin
 
 
 def test_a_cancelled_job_frees_its_slot_and_a_full_queue_is_refused(model):
-    engine = Engine(model, queue_size=1)
+    engine = Engine(model, queue_size=1).start()
     try:
         engine.eos = set()
         jobs = [_job(model, "x", 10_000 // 50) for _ in range(4)]
