@@ -17,9 +17,9 @@ def shown() -> bool:
     return sys.stderr.isatty() and os.environ.get("FIDDLERC_NO_PROGRESS", "") in ("", "0")
 
 
-def progress(items: Iterable[T], what: str, total: int | None = None) -> Iterator[T]:
-    """`items`, with a bar that says `what` is being done while they are consumed."""
-    if not shown():
+def progress(items: Iterable[T], what: str, total: int | None = None, enabled: bool = True) -> Iterator[T]:
+    """`items`, with a bar that says `what` is being done while they are consumed (none where not `enabled`)."""
+    if not enabled or not shown():
         yield from items
         return
     from tqdm import tqdm

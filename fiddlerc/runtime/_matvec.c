@@ -173,6 +173,53 @@ int fc_experts_silu_float(int kind, int n, const int64_t *picks, const float *ro
     return 0;
 }
 
+/* `ntok` tokens through the SwiGLU experts their picks name (picks and route [ntok][k], as the router gives
+ * them), each expert's weights read once for all of its tokens: expert by expert in ascending order, its
+ * tokens gathered, the three products over them at once (float_product streams a weight once whatever the
+ * token count), and each token's output added in with its routing weight, so that a token's sum runs in
+ * expert order as at one token. y [ntok][hidden] fp32; `counts` (NULL: none) counts each pick. Returns 0;
+ * -1 for a pick the table does not hold; -2 without its buffers. The server's batched decode steps. */
+int fc_experts_silu_float_tokens(int kind, int64_t ntok, int k, const int64_t *picks, const float *route,
+                                 const void *const *table, int64_t experts, int64_t hidden, int64_t inter,
+                                 const float *x, float *y, int64_t *counts, int threads, int simd) {
+#ifndef FC_X86
+    simd = 0;
+#endif
+    const int64_t n = ntok * k;
+    for (int64_t i = 0; i < n; i++)
+        if (picks[i] < 0 || picks[i] >= experts || table[3 * picks[i]] == NULL) return -1;
+    int64_t *rows = malloc((size_t)n * sizeof(int64_t));
+    float *xs = malloc((size_t)n * (size_t)(2 * hidden + 2 * inter) * sizeof(float));
+    if (rows == NULL || xs == NULL) {
+        free(rows);
+        free(xs);
+        return -2;
+    }
+    float *g = xs + n * hidden, *u = g + n * inter, *o = u + n * inter;
+    memset(y, 0, (size_t)(ntok * hidden) * sizeof(float));
+    for (int64_t e = 0; e < experts; e++) {
+        int64_t m = 0;
+        for (int64_t i = 0; i < n; i++)
+            if (picks[i] == e) rows[m++] = i;
+        if (m == 0) continue;
+        if (counts != NULL) counts[e] += m;
+        for (int64_t j = 0; j < m; j++) memcpy(xs + j * hidden, x + (rows[j] / k) * hidden, (size_t)hidden * sizeof(float));
+        const void *const *w = table + 3 * e;
+        float_product(kind, w[0], inter, hidden, xs, m, g, threads, simd);
+        float_product(kind, w[1], inter, hidden, xs, m, u, threads, simd);
+        for (int64_t j = 0; j < m * inter; j++) g[j] = g[j] / (1.0f + expf(-g[j])) * u[j];
+        float_product(kind, w[2], hidden, inter, g, m, o, threads, simd);
+        for (int64_t j = 0; j < m; j++) {
+            float *yt = y + (rows[j] / k) * hidden;
+            const float r = route[rows[j]], *oj = o + j * hidden;
+            for (int64_t c = 0; c < hidden; c++) yt[c] += r * oj[c];
+        }
+    }
+    free(rows);
+    free(xs);
+    return 0;
+}
+
 /* Hugging Face's RMSNorm of `rows` vectors of `n` (x, weight and y fp32 or bf16, all one kind):
  * y = weight * (x / sqrt(mean(x^2) + eps)), normalised in fp32 and rounded to the kind before the weight
  * multiplies it, then rounded again, as the module computes it; only the order of the sum differs.

@@ -32,6 +32,7 @@ from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
 _NO_SPAN = nullcontext()  # reusable: what `_span` gives when no trace is recorded
+TOKENS_AT_ONCE = 16  # PlacedExperts._tokens_at_once: a batched decode step of up to this many sequences
 
 
 @dataclass
@@ -214,6 +215,13 @@ class PlacedExperts(nn.Module):
         quiet = self.observer is None and self.tracer is None and self.deferred is None
         return g is not None and g.holds_all and not self.spread and quiet
 
+    def _tokens_at_once(self, tokens: int) -> bool:
+        """Whether a call of several tokens (a batched decode step of the server) runs as one C call over float
+        experts: up to TOKENS_AT_ONCE tokens, where the C product, which reads each expert's weights once for
+        all of its tokens, is measured faster than F.linear's (kernels.native_tokens probes up to 16); longer
+        calls (prompts) get F.linear's matrix products."""
+        return tokens <= TOKENS_AT_ONCE and self.one_call_ready() and not self.grouped.quantized
+
     def _token_by_token(self, tokens: int, k: int) -> bool:
         """Whether a call of several tokens runs token by token through the grouped call: where its experts are
         small (each under kernels.MIN_AUTO_BYTES, where a product costs less than the twenty-odd ops an
@@ -277,6 +285,13 @@ class PlacedExperts(nn.Module):
     ) -> torch.Tensor:
         if hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and self.deferred is None:
             return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
+        if (
+            hidden_states.device.type == "cpu"
+            and self.deferred is None
+            and self._tokens_at_once(hidden_states.shape[0])
+        ):
+            out = self.grouped.tokens(hidden_states, top_k_index, top_k_weights, self.decode_counts)
+            return out.to(hidden_states.dtype)
         if hidden_states.device.type == "cpu" and self.deferred is None and self._token_by_token(*top_k_index.shape):
             out = torch.empty_like(hidden_states)
             for t in range(hidden_states.shape[0]):  # each token's experts in one grouped call, as at decode

@@ -392,6 +392,27 @@ class GroupedExperts:
             code = lib.lib.fc_experts_silu(*head, self.scales, *tail)
         else:
             code = lib.lib.fc_experts_silu_float(*head, *tail)
+        return self._checked(code, picks, y)
+
+    def tokens(
+        self, x: torch.Tensor, picks: torch.Tensor, route: torch.Tensor, counts: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Several tokens at once, x [T, hidden], picks and route [T, k]: fp32 [T, hidden], each token's sum over
+        its picks, each expert's weights read once for all of its tokens (float groups: fc_experts_silu_float_tokens)."""
+        if self.quantized:
+            raise TypeError("the quantized group runs one token a call")
+        lib = quant.library()
+        picks = picks.to(torch.int64).contiguous()
+        xf, r = quant.as_f32(x), quant.as_f32(route)
+        y = torch.empty(x.shape[0], self.hidden, dtype=torch.float32)
+        code = lib.lib.fc_experts_silu_float_tokens(
+            self.code, x.shape[0], picks.shape[1], picks.data_ptr(), r.data_ptr(), self.table, self.num_experts,
+            self.hidden, self.inter, xf.data_ptr(), y.data_ptr(), 0 if counts is None else counts.data_ptr(),
+            torch.get_num_threads(), int(lib.simd),
+        )  # fmt: skip
+        return self._checked(code, picks, y)
+
+    def _checked(self, code: int, picks: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if code == -1:
             raise ValueError(f"experts {picks.tolist()}: not all of them are in this group of {self.num_experts}")
         if code != 0:

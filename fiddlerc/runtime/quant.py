@@ -34,6 +34,8 @@ class _Library:
         lib.fc_experts_silu.restype = i32
         lib.fc_experts_silu_float.argtypes = [i32, i32, p, p, p, i64, i64, i64, p, p, p, i32, i32]
         lib.fc_experts_silu_float.restype = i32
+        lib.fc_experts_silu_float_tokens.argtypes = [i32, i64, i32, p, p, p, i64, i64, i64, p, p, p, i32, i32]
+        lib.fc_experts_silu_float_tokens.restype = i32
         lib.fc_rms_norm.argtypes = [i32, p, p, i64, i64, i64, ctypes.c_float, p]  # fiddlerc.runtime.norms
         lib.fc_rms_norm.restype = None
         # fiddlerc.runtime.attention.attend_one: (kind, qkv, head_norm, eps, cos, sin, heads, kv_heads, head_dim,

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +20,7 @@ import torch
 from fiddlerc.errors import OptionError
 from fiddlerc.files import write_atomic
 from fiddlerc.popularity import RoutingCounter
+from fiddlerc.progress import progress as progress_bar
 
 
 @dataclass(frozen=True)
@@ -52,25 +51,6 @@ def read_documents(path: str | Path) -> list[str]:
     if not docs:
         raise OptionError(f"data file {p} holds no text: one document per line, or a JSON list of strings")
     return docs
-
-
-class _Progress:
-    """One self-overwriting line on stderr when it is a terminal; silent otherwise."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self.total, self.enabled, self.t0, self.last = total, enabled and sys.stderr.isatty(), time.time(), 0.0
-
-    def update(self, docs: int, tokens: int, force: bool = False) -> None:
-        now = time.time()
-        if self.enabled and (force or now - self.last > 0.2):
-            self.last = now
-            rate = tokens / max(now - self.t0, 1e-9)
-            sys.stderr.write(f"\rcounting routes: {docs}/{self.total} documents, {tokens} tokens, {rate:.0f} tokens/s ")
-            sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.enabled:
-            sys.stderr.write("\n")
 
 
 def count_routing(
@@ -109,14 +89,13 @@ def count_routing(
         art = compile_model(folder, model, dtype, target, CompileOptions(), Path(tmp) / "all-fast")
         moe = art.plan.moe_layers
         counter = RoutingCounter(tuple(ml.layer for ml in moe), tuple(ml.num_experts for ml in moe))
-        bar = _Progress(len(encoded), progress)
         done = tokens = 0
         interrupted = False
         with load(Path(tmp) / "all-fast", device="cpu", num_threads=threads) as model:
             for placed in model.placed_experts:
                 placed.observer = counter
             try:
-                for ids in progress(encoded, "counting routes"):
+                for ids in progress_bar(encoded, "counting routes (documents)", enabled=progress):
                     if max_tokens is not None and tokens >= max_tokens:
                         break
                     ids = ids[: max_tokens - tokens] if max_tokens is not None else ids
@@ -127,12 +106,8 @@ def count_routing(
                     else:
                         model(batch)
                     done, tokens = done + 1, tokens + len(ids)
-                    bar.update(done, tokens)
             except KeyboardInterrupt:
                 interrupted = True
-            finally:
-                bar.update(done, tokens, force=True)
-                bar.close()
     raw = Path(data).read_bytes()
     source = {
         "data": Path(data).name,

@@ -220,3 +220,28 @@ def test_a_grouped_call_orders_and_counts_its_picks_and_refuses_an_expert_it_doe
         grouped(x, [0, 1], route)
     with pytest.raises(ValueError, match="not all of them are in this group"):
         grouped(x, [0, 4], route)
+
+
+@pytest.mark.skipif(not kernels.can_native(torch.float32), reason="the C kernels were not built")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_several_tokens_in_one_grouped_call_equal_each_token_alone_and_are_counted(dtype):
+    from fiddlerc.runtime.matvec import NativeWeight
+
+    g = torch.Generator().manual_seed(8)
+    hidden, inter, n = 96, 160, 6
+    experts = {
+        e: tuple(NativeWeight((torch.randn(*s, generator=g) * 0.05).to(dtype)) for s in ((inter, hidden),) * 2 + ((hidden, inter),))
+        for e in range(n)
+    }  # fmt: skip
+    grouped = kernels.GroupedExperts(experts)
+    x = torch.randn(7, hidden, generator=g).to(dtype)
+    picks = torch.stack([torch.randperm(n, generator=g)[:2] for _ in range(7)])  # [T, k], any order per token
+    route = torch.rand(7, 2, generator=g)
+    counts = torch.zeros(n, dtype=torch.int64)
+    got = grouped.tokens(x, picks, route, counts)
+    assert got.shape == (7, hidden) and got.dtype == torch.float32
+    for t in range(7):  # what the one-token call gives, each token alone
+        torch.testing.assert_close(got[t : t + 1], grouped(x[t : t + 1], picks[t], route[t]), rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == torch.bincount(picks.reshape(-1), minlength=n).tolist()
+    with pytest.raises(ValueError, match="not all of them are in this group"):
+        grouped.tokens(x[:1], torch.tensor([[0, n]]), route[:1])
