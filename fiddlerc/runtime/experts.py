@@ -32,7 +32,7 @@ from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
 _NO_SPAN = nullcontext()  # reusable: what `_span` gives when no trace is recorded
-TOKENS_AT_ONCE = 16  # PlacedExperts._tokens_at_once: a batched decode step of up to this many sequences
+TOKENS_AT_ONCE = 16  # PlacedExperts._tokens_at_once: a batched step of up to this many (native_tokens probes 16)
 
 
 @dataclass
@@ -216,10 +216,8 @@ class PlacedExperts(nn.Module):
         return g is not None and g.holds_all and not self.spread and quiet
 
     def _tokens_at_once(self, tokens: int) -> bool:
-        """Whether a call of several tokens (a batched decode step of the server) runs as one C call over float
-        experts: up to TOKENS_AT_ONCE tokens, where the C product, which reads each expert's weights once for
-        all of its tokens, is measured faster than F.linear's (kernels.native_tokens probes up to 16); longer
-        calls (prompts) get F.linear's matrix products."""
+        """Whether a call of a few tokens (a batched decode step) runs as one C call over float experts, which
+        reads each expert's weights once for all of its tokens; prompts get F.linear's matrix products."""
         return tokens <= TOKENS_AT_ONCE and self.one_call_ready() and not self.grouped.quantized
 
     def _token_by_token(self, tokens: int, k: int) -> bool:
@@ -283,20 +281,10 @@ class PlacedExperts(nn.Module):
     def _forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
     ) -> torch.Tensor:
-        if hidden_states.shape[0] == 1 and hidden_states.device.type == "cpu" and self.deferred is None:
-            return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
-        if (
-            hidden_states.device.type == "cpu"
-            and self.deferred is None
-            and self._tokens_at_once(hidden_states.shape[0])
-        ):
-            out = self.grouped.tokens(hidden_states, top_k_index, top_k_weights, self.decode_counts)
-            return out.to(hidden_states.dtype)
-        if hidden_states.device.type == "cpu" and self.deferred is None and self._token_by_token(*top_k_index.shape):
-            out = torch.empty_like(hidden_states)
-            for t in range(hidden_states.shape[0]):  # each token's experts in one grouped call, as at decode
-                out[t] = self.grouped(hidden_states[t], top_k_index[t], top_k_weights[t], self.decode_counts)[0]
-            return out
+        if hidden_states.device.type == "cpu" and self.deferred is None:
+            out = self._forward_on_cpu(hidden_states, top_k_index, top_k_weights)
+            if out is not None:
+                return out
         k = top_k_index.shape[1]
         # [T*k] flat routing on the host: the one synchronisation of this layer.
         flat = top_k_index.reshape(-1).to("cpu")
@@ -387,6 +375,23 @@ class PlacedExperts(nn.Module):
                 tok, y = outputs[e]
                 final.index_add_(0, tok, y.to(final.dtype))
         return final
+
+    def _forward_on_cpu(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor | None:
+        """The CPU-only shortcuts, None where none applies: one token; a few tokens in one C call (a batched
+        decode step); small fine-grained experts token by token."""
+        if hidden_states.shape[0] == 1:
+            return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
+        if self._tokens_at_once(hidden_states.shape[0]):
+            out = self.grouped.tokens(hidden_states, top_k_index, top_k_weights, self.decode_counts)
+            return out.to(hidden_states.dtype)
+        if self._token_by_token(*top_k_index.shape):
+            out = torch.empty_like(hidden_states)
+            for t in range(hidden_states.shape[0]):  # each token's experts in one grouped call, as at decode
+                out[t] = self.grouped(hidden_states[t], top_k_index[t], top_k_weights[t], self.decode_counts)[0]
+            return out
+        return None
 
     def _forward_one_token(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor

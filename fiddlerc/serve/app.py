@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import threading
 import time
 import uuid
 
@@ -31,6 +32,31 @@ NEUTRAL = {"presence_penalty": 0, "frequency_penalty": 0, "user": None}  # accep
 CHAT = COMMON | {"messages", "max_completion_tokens"}
 COMPLETIONS = COMMON | {"prompt"}
 DEFAULT_MAX_TOKENS = {"chat": None, "text": 16}  # OpenAI's: chat up to the context, completions 16
+
+
+class _Mailbox:
+    """Events from the engine's thread to the requests' queues on the event loop, delivered in bunches: one
+    wake-up of the loop for all the events of a decode step, not one per request (each wake-up takes the
+    interpreter from the engine, and a core from the kernels' threads, on a 2-core machine)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: list[tuple[asyncio.Queue, tuple]] = []
+        self._scheduled = False
+
+    def post(self, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue, event: tuple) -> None:
+        with self._lock:
+            self._pending.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        loop.call_soon_threadsafe(self._deliver)
+
+    def _deliver(self) -> None:
+        with self._lock:
+            pending, self._pending, self._scheduled = self._pending, [], False
+        for queue, event in pending:
+            queue.put_nowait(event)
 
 
 class ApiError(Exception):
@@ -60,6 +86,7 @@ class Server:
     def __init__(self, engine: Engine, name: str, api_key: str | None = None, chat_template: str | None = None):
         self.engine, self.name, self.api_key, self.chat_template = engine, name, api_key, chat_template
         self.created = int(time.time())
+        self._mail = _Mailbox()
 
     def app(self) -> Starlette:
         routes = [
@@ -107,7 +134,7 @@ class Server:
             return e.response()
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
-        job = Job(**job_args, emit=lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        job = Job(**job_args, emit=lambda event: self._mail.post(loop, events, event))
         try:
             self.engine.submit(job)
         except QueueFull as e:
@@ -212,17 +239,21 @@ class Server:
                 "total_tokens": job.prompt_tokens + job.completion_tokens}  # fmt: skip
 
     async def _next(self, request: Request, job: Job, events: asyncio.Queue) -> tuple:
-        """The job's next event; cancels the job when the client goes away while it waits."""
-        while True:
-            try:
-                return await asyncio.wait_for(events.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    job.cancel()
-                    raise asyncio.CancelledError from None
+        """The job's next event."""
+        return await events.get()
+
+    async def _watch(self, request: Request, job: Job) -> None:
+        """Cancel `job` when its client goes away (a request answered at the end: a streamed one is
+        cancelled by Starlette, which stops its generator)."""
+        while job.finish_reason is None:
+            if await request.is_disconnected():
+                job.cancel()
+                return
+            await asyncio.sleep(0.5)
 
     async def _whole(self, request: Request, job: Job, events: asyncio.Queue, kind: str, rid: str) -> Response:
         parts: list[str] = []
+        watcher = asyncio.create_task(self._watch(request, job))
         try:
             while True:
                 event = await self._next(request, job, events)
@@ -235,6 +266,8 @@ class Server:
         except asyncio.CancelledError:
             job.cancel()
             raise
+        finally:
+            watcher.cancel()
         text = "".join(parts)
         choice = {"index": 0, "finish_reason": job.finish_reason}
         if kind == "chat":
