@@ -12,7 +12,9 @@ measured), and the rounds alternate between them. Each stream is one completion 
 about 16 tokens, `--tokens` new tokens, greedy, the end-of-text token banned with logit_bias so that every
 stream generates all of them), the streams sent together; aggregate tokens/s is the completion tokens of
 all streams over the wall time from the first request to the last answer (the prompts' prefill
-included). Medians of the rounds; 2 threads each (this machine's cores).
+included); aggregate decode tokens/s is the sum of each stream's own decode rate (its tokens after the
+first over the time from its first token to its last, streamed). Medians of the rounds; 2 threads each
+(this machine's cores).
 """
 
 from __future__ import annotations
@@ -61,17 +63,29 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
     raise SystemExit(f"the server at {url} did not come up in {timeout} s")
 
 
-def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, int]:
-    """One round: `streams` requests at once; (aggregate tokens/s, completion tokens)."""
+def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, float, int]:
+    """One round: `streams` streamed requests at once; (aggregate tokens/s end to end, aggregate decode
+    tokens/s, completion tokens). End to end: all completion tokens over the wall time from the first
+    request to the last answer. Decode: the sum over streams of (tokens - 1) / (last token - first token),
+    each stream's own decode rate, prompts and first tokens left out."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     got = [0] * streams
+    decode = [0.0] * streams
 
     def ask(i: int) -> None:
-        r = client.completions.create(model="bench", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
-                                      temperature=0, logit_bias={str(eos): -100})  # fmt: skip
-        got[i] = r.usage.completion_tokens
+        chunks = client.completions.create(model="bench", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
+                                           temperature=0, logit_bias={str(eos): -100}, stream=True,
+                                           stream_options={"include_usage": True})  # fmt: skip
+        first = last = None
+        for c in chunks:
+            if c.usage is not None:
+                got[i] = c.usage.completion_tokens
+            elif c.choices and c.choices[0].text:
+                last = time.perf_counter()
+                first = first or last
+        decode[i] = (got[i] - 1) / (last - first) if first is not None and last > first else 0.0
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(streams)]
     t0 = time.perf_counter()
@@ -80,7 +94,7 @@ def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, int]
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return sum(got) / wall, sum(got)
+    return sum(got) / wall, sum(decode), sum(got)
 
 
 def main() -> None:
@@ -128,32 +142,36 @@ def main() -> None:
             wait_ready(url, proc)
             round_of(url, 1, 4, eos)  # warm up
         results: dict[tuple[str, int], list[float]] = {}
+        decoding: dict[tuple[str, int], list[float]] = {}
         for r in range(args.rounds):
             names = list(servers) if r % 2 == 0 else list(reversed(servers))
             for n in streams:
                 for name in names:
-                    rate, done = round_of(servers[name][0], n, args.tokens, eos)
+                    rate, dec, done = round_of(servers[name][0], n, args.tokens, eos)
                     assert done == n * args.tokens, f"{name}: {done} tokens of {n * args.tokens}"
                     results.setdefault((name, n), []).append(rate)
+                    decoding.setdefault((name, n), []).append(dec)
     finally:
         for _, proc in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
-    print(
-        f"aggregate tokens/s, {args.dtype}, {args.tokens} new tokens a stream, median of {args.rounds} alternating rounds"
-    )
-    print(
-        f"{'streams':>8} " + " ".join(f"{name:>12}" for name in servers) + ("   fiddlerc / llama.cpp" if llama else "")
-    )
-    for n in streams:
-        med = {name: statistics.median(results[(name, n)]) for name in servers}
-        ratio = f"   {med['fiddlerc'] / med['llama.cpp']:.2f}x" if llama else ""
-        print(f"{n:>8} " + " ".join(f"{med[name]:>12.1f}" for name in servers) + ratio)
-    one = statistics.median(results[("fiddlerc", streams[0])])
-    for n in streams[1:]:
+    for title, table in (("end to end", results), ("decode (each stream's decode rate, summed)", decoding)):
+        print(f"aggregate tokens/s {title}, {args.dtype}, {args.tokens} new tokens a stream, "
+              f"median of {args.rounds} alternating rounds")  # fmt: skip
         print(
-            f"fiddlerc: {n} streams {statistics.median(results[('fiddlerc', n)]) / one:.2f}x the aggregate of {streams[0]}"
+            f"{'streams':>8} "
+            + " ".join(f"{name:>12}" for name in servers)
+            + ("   fiddlerc / llama.cpp" if llama else "")
         )
+        for n in streams:
+            med = {name: statistics.median(table[(name, n)]) for name in servers}
+            ratio = f"   {med['fiddlerc'] / med['llama.cpp']:.2f}x" if llama else ""
+            print(f"{n:>8} " + " ".join(f"{med[name]:>12.1f}" for name in servers) + ratio)
+        one = statistics.median(table[("fiddlerc", streams[0])])
+        for n in streams[1:]:
+            print(
+                f"fiddlerc: {n} streams {statistics.median(table[('fiddlerc', n)]) / one:.2f}x the aggregate of {streams[0]}"
+            )
 
 
 if __name__ == "__main__":
