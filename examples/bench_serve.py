@@ -85,6 +85,8 @@ def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, floa
             elif c.choices and c.choices[0].text:
                 last = time.perf_counter()
                 first = first or last
+            if c.choices and c.choices[0].finish_reason == "length" and not got[i]:
+                got[i] = tokens  # a server without include_usage (llama-cpp-python's): the budget, all of it
         decode[i] = (got[i] - 1) / (last - first) if first is not None and last > first else 0.0
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(streams)]
