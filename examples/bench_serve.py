@@ -7,7 +7,8 @@ model, beside llama-cpp-python's server (`python -m llama_cpp.server`) on the sa
 Reuses (or builds) the benchmark slice of bench_fullwidth.py: its model, its trained tokenizer and, with
 --llama-*, its GGUF conversion (../shared/PEERS.md says how to build llama-cpp-python here; its server
 also needs fastapi, uvicorn, sse-starlette, starlette-context and pydantic-settings in that environment).
-fiddlerc compiles it CPU-only for 8 sequences. Both servers run at once (idle while the other is
+fiddlerc compiles it CPU-only for 8 sequences; llama-cpp-python's server runs with --interrupt_requests
+False (by default a new streamed request interrupts the one running). Both servers run at once (idle while the other is
 measured), and the rounds alternate between them. Each stream is one completion request (a prompt of
 about 16 tokens, `--tokens` new tokens, greedy, the end-of-text token banned with logit_bias so that every
 stream generates all of them), the streams sent together; aggregate tokens/s is the completion tokens of
@@ -138,7 +139,7 @@ def main() -> None:
             gguf = paths[{"fp32": "llama.cpp F32", "bf16": "llama.cpp BF16"}[args.dtype]]
             port = free_port()
             servers["llama.cpp"] = (f"http://127.0.0.1:{port}/v1", subprocess.Popen(
-                [llama[0], "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2", "--n_ctx", "1024",
+                [llama[0], "-m", "llama_cpp.server", "--model", str(gguf), "--n_threads", "2", "--n_ctx", "1024", "--interrupt_requests", "False",
                  "--port", str(port)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))  # fmt: skip
         for url, proc in servers.values():
             wait_ready(url, proc)
