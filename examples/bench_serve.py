@@ -13,8 +13,8 @@ measured), and the rounds alternate between them. Each stream is one completion 
 about 16 tokens, `--tokens` new tokens, greedy, the end-of-text token banned with logit_bias so that every
 stream generates all of them), the streams sent together; aggregate tokens/s is the completion tokens of
 all streams over the wall time from the first request to the last answer (the prompts' prefill
-included); aggregate decode tokens/s is the sum of each stream's own decode rate (its tokens after the
-first over the time from its first token to its last, streamed). Medians of the rounds; 2 threads each
+included); aggregate decode tokens/s is the tokens after each stream's first over the time from the
+first stream's first token to the last stream's last (streamed). Medians of the rounds; 2 threads each
 (this machine's cores).
 """
 
@@ -67,13 +67,13 @@ def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 300) -> None:
 def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, float, int]:
     """One round: `streams` streamed requests at once; (aggregate tokens/s end to end, aggregate decode
     tokens/s, completion tokens). End to end: all completion tokens over the wall time from the first
-    request to the last answer. Decode: the sum over streams of (tokens - 1) / (last token - first token),
-    each stream's own decode rate, prompts and first tokens left out."""
+    request to the last answer. Decode: the tokens after each stream's first over the time from the first
+    stream's first token to the last stream's last (the first prefill and its wait left out)."""
     import openai
 
     client = openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=600)
     got = [0] * streams
-    decode = [0.0] * streams
+    span: list[tuple[float, float]] = [(0.0, 0.0)] * streams
 
     def ask(i: int) -> None:
         chunks = client.completions.create(model="bench", prompt=PROMPTS[i % len(PROMPTS)], max_tokens=tokens,
@@ -88,7 +88,7 @@ def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, floa
                 first = first or last
             if c.choices and c.choices[0].finish_reason == "length" and not got[i]:
                 got[i] = tokens  # a server without include_usage (llama-cpp-python's): the budget, all of it
-        decode[i] = (got[i] - 1) / (last - first) if first is not None and last > first else 0.0
+        span[i] = (first, last)
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(streams)]
     t0 = time.perf_counter()
@@ -97,7 +97,8 @@ def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, floa
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    return sum(got) / wall, sum(decode), sum(got)
+    window = max(b for _, b in span) - min(a for a, _ in span)
+    return sum(got) / wall, (sum(got) - streams) / window, sum(got)
 
 
 def main() -> None:
@@ -158,7 +159,7 @@ def main() -> None:
         for _, proc in servers.values():
             proc.terminate()
             proc.wait(timeout=60)
-    for title, table in (("end to end", results), ("decode (each stream's decode rate, summed)", decoding)):
+    for title, table in (("end to end", results), ("decode (from the first token to the last)", decoding)):
         print(f"aggregate tokens/s {title}, {args.dtype}, {args.tokens} new tokens a stream, "
               f"median of {args.rounds} alternating rounds")  # fmt: skip
         print(
