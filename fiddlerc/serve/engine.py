@@ -93,7 +93,6 @@ class Engine:
         self._running: list[Job] = []
         self._wake = threading.Condition()
         self._stopping = False
-        self._stopped = threading.Event()
         self._thread: threading.Thread | None = None
 
     def start(self) -> Engine:
@@ -133,10 +132,7 @@ class Engine:
 
     def run(self) -> None:
         """The loop, until `stop()` and every job has ended."""
-        try:
-            self._loop()
-        finally:
-            self._stopped.set()
+        self._loop()
 
     # -- the loop
 
