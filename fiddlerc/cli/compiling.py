@@ -82,8 +82,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
             print(f"{name}\t{load_profile(name).description}")
         return 0
     if not args.model:
-        from fiddlerc.errors import OptionError
-
         raise OptionError("plan needs CONFIG_OR_DIR (or --list-hardware)")
     from fiddlerc.api import plan_and_profile
     from fiddlerc.compiler.report import report_text

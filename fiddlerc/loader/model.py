@@ -122,7 +122,8 @@ class CompiledModel:
         if self.tracer is not None and bound.attention:
             _trace_generated_attention(self._forward, self.tracer)
         self._forward.flatten_modules()  # the last change to the module tree: plain attribute lookups from here
-        log.info("%s", paths_text(self.decode_paths()))
+        if log.isEnabledFor(logging.INFO):
+            log.info("%s", paths_text(self.decode_paths()))
         # Generated attention writes into a static cache sized for the compiled context.
         self._static_cache = bool(bound.attention)
         self._cache_class = cache_class(meta_model)

@@ -32,7 +32,6 @@ from fiddlerc.runtime.trace import COPIES, MAIN, WORKER, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 
 _NO_SPAN = nullcontext()  # reusable: what `_span` gives when no trace is recorded
-TOKENS_AT_ONCE = 16  # PlacedExperts._tokens_at_once: a batched step of up to this many (native_tokens probes 16)
 
 
 @dataclass
@@ -217,8 +216,9 @@ class PlacedExperts(nn.Module):
 
     def _tokens_at_once(self, tokens: int) -> bool:
         """Whether a call of a few tokens (a batched decode step) runs as one C call over float experts, which
-        reads each expert's weights once for all of its tokens; prompts get F.linear's matrix products."""
-        return tokens <= TOKENS_AT_ONCE and self.one_call_ready() and not self.grouped.quantized
+        reads each expert's weights once for all of its tokens: up to the tokens its C products were measured
+        faster for (GroupedExperts.max_tokens); longer calls (prompts) get F.linear's matrix products."""
+        return self.one_call_ready() and tokens <= self.grouped.max_tokens
 
     def _token_by_token(self, tokens: int, k: int) -> bool:
         """Whether a call of several tokens runs token by token through the grouped call: where its experts are

@@ -25,7 +25,9 @@ class SlotLayer:
         self.keys, self.values = keys, values  # [1, kv_heads, context, head_dim] views of the SlotCache's rows
         self.max_cache_len = keys.shape[2]
         self.fiddlerc_length = 0  # tokens filled
-        self.cumulative_length = torch.zeros((), dtype=torch.long)  # what transformers' get_seq_length reads
+        # transformers' token counter, which the one-sequence writers (kv_append, attend_one) advance; nothing
+        # reads it for a slot (SlotView.get_seq_length reads fiddlerc_length), so a batched step leaves it
+        self.cumulative_length = torch.zeros((), dtype=torch.long)
 
     def lazy_initialization(self, k: torch.Tensor, v: torch.Tensor) -> None:
         raise AssertionError("a slot's tensors are allocated with its SlotCache")
@@ -47,7 +49,6 @@ class SlotView:
     def clear(self) -> None:
         for lay in self.layers:
             lay.fiddlerc_length = 0
-            lay.cumulative_length.zero_()
 
 
 class SlotCache:
@@ -83,7 +84,6 @@ class SlotCache:
             v[dst, :, :n].copy_(v[src, :, :n])
         for a, b in zip(self.views[dst].layers, self.views[src].layers, strict=True):
             a.fiddlerc_length = b.fiddlerc_length
-            a.cumulative_length.copy_(b.cumulative_length)
         self.views[src].clear()
 
     def begin_step(self, rows: int) -> torch.Tensor:
@@ -112,8 +112,6 @@ class SlotCache:
         keys[rows, :, positions.to(k.device)] = k[:, :, 0]
         values[rows, :, positions.to(k.device)] = v[:, :, 0]
         for s in range(self.rows):
-            lay = self.views[s].layers[layer]
-            lay.fiddlerc_length += 1
-            lay.cumulative_length.add_(1)
+            self.views[s].layers[layer].fiddlerc_length += 1
         n = int(positions.max()) + 1
         return keys[: self.rows, :, :n], values[: self.rows, :, :n]

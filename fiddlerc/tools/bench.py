@@ -196,14 +196,18 @@ def startup_here(out_dir: str, device: str, threads: int) -> dict:
     return asdict(Startup(import_s, read_s, t1 - t0, t2 - t1, touched, resident, stored_weight_bytes(plan, out_dir)))
 
 
+def model_bytes(plan) -> int:
+    """Every weight of the model in the compute dtype, as Hugging Face holds it."""
+    return plan.memory.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+
+
 def stored_weight_bytes(plan, out_dir: str | Path) -> int:
     """Every weight as this run holds it: the compute dtype's bytes, less those of the matrices the compiled
     folder quantized, plus the quantized file."""
     from fiddlerc.model.folder import open_weight_files
     from fiddlerc.model.quantize import QUANTIZED_FILE
 
-    mem = plan.memory
-    total = mem.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    total = model_bytes(plan)
     if not plan.target.quantizes:
         return total
     itemsize = parse_dtype(plan.model.dtype).itemsize
@@ -394,7 +398,7 @@ def hf_fits(plan, dev: torch.device) -> str | None:
     note that says why it is skipped (its whole model on one GPU is what fiddlerc exists to avoid)."""
     if dev.type != "cuda":
         return None
-    need = plan.memory.dense_bytes + sum(ml.num_experts * ml.bytes_per_expert for ml in plan.moe_layers)
+    need = model_bytes(plan)
     free, _ = torch.cuda.mem_get_info(dev)
     if need <= 0.9 * free:
         return None

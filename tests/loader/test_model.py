@@ -18,13 +18,6 @@ def test_unknown_kernel_mode_is_refused(model_dirs, tmp_path):
         fiddlerc.load(tmp_path / "out", device="cpu", kernels="fast")
 
 
-@pytest.fixture(scope="module")
-def compiled(model_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("compiled") / "out"
-    fiddlerc.compile(model_dirs("mixtral"), out, gpu_memory="1GiB", context=32, fast_experts=2)
-    return out
-
-
 def test_routing_stats_count_every_routed_pair_once_by_the_tier_that_served_it(compiled):
     ids = torch.randint(3, VOCAB, (2, 7), generator=torch.Generator().manual_seed(1))
     with fiddlerc.load(compiled, device="cpu", kernels="reference") as model:

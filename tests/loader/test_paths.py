@@ -13,13 +13,6 @@ from fiddlerc.runtime import quant
 pytestmark = pytest.mark.skipif(not quant.available(), reason="fiddlerc's C kernels are not built")
 
 
-@pytest.fixture(scope="module")
-def compiled(model_dirs, tmp_path_factory):
-    out = tmp_path_factory.mktemp("paths") / "out"
-    fiddlerc.compile(model_dirs("mixtral"), out, gpu_memory="1GiB", context=32, fast_experts=2)
-    return out
-
-
 def test_a_cpu_load_names_the_c_calls_and_the_reference_kernels_name_torch(compiled):
     with fiddlerc.load(compiled, device="cpu") as model:
         native = model.decode_paths()

@@ -60,3 +60,11 @@ def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(fa
                 with torch.no_grad():
                     want = ref(input_ids=full).logits[0, -1]
                 torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+        # two slots: few enough tokens for the experts' one C call over every token (GroupedExperts.tokens)
+        assert model.placed_experts[0].grouped.max_tokens >= 2
+        last = torch.randint(3, VOCAB, (2, 1), generator=g)
+        got = model.next_logits(last, cache, cache.begin_step(2)[:, None])
+        for row, ids in enumerate(prompts[:2]):
+            full = torch.cat([ids[0], nxt[row], last[row]])[None]
+            with torch.no_grad():
+                torch.testing.assert_close(got[row], ref(input_ids=full).logits[0, -1], rtol=1e-5, atol=1e-5)
