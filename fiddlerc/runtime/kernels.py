@@ -240,9 +240,10 @@ def crossover(timings: dict[str, dict[int, float]]) -> int:
 
 
 def _cached(kind: str, shape: tuple[int, int], dtype: torch.dtype, compute) -> dict:
-    """`compute()`'s document for this machine, thread count, weight shape and dtype: from the cache
-    beside the calibration profiles when there, else measured and stored (fiddlerc.measure)."""
-    key = [torch.get_num_threads(), list(shape), str(dtype)]
+    """`compute()`'s document for this machine, thread count, weight shape and dtype and the build of the C
+    kernels (another build may be faster at other calls): from the cache beside the calibration profiles
+    when there, else measured and stored (fiddlerc.measure)."""
+    key = [torch.get_num_threads(), list(shape), str(dtype), quant.build()]
 
     def read(text: bytes) -> dict:
         doc = json.loads(text)

@@ -9,6 +9,7 @@ OpenMP threads, as many as torch's intra-op threads.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 from functools import cache
 
@@ -48,6 +49,8 @@ class _Library:
         lib.fc_route_softmax_topk.restype = i32
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())
+        with open(path, "rb") as f:  # which build: measurements of its kernels are cached under it
+            self.build = hashlib.sha256(f.read()).hexdigest()[:12]
 
 
 @cache
@@ -67,6 +70,13 @@ def as_f32(t: torch.Tensor) -> torch.Tensor:
 
 def available() -> bool:
     return library() is not None
+
+
+def build() -> str | None:
+    """Which build of the C kernels this is (a hash of the library), None without them: measurements of
+    their speed (kernel choices, calibration) are cached under it, since another build may be faster."""
+    lib = library()
+    return lib.build if lib is not None else None
 
 
 def _lib() -> _Library:

@@ -36,7 +36,7 @@ from fiddlerc.hardware import CpuSpec, GpuSpec, HardwareProfile, cache_dir, cpu_
 from fiddlerc.measure import cache_path, cached, median_seconds, pool_size
 from fiddlerc.plan import MXFP4
 from fiddlerc.progress import progress
-from fiddlerc.runtime import kernels
+from fiddlerc.runtime import kernels, quant
 from fiddlerc.runtime.matvec import NativeWeight
 
 log = logging.getLogger(__name__)
@@ -294,7 +294,8 @@ def calibrate(
     threads = threads or torch.get_num_threads()
     cuda = torch.cuda.is_available()
     family = None if config is None else config.model_type
-    path = cache_path("calibrated", ["v4", threads, hidden, inter, str(dtype), cuda, family, expert_format])
+    key = ["v4", threads, hidden, inter, str(dtype), cuda, family, expert_format, quant.build()]
+    path = cache_path("calibrated", key)  # the C kernels' build too: their speed is what it measures
     name = path.stem
 
     def read(text: bytes) -> HardwareProfile:

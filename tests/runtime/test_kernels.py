@@ -132,6 +132,8 @@ def test_auto_measures_once_and_caches_the_choice(monkeypatch, tmp_path):
     assert kernels.choose(shape, torch.float32) == "reference"
     assert calls == [shape]
     assert kernels.choose((8, 8), torch.float32) == "reference" and calls == [shape]  # too small to measure
+    monkeypatch.setattr(kernels.quant, "build", lambda: "another")  # a rebuilt C library: measured again
+    assert kernels.choose(shape, torch.float32) == "reference" and calls == [shape, shape]
 
 
 def test_native_tokens_is_where_the_c_product_stops_winning_measured_once(monkeypatch, tmp_path):

@@ -8,7 +8,8 @@ from fiddlerc.runtime import kernels, matvec
 from fiddlerc.runtime.matvec import MAX_TOKENS, NativeWeight
 
 needs_kernels = pytest.mark.skipif(not matvec.quant.available(), reason="the C kernels were not built")
-# short rows (one at a time), long rows (four at a time, >= 8 KiB), ragged row and column counts
+# short rows (one at a time), long rows (four at a time, >= 8 KiB), ragged row and column counts (rows
+# past the last eight and columns past the last 64 of the tokens-in-lanes loop, from five tokens)
 SHAPES = [(4, 64), (33, 200), (96, 768), (21, 4100), (8, 8192)]
 
 
@@ -18,7 +19,7 @@ SHAPES = [(4, 64), (33, 200), (96, 768), (21, 4100), (8, 8192)]
 def test_products_equal_fp32_arithmetic_on_the_same_weights(dtype, rows, cols):
     g = torch.Generator().manual_seed(rows + cols)
     w = (torch.randn(rows, cols, generator=g) * 0.05).to(dtype)
-    for tokens in (*range(1, MAX_TOKENS + 1), 5, max(kernels.NATIVE_PROBE_TOKENS)):  # up to native_tokens' probes
+    for tokens in (*range(1, MAX_TOKENS + 1), 4, 5, 8, 9, max(kernels.NATIVE_PROBE_TOKENS)):  # native_tokens' probes
         x = torch.randn(tokens, cols, generator=g).to(dtype)
         want = F.linear(x.double(), w.double()).float()  # the same numbers, summed exactly
         tol = 1e-6 * cols**0.5 * want.abs().max().item()  # fp32 sums in another order only

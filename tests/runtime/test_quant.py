@@ -112,3 +112,12 @@ def test_a_grouped_call_sums_the_picked_experts_as_one_call_each_would(fmt):
     assert got.shape == (1, hidden) and got.dtype == torch.float32
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * want.abs().max().item())
     assert not kernels.GroupedExperts.accepts((experts[0][0], experts[0][1], experts[0][0]), experts[0])
+
+
+@needs_kernels
+def test_the_build_names_the_library_by_its_bytes():
+    import hashlib
+
+    path = Q.importlib.util.find_spec("fiddlerc.runtime._quant").origin
+    with open(path, "rb") as f:
+        assert Q.build() == hashlib.sha256(f.read()).hexdigest()[:12]
