@@ -33,7 +33,7 @@ from fiddlerc.runtime.generate import pick as _pick
 from fiddlerc.runtime.generate import steps as _steps
 from fiddlerc.runtime.kernels import MODES as KERNEL_MODES
 from fiddlerc.runtime.norms import native_rms_norm
-from fiddlerc.runtime.slots import SlotCache
+from fiddlerc.runtime.slots import PackedPrefill, SlotCache
 from fiddlerc.runtime.trace import MAIN, Tracer
 from fiddlerc.runtime.worker import CpuWorker
 from fiddlerc.units import parse_dtype
@@ -161,9 +161,18 @@ class CompiledModel:
     def next_logits(self, input_ids: torch.Tensor, cache, position_ids: torch.Tensor) -> torch.Tensor:
         """Logits [B, V] of the token after each row of `input_ids` [B, T] (positions `position_ids` [B, T]),
         appending them to `cache`: one sequence's slot (`slot_cache(...).view(s)`, or a `new_cache()`), or a
-        SlotCache after `begin_step(B)`, one token per slot."""
+        SlotCache after `begin_step(B)`, one token per slot. For a packed prefill (`SlotCache.prefill`, its
+        prompts' ids one after the other in one row, its `position_ids()`), the logits [prompts, V] after each
+        prompt."""
+        ids, positions = input_ids.to(self.device), position_ids.to(self.device)
         with self._lock, torch.no_grad():
-            return self._run_last(input_ids.to(self.device), cache, None, position_ids.to(self.device))[:, -1]
+            if isinstance(cache, PackedPrefill):
+                self._forward.logits_at = cache.ends.to(self.device)
+                try:
+                    return self._run(ids, cache, None, positions)[0]
+                finally:
+                    self._forward.logits_at = None
+            return self._run_last(ids, cache, None, positions)[:, -1]
 
     def _run(self, input_ids, cache, attention_mask, position_ids) -> torch.Tensor:
         if isinstance(cache, MicroBatchCache):

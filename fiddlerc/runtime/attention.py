@@ -14,7 +14,7 @@ from transformers.masking_utils import create_causal_mask
 
 from fiddlerc.quant_format import cat_rows
 from fiddlerc.runtime import kernels, quant
-from fiddlerc.runtime.slots import SlotCache, SlotView
+from fiddlerc.runtime.slots import PackedPrefill, SlotCache, SlotView
 
 
 class AttentionWeights(nn.Module):
@@ -95,8 +95,9 @@ def head_norm_rows(module: nn.Module) -> torch.Tensor | None:
 def kv_append(cache, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Write this step's keys/values [B, kv_heads, T, D] into layer `layer` of a transformers StaticCache,
     in place; the filled prefix [B, kv_heads, length, D] of both, as views (no allocation). A batched step
-    of the server's SlotCache writes each sequence's token at its own position (fiddlerc.runtime.slots)."""
-    if isinstance(cache, SlotCache):
+    of the server's SlotCache writes each sequence's token at its own position, a packed prefill each
+    prompt's keys into its own slot (fiddlerc.runtime.slots)."""
+    if isinstance(cache, (SlotCache, PackedPrefill)):
         return cache.append(layer, k, v)
     lay = cache.layers[layer]
     if not lay.is_initialized:
@@ -167,9 +168,10 @@ def causal_mask(*args, **kwargs):
     key of the filled cache prefix), and building one for the whole static cache is a visible share of a
     decode step. Codegen calls this instead of transformers' only when every attention layer is generated.
     The server's caches (fiddlerc.runtime.slots) make their own: a batched step's from each sequence's
-    length; none for one sequence's slot, whose prefill starts from an empty slot."""
+    length, a packed prefill's from its prompts' bounds; none for one sequence's slot, whose prefill starts
+    from an empty slot."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
-    if isinstance(cache, SlotCache):
+    if isinstance(cache, (SlotCache, PackedPrefill)):
         return cache.mask()
     if kwargs.get("attention_mask") is None and (kwargs["inputs_embeds"].shape[1] == 1 or isinstance(cache, SlotView)):
         return None

@@ -27,9 +27,13 @@ class GeneratedForward(nn.Module):
     causal_mask = staticmethod(attention.causal_mask)
     attend_one = None  # the loader sets attention.attend_one where the C kernels run (a CPU load)
     logits_last = False  # generation sets it for its calls: `logits_rows` keeps the last position only
+    logits_at: torch.Tensor | None = None  # or these positions (a packed prefill's prompts' last tokens)
 
     def logits_rows(self, x: torch.Tensor) -> torch.Tensor:
-        """The final hidden states [B, T, H] lm_head reads: every position, or the last one where generating."""
+        """The final hidden states [B, T, H] lm_head reads: every position, the last one where generating, or
+        those of `logits_at`."""
+        if self.logits_at is not None:
+            return x[:, self.logits_at]
         return x[:, -1:] if self.logits_last else x
 
     @staticmethod

@@ -7,6 +7,9 @@ prefill and a lone sequence's decode (one C call a layer) run on it unchanged. A
 sequences runs on the SlotCache itself over slots [0, n): each sequence's new key and value go to its own
 position, and `mask` lets each query see its own sequence's filled prefix only. Running sequences keep
 the first slots (`move` fills a freed one with the last), so a step's keys are one view, no gather.
+Several prompts prefill in one forward as one packed sequence (`prefill`, a PackedPrefill): the weights
+are read once for all their tokens, each prompt's keys go to its own empty slot, and a block-diagonal
+causal mask keeps each prompt's queries to its own keys.
 
 Only generated attention reads it (the server batches steps only where every attention layer is generated).
 """
@@ -72,6 +75,10 @@ class SlotCache:
     def view(self, slot: int) -> SlotView:
         return self.views[slot]
 
+    def prefill(self, slots: list[int], lengths: list[int]) -> PackedPrefill:
+        """The cache of one forward that prefills prompts of `lengths` tokens into the empty `slots`."""
+        return PackedPrefill(self, slots, lengths)
+
     def lengths(self, rows: int) -> torch.Tensor:
         """Tokens filled in each of slots [0, rows)."""
         return torch.tensor([self.views[s].length for s in range(rows)], dtype=torch.long)
@@ -115,3 +122,46 @@ class SlotCache:
             self.views[s].layers[layer].fiddlerc_length += 1
         n = int(positions.max()) + 1
         return keys[: self.rows, :, :n], values[: self.rows, :, :n]
+
+
+class PackedPrefill:
+    """Prompts that start in empty slots, prefilled together as one sequence of all their tokens (input ids and
+    position ids [1, sum of lengths], the prompts one after the other, each prompt's positions from 0): the
+    cache a forward of them takes. `ends` are the positions of each prompt's last token, whose logits are
+    the prompts' next-token logits."""
+
+    def __init__(self, cache: SlotCache, slots: list[int], lengths: list[int]) -> None:
+        if len(slots) != len(lengths) or not slots or min(lengths) < 1:
+            raise ValueError("a packed prefill takes one or more prompts of one token or more, a slot each")
+        if max(lengths) > cache.context:
+            raise RuntimeError(f"the KV cache holds {cache.context} tokens: the context this model was compiled for")
+        for s in slots:
+            if cache.views[s].length:
+                raise RuntimeError(f"slot {s} holds a sequence already: a packed prefill fills empty slots")
+        self.cache, self.slots, self.lengths = cache, list(slots), list(lengths)
+        bounds = torch.tensor([0, *lengths]).cumsum(0)
+        self.starts, self.ends = bounds[:-1], bounds[1:] - 1
+        self.tokens = int(bounds[-1])
+
+    def position_ids(self) -> torch.Tensor:
+        """[1, tokens]: each prompt's positions from 0."""
+        return torch.cat([torch.arange(n) for n in self.lengths])[None]
+
+    def mask(self) -> torch.Tensor:
+        """[1, 1, tokens, tokens] bool: each query sees the keys of its own prompt up to itself."""
+        seq = torch.repeat_interleave(torch.arange(len(self.lengths)), torch.tensor(self.lengths))
+        at = torch.arange(self.tokens)
+        visible = (seq[:, None] == seq[None, :]) & (at[None, :] <= at[:, None])
+        return visible[None, None].to(self.cache.keys[0].device)
+
+    def append(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The packed keys and values (k, v [1, kv_heads, tokens, head_dim]) written into each prompt's slot;
+        themselves returned, since each query reads only its own prompt's keys (the mask)."""
+        if k.shape[0] != 1 or k.shape[2] != self.tokens:
+            raise RuntimeError(f"a packed prefill appends {self.tokens} tokens in one row, got {tuple(k.shape)}")
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        for s, start, n in zip(self.slots, self.starts.tolist(), self.lengths, strict=True):
+            keys[s, :, :n].copy_(k[0, :, start : start + n])
+            values[s, :, :n].copy_(v[0, :, start : start + n])
+            self.cache.views[s].layers[layer].fiddlerc_length = n
+        return k, v

@@ -1,12 +1,16 @@
 """The server's generation loop: concurrent requests batched at the step level.
 
-One thread runs the model. Each turn of its loop admits at most one waiting request, whose prompt it runs
-(prefill) into a free slot of the KV cache and whose first token it sends at once, then runs one decode step
-for every running request together: one forward of a [running, 1] batch, in which each expert's weights are
-read once for all the tokens routed to it. A request leaves the batch when it ends (an end-of-turn id, its
-token budget, a stop string, the context, or its client gone) and its slot goes to the next. So a new
-request's first token waits for at most one decode step of the others and its own prefill, never for them to
-finish; prompts are not batched with each other (each is one forward of its own).
+One thread runs the model. Each turn of its loop admits the waiting requests that fit free slots of the KV
+cache, up to `prefill_tokens` prompt tokens a turn (always at least one request), runs their prompts
+together in one forward (a packed prefill, fiddlerc.runtime.slots: each expert's weights read once for all
+of them) and sends each its first token at once; then it runs one decode step for every running request
+together: one forward of a [running, 1] batch, in which each expert's weights are read once for all the
+tokens routed to it. A request leaves the batch when it ends (an end-of-turn id, its token budget, a stop
+string, the context, or its client gone) and its slot goes to the next. So a new request's first token
+waits for at most one decode step of the others and the prefill of the prompts admitted with it, never for
+the others to finish; the token budget bounds how long one turn's prefill holds the running requests back.
+Requests that arrive together start together: eight prompts of ten tokens took 143 ms as one forward
+here against 316 ms as eight, and the batch runs whole from its first step.
 
 The batch holds up to the sequences the plan reserved KV cache for (`--batch`); further requests wait in a
 bounded queue, and `submit` refuses one beyond it (the HTTP layer answers 503). Where a model's attention
@@ -81,8 +85,9 @@ class Engine:
     decode step took 16-18 ms from another thread here against 10-12 ms from the main one (2 cores; both
     OpenMP runtimes' teams, torch's and the C kernels', spin on their own)."""
 
-    def __init__(self, model, slots: int | None = None, queue_size: int = 64) -> None:
+    def __init__(self, model, slots: int | None = None, queue_size: int = 64, prefill_tokens: int = 512) -> None:
         self.model = model
+        self.prefill_tokens = prefill_tokens  # prompt tokens admitted a turn, beyond the first request's
         self.tokenizer = model.tokenizer
         self.cache = model.slot_cache(slots)
         self.slots = self.cache.slots if self.cache is not None else (slots or model.plan.target.batch_size)
@@ -143,33 +148,55 @@ class Engine:
                     self._wake.wait()
                 if self._stopping and not self._waiting and not self._running:
                     return
-                job = self._waiting.popleft() if self._waiting and len(self._running) < self.slots else None
+                jobs = self._admit()
             try:
-                if job is not None:
-                    self._start(job)
+                if jobs:
+                    self._start(jobs)
                 self._drop_finished()
                 if self._running:
                     self._step()
                     self._drop_finished()
             except Exception as e:  # a bug, or out of memory: every request in flight hears of it
                 log.exception("generation failed")
-                for j in [*self._running, *([job] if job is not None and job not in self._running else [])]:
+                for j in [*self._running, *(j for j in jobs if j not in self._running)]:
                     j.finish_reason = j.finish_reason or "error"
                     j.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                 self._release_all()
 
-    def _start(self, job: Job) -> None:
-        """The prompt into a free slot, and its first token."""
-        slot = len(self._running)
-        job.cache = self.cache.view(slot) if self.cache is not None else self.model.new_cache()
-        job.text = TextStream(self.tokenizer)
-        seed = job.sampling.seed if job.sampling.seed is not None else int(torch.seed() % 2**63)
-        job.generator = torch.Generator().manual_seed(seed)
-        ids = torch.tensor([job.prompt_ids])
-        logits = self.model.next_logits(ids, job.cache, torch.arange(ids.shape[1])[None])
-        job.position = ids.shape[1]
-        self._running.append(job)
-        self._advance(job, logits[0])
+    def _admit(self) -> list[Job]:
+        """The waiting jobs this turn starts (under the lock): as many as free slots take, while their prompts
+        stay within `prefill_tokens` (the first always)."""
+        jobs: list[Job] = []
+        tokens = 0
+        while self._waiting and len(self._running) + len(jobs) < self.slots:
+            n = self._waiting[0].prompt_tokens
+            if jobs and tokens + n > self.prefill_tokens:
+                break
+            jobs.append(self._waiting.popleft())
+            tokens += n
+        return jobs
+
+    def _start(self, jobs: list[Job]) -> None:
+        """The jobs' prompts into free slots, in one forward where the cache packs them, and their first tokens."""
+        first = len(self._running)
+        for i, job in enumerate(jobs):
+            job.cache = self.cache.view(first + i) if self.cache is not None else self.model.new_cache()
+            job.text = TextStream(self.tokenizer)
+            seed = job.sampling.seed if job.sampling.seed is not None else int(torch.seed() % 2**63)
+            job.generator = torch.Generator().manual_seed(seed)
+            job.position = job.prompt_tokens
+        if self.cache is not None and len(jobs) > 1:
+            packed = self.cache.prefill(list(range(first, first + len(jobs))), [j.prompt_tokens for j in jobs])
+            ids = torch.tensor([[t for j in jobs for t in j.prompt_ids]])
+            logits = list(self.model.next_logits(ids, packed, packed.position_ids()))
+        else:
+            logits = []
+            for job in jobs:
+                ids = torch.tensor([job.prompt_ids])
+                logits.append(self.model.next_logits(ids, job.cache, torch.arange(ids.shape[1])[None])[0])
+        for job, row in zip(jobs, logits, strict=True):
+            self._running.append(job)
+            self._advance(job, row)
 
     def _step(self) -> None:
         """One decode step of every running job."""

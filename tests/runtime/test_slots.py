@@ -37,8 +37,27 @@ def test_a_step_appends_each_sequence_at_its_own_position_and_masks_the_rest():
         cache.append(0, torch.randn(3, 2, 1, 8), torch.randn(3, 2, 1, 8))
 
 
+def test_a_packed_prefill_writes_each_prompt_into_its_slot_and_masks_the_others():
+    cache = SlotCache(_Config(), slots=3, context=16, dtype=torch.float32, device=torch.device("cpu"))
+    packed = cache.prefill([2, 0], [3, 2])
+    assert packed.position_ids().tolist() == [[0, 1, 2, 0, 1]] and packed.ends.tolist() == [2, 4]
+    mask = packed.mask()[0, 0].int().tolist()
+    assert mask == [[1, 0, 0, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 0, 0], [0, 0, 0, 1, 0], [0, 0, 0, 1, 1]]
+    k = torch.randn(1, 2, 5, 8)
+    assert packed.append(0, k, k + 1)[0] is k
+    assert torch.equal(cache.keys[0][2, :, :3], k[0, :, :3]) and torch.equal(cache.values[0][0, :, :2], k[0, :, 3:] + 1)
+    assert cache.view(2).layers[0].fiddlerc_length == 3 and cache.view(0).layers[0].fiddlerc_length == 2
+    with pytest.raises(RuntimeError, match="holds a sequence already"):
+        cache.prefill([0], [4])
+    with pytest.raises(RuntimeError, match="context this model was compiled for"):
+        cache.prefill([1], [17])
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["prefills-one-by-one", "packed-prefill"])
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
-def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(family, model_dirs, hf_model, tmp_path):
+def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(
+    family, packed, model_dirs, hf_model, tmp_path
+):
     src = model_dirs(family)
     fiddlerc.compile(src, tmp_path / "out", gpu_memory=0, context=32, batch=3)
     ref = hf_model(src)
@@ -48,10 +67,17 @@ def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(fa
     with fiddlerc.load(tmp_path / "out", device="cpu") as model:
         cache = model.slot_cache()
         assert cache is not None and cache.slots == 3
-        for slot, ids in enumerate(prompts):  # prefills, one sequence each, as the server admits them
-            first = model.next_logits(ids, cache.view(slot), torch.arange(ids.shape[1])[None])
+        if packed:  # the prompts in one forward, as the server admits several at once
+            prefill = cache.prefill([0, 1, 2], [ids.shape[1] for ids in prompts])
+            firsts = model.next_logits(torch.cat(prompts, dim=1), prefill, prefill.position_ids())
+        else:  # one forward each
+            firsts = [
+                model.next_logits(ids, cache.view(s), torch.arange(ids.shape[1])[None])[0]
+                for s, ids in enumerate(prompts)
+            ]
+        for first, ids in zip(firsts, prompts, strict=True):
             with torch.no_grad():
-                torch.testing.assert_close(first[0], ref(input_ids=ids).logits[0, -1], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(first, ref(input_ids=ids).logits[0, -1], rtol=1e-5, atol=1e-5)
         for step in range(2):
             positions = cache.begin_step(3)
             got = model.next_logits(nxt[:, step : step + 1], cache, positions[:, None])

@@ -6,6 +6,7 @@ import time
 import pytest
 
 from fiddlerc.model.tokenizer import chat_ids, prompt_ids
+from fiddlerc.runtime.slots import PackedPrefill
 from fiddlerc.serve.engine import Engine, Job, QueueFull, Sampling
 from tests.serve.conftest import safe_tokens
 
@@ -61,6 +62,34 @@ def test_concurrent_requests_get_what_each_would_alone(model, engine):
         assert out.end[0] == "end" and job.finish_reason in ("stop", "length")
         assert job.completion_tokens <= n[p] and job.prompt_tokens == len(prompt_ids(model.tokenizer, p))
     assert engine.load() == (0, 0)
+
+
+@pytest.mark.parametrize("budget", [512, 1])
+def test_requests_waiting_together_start_in_one_forward_within_the_token_budget(model, monkeypatch, budget):
+    n = {p: safe_tokens(model, p, 12) for p in PROMPTS}
+    prompts = [p for p in PROMPTS if n[p]][:4]
+    alone = {p: model.stream(p, n[p]).text() for p in prompts}
+    prefills = []
+    real = model.next_logits
+
+    def spy(ids, cache, positions):
+        if ids.shape[1] > 1 or isinstance(cache, PackedPrefill):
+            prefills.append(len(cache.lengths) if isinstance(cache, PackedPrefill) else 1)
+        return real(ids, cache, positions)
+
+    monkeypatch.setattr(model, "next_logits", spy)
+    engine = Engine(model, prefill_tokens=budget)
+    jobs = [_job(model, p, n[p]) for p in prompts]
+    for job, _ in jobs:  # all waiting when the engine starts
+        engine.submit(job)
+    engine.start()
+    try:
+        for (_, out), p in zip(jobs, prompts, strict=True):
+            assert out.done.wait(120) and out.text == alone[p], p
+    finally:
+        engine.stop(timeout=30)
+    # within the budget, one forward for all four prompts; a budget of one token admits one a turn
+    assert prefills == ([len(prompts)] if budget > 1 else [1] * len(prompts))
 
 
 def test_a_new_request_gets_its_first_token_while_a_long_one_runs(model, engine):
