@@ -1,3 +1,3 @@
 """The package version: one home, read by the package, the plan, the manifest and module.py."""
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"

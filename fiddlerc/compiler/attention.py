@@ -161,9 +161,10 @@ def attention_method(gm: torch.fx.GraphModule, plan: Plan) -> tuple[list[str], o
             f"        k = qk[:, :, {h}:].transpose(1, 2)",
         ]
         rotary_fn = None
-        # one token of one sequence, no padding: one C call where the loader set it (runtime.attention.attend_one)
+        # one token of each sequence (one sequence unpadded, or a step of the server's slots): one C call where
+        # the loader set it (runtime.attention.attend_one)
         one = [
-            "        if t == 1 and attention_mask is None and self.attend_one is not None:",
+            "        if t == 1 and self.attend_one is not None and one_token_each(cache, attention_mask):",
             f"            out = self.attend_one(cache, layer, qkv, cos, sin, {h}, {kvh}, {d}, {sh['scaling']!r}, "
             f"w.head_norm, {eps if eps is not None else 0.0!r})",
             "            if out is not None:",

@@ -46,6 +46,7 @@ _FX_BUILTIN_VALUES = {"inf": math.inf, "nan": math.nan, "NoneType": type(None), 
 _ATTENTION_IMPORTS = {  # what the generated attention method calls
     "causal_without_mask": "from fiddlerc.runtime.attention import causal_without_mask",
     "kv_append": "from fiddlerc.runtime.attention import kv_append",
+    "one_token_each": "from fiddlerc.runtime.attention import one_token_each",
     "linear": "from fiddlerc.runtime.kernels import linear",
 }
 

@@ -157,3 +157,27 @@ int fc_attention_decode(int kind, const float *qkv, const void *head_norm, float
     free(buf);
     return 0;
 }
+
+/* A batched decode step of the server's slot cache: row r (of `rows`) is one sequence's new token, qkv row
+ * r (`qkv_stride` floats apart) at position positions[r], its cos and sin rows r of `d`, its cache slot r
+ * (keys and values `slot_stride` elements apart, each slot [kv heads][max_len][head_dim]); out row r gets
+ * its attention output. Each row is fc_attention_decode's one token over its own slot, so a batched step
+ * computes what each sequence computes alone; rows run over the OpenMP threads where the step's filled
+ * cache is large enough to share. Returns 0, or -1 without a buffer. */
+int fc_attention_decode_rows(int kind, int64_t rows, const float *qkv, int64_t qkv_stride, const void *head_norm,
+                             float eps, const float *cos, const float *sin, int64_t heads, int64_t kv_heads, int64_t d,
+                             void *keys, void *values, int64_t slot_stride, int64_t max_len,
+                             const int64_t *positions, float scale, float *out, int threads, int simd) {
+    const int64_t item = kind == C_F32 ? 4 : 2;
+    int64_t filled = 0;
+    for (int64_t r = 0; r < rows; r++) filled += positions[r] + 1;
+    const int64_t bytes = 2 * kv_heads * filled * d * item;
+    int failed = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : failed) if (threads > 1 && bytes >= FC_PARALLEL_BYTES)
+    for (int64_t r = 0; r < rows; r++)
+        failed |= fc_attention_decode(kind, qkv + r * qkv_stride, head_norm, eps, cos + r * d, sin + r * d, heads,
+                                      kv_heads, d, (char *)keys + r * slot_stride * item,
+                                      (char *)values + r * slot_stride * item, max_len, positions[r], scale,
+                                      out + r * heads * d, 1, simd) != 0;
+    return failed ? -1 : 0;
+}

@@ -131,13 +131,16 @@ def attend_one(
 ) -> torch.Tensor | None:
     """One new token of one sequence through the generated attention after its QKV projection, in one C call
     (`_attention.c`: per-head norms where given, the rotary, the cache write, attention over the filled
-    prefix): the attention output [1, 1, heads * head_dim] in qkv's dtype, for the output projection. None
-    where it does not apply (another batch or dtype, a cache not yet filled by a prefill, no C kernels):
-    the generated code then runs its torch ops. The module.py that calls it was generated for a rotary of
-    the standard form (fiddlerc.compiler.attention.rotary_is_standard)."""
+    prefix): the attention output [1, 1, heads * head_dim] in qkv's dtype, for the output projection. A
+    batched step of the server's SlotCache is one C call for all its rows, each over its own slot
+    (`attend_rows`). None where it does not apply (another batch or dtype, a cache not yet filled by a
+    prefill, no C kernels): the generated code then runs its torch ops. The module.py that calls it was
+    generated for a rotary of the standard form (fiddlerc.compiler.attention.rotary_is_standard)."""
     lib = quant.library()
-    lay = cache.layers[layer]
     kind = _CACHE_KINDS.get(qkv.dtype)
+    if isinstance(cache, SlotCache):
+        return attend_rows(cache, layer, qkv, cos, sin, heads, kv_heads, head_dim, scale, head_norm, eps)
+    lay = cache.layers[layer]
     if lib is None or kind is None or qkv.shape[0] != 1 or not lay.is_initialized or qkv.device.type != "cpu":
         return None
     keys, values = lay.keys, lay.values
@@ -160,6 +163,54 @@ def attend_one(
     lay.cumulative_length.add_(1)  # what Hugging Face's own code reads (get_seq_length), as kv_append keeps it
     lay.fiddlerc_length = pos + 1
     return out.to(qkv.dtype)
+
+
+def attend_rows(
+    cache: SlotCache,
+    layer: int,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    heads: int,
+    kv_heads: int,
+    head_dim: int,
+    scale: float,
+    head_norm: torch.Tensor | None,
+    eps: float,
+) -> torch.Tensor | None:
+    """`attend_one` for a batched step of the slot cache (after `begin_step`): row r of qkv [rows, 1, ...] is
+    slot r's new token at its own position, written into its slot and attending over that slot's filled
+    prefix, in one C call (`fc_attention_decode_rows`) for the step; the output [rows, 1, heads * head_dim].
+    None where it does not apply (the torch ops then run, with the step's mask)."""
+    lib = quant.library()
+    kind = _CACHE_KINDS.get(qkv.dtype)
+    keys, values = cache.keys[layer], cache.values[layer]
+    rows = qkv.shape[0]
+    if lib is None or kind is None or rows != cache.rows or qkv.device.type != "cpu" or keys.dtype != qkv.dtype:
+        return None
+    if not (keys.is_contiguous() and values.is_contiguous()) or (
+        head_norm is not None and head_norm.dtype != qkv.dtype
+    ):
+        return None
+    x = quant.as_f32(qkv.reshape(rows, -1))
+    c, s_ = quant.as_f32(cos.reshape(rows, head_dim)), quant.as_f32(sin.reshape(rows, head_dim))
+    positions = cache.positions.contiguous()
+    norm = 0 if head_norm is None else head_norm.contiguous().data_ptr()
+    out = torch.empty(rows, 1, heads * head_dim, dtype=torch.float32)
+    code = lib.lib.fc_attention_decode_rows(kind, rows, x.data_ptr(), x.shape[1], norm, eps, c.data_ptr(),
+                                            s_.data_ptr(), heads, kv_heads, head_dim, keys.data_ptr(),
+                                            values.data_ptr(), keys[0].numel(), cache.context, positions.data_ptr(),
+                                            scale, out.data_ptr(), torch.get_num_threads(), int(lib.simd))  # fmt: skip
+    if code != 0:
+        raise MemoryError("fiddlerc's attention kernel could not allocate its buffer")
+    cache.advance(layer)
+    return out.to(qkv.dtype)
+
+
+def one_token_each(cache, attention_mask) -> bool:
+    """Whether a one-token call (t == 1) may take `attend_one`: one sequence without padding (no mask), or a
+    batched step of the server's slot cache, whose mask only says each slot's length, which the C call reads."""
+    return attention_mask is None or isinstance(cache, SlotCache)
 
 
 def causal_mask(*args, **kwargs):

@@ -44,6 +44,11 @@ class _Library:
         lib.fc_attention_decode.argtypes = [i32, p, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64, i64,
                                             ctypes.c_float, p, i32, i32]  # fmt: skip
         lib.fc_attention_decode.restype = i32
+        # attention.attend_rows: (kind, rows, qkv, qkv_stride, head_norm, eps, cos, sin, heads, kv_heads, head_dim,
+        # keys, values, slot_stride, max_len, positions, scale, out, threads, simd)
+        lib.fc_attention_decode_rows.argtypes = [i32, i64, p, i64, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64,
+                                                 i64, p, ctypes.c_float, p, i32, i32]  # fmt: skip
+        lib.fc_attention_decode_rows.restype = i32
         # fiddlerc.runtime.routing.route_one: (kind, weight, experts, hidden, x, k, normalise, picks, weights, simd)
         lib.fc_route_softmax_topk.argtypes = [i32, p, i64, i64, p, i32, i32, p, p, i32]
         lib.fc_route_softmax_topk.restype = i32

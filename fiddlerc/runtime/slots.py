@@ -118,10 +118,15 @@ class SlotCache:
         keys, values = self.keys[layer], self.values[layer]
         keys[rows, :, positions.to(k.device)] = k[:, :, 0]
         values[rows, :, positions.to(k.device)] = v[:, :, 0]
-        for s in range(self.rows):
-            self.views[s].layers[layer].fiddlerc_length += 1
+        self.advance(layer)
         n = int(positions.max()) + 1
         return keys[: self.rows, :, :n], values[: self.rows, :, :n]
+
+    def advance(self, layer: int) -> None:
+        """Count the token this step appended to each of its slots in `layer` (append, or the C attention
+        that writes it in place: fiddlerc.runtime.attention.attend_rows)."""
+        for s in range(self.rows):
+            self.views[s].layers[layer].fiddlerc_length += 1
 
 
 class PackedPrefill:

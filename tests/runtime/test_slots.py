@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import fiddlerc
+from fiddlerc.runtime import attention
 from fiddlerc.runtime.slots import SlotCache
 from tests.conftest import VOCAB
 
@@ -53,18 +54,31 @@ def test_a_packed_prefill_writes_each_prompt_into_its_slot_and_masks_the_others(
         cache.prefill([1], [17])
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["prefills-one-by-one", "packed-prefill"])
+@pytest.mark.parametrize(
+    "packed,kernels",
+    [(False, "auto"), (True, "auto"), (False, "reference")],
+    ids=["prefills-one-by-one", "packed-prefill", "torch-attention"],
+)
 @pytest.mark.parametrize("family", ["mixtral", "qwen3_moe"])
 def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(
-    family, packed, model_dirs, hf_model, tmp_path
+    family, packed, kernels, model_dirs, hf_model, tmp_path, monkeypatch
 ):
+    in_c = []  # the step's attention: one C call a layer for all slots (attend_rows), each over its own prefix
+    real = attention.attend_rows
+
+    def spy(*args):
+        out = real(*args)
+        in_c.append(out is not None)
+        return out
+
+    monkeypatch.setattr(attention, "attend_rows", spy)
     src = model_dirs(family)
     fiddlerc.compile(src, tmp_path / "out", gpu_memory=0, context=32, batch=3)
     ref = hf_model(src)
     g = torch.Generator().manual_seed(3)
     prompts = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (7, 3, 5)]
     nxt = torch.randint(3, VOCAB, (3, 2), generator=g)  # two batched steps
-    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+    with fiddlerc.load(tmp_path / "out", device="cpu", kernels=kernels) as model:
         cache = model.slot_cache()
         assert cache is not None and cache.slots == 3
         if packed:  # the prompts in one forward, as the server admits several at once
@@ -86,8 +100,10 @@ def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(
                 with torch.no_grad():
                     want = ref(input_ids=full).logits[0, -1]
                 torch.testing.assert_close(got[row], want, rtol=1e-5, atol=1e-5)
+        assert (in_c and all(in_c)) if kernels == "auto" else not in_c  # reference: the torch ops, masked
         # two slots: few enough tokens for the experts' one C call over every token (GroupedExperts.tokens)
-        assert model.placed_experts[0].grouped.max_tokens >= 2
+        if kernels == "auto":
+            assert model.placed_experts[0].grouped.max_tokens >= 2
         last = torch.randint(3, VOCAB, (2, 1), generator=g)
         got = model.next_logits(last, cache, cache.begin_step(2)[:, None])
         for row, ids in enumerate(prompts[:2]):
