@@ -111,6 +111,16 @@ def train_tokenizer(kind: str, vocab: int = VOCAB):
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>", eos_token="<|im_end|>")
 
 
+def compiled_by_this_version(out: Path) -> bool:
+    """Whether `out` holds a compile of this fiddlerc (a compile by another version is refused at load)."""
+    from fiddlerc.version import __version__
+
+    try:
+        return json.loads((out / "manifest.json").read_text())["versions"]["fiddlerc"] == __version__
+    except (OSError, ValueError, KeyError):
+        return False
+
+
 def prepare(name: str, root: Path, llama: tuple[str, Path] | None) -> dict[str, Path]:
     """The slice's model folder, fiddlerc's compiled folders and llama.cpp's GGUFs (made once, kept)."""
     import torch
@@ -128,7 +138,7 @@ def prepare(name: str, root: Path, llama: tuple[str, Path] | None) -> dict[str, 
     paths = {f"hf {stored}": model}
     for fmt in formats:
         out = root / name / f"fiddlerc-{fmt}"
-        if not (out / "manifest.json").is_file():
+        if not compiled_by_this_version(out):
             quantized = None if fmt in ("bf16", "fp32") else fmt  # experts and dense projections alike, as llama.cpp's
             fiddlerc.compile(model, out, gpu_memory="1TiB", context=256, fast_experts=0, dtype={"fp32": "float32", "bf16": "bfloat16"}.get(fmt),
                              expert_dtype=quantized, dense_dtype=quantized)  # fmt: skip
