@@ -356,40 +356,45 @@ void fc_rms_norm(int kind, const void *x, const void *weight, int64_t rows, int6
     }
 }
 
-/* One token's routing by a softmax-then-top-k router (fiddlerc.runtime.routing): logits = W x (W [experts]
- * [hidden] of `kind`, rounded to the kind as F.linear returns them), probabilities softmax(logits) in fp32,
- * the `k` most probable (picks, weights; the largest first, ties to the lower expert), renormalised to sum
- * to one where `normalise`. Returns 0; -1 for k outside [1, experts]; -2 without its buffer. */
-int fc_route_softmax_topk(int kind, const void *w, int64_t experts, int64_t hidden, const float *x, int k,
-                          int normalise, int64_t *picks, float *weights, int simd) {
+/* Tokens' routing by a softmax-then-top-k router (fiddlerc.runtime.routing), each token on its own: logits =
+ * W x (W [experts][hidden] of `kind`, rounded to the kind as F.linear returns them), probabilities
+ * softmax(logits) in fp32, the `k` most probable (picks, weights [ntok][k]; the largest first, ties to the
+ * lower expert), renormalised to sum to one where `normalise`. x [ntok][hidden]. Returns 0; -1 for k
+ * outside [1, experts]; -2 without its buffer. */
+int fc_route_softmax_topk(int kind, const void *w, int64_t experts, int64_t hidden, const float *x, int64_t ntok,
+                          int k, int normalise, int64_t *picks, float *weights, int simd) {
 #ifndef FC_X86
     simd = 0;
 #endif
     if (k < 1 || k > experts) return -1;
     float *p = malloc((size_t)experts * sizeof(float));
     if (p == NULL) return -2;
-    float_product(kind, w, experts, hidden, x, 1, p, 1, simd);
-    float top = -INFINITY, total = 0.0f;
-    for (int64_t e = 0; e < experts; e++) {
-        if (kind == W_BF16) {
-            uint32_t bits = (uint32_t)to_bf16(p[e]) << 16;
-            memcpy(&p[e], &bits, 4);
+    for (int64_t t = 0; t < ntok; t++) {
+        int64_t *tp = picks + t * k;
+        float *tw = weights + t * k;
+        float_product(kind, w, experts, hidden, x + t * hidden, 1, p, 1, simd);
+        float top = -INFINITY, total = 0.0f;
+        for (int64_t e = 0; e < experts; e++) {
+            if (kind == W_BF16) {
+                uint32_t bits = (uint32_t)to_bf16(p[e]) << 16;
+                memcpy(&p[e], &bits, 4);
+            }
+            if (p[e] > top) top = p[e];
         }
-        if (p[e] > top) top = p[e];
+        for (int64_t e = 0; e < experts; e++) total += p[e] = expf(p[e] - top);
+        float kept = 0.0f;
+        for (int i = 0; i < k; i++) {
+            int64_t best = -1;
+            for (int64_t e = 0; e < experts; e++)
+                if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
+            tp[i] = best;
+            tw[i] = p[best] / total;
+            kept += tw[i];
+            p[best] = -1.0f; /* taken */
+        }
+        if (normalise)
+            for (int i = 0; i < k; i++) tw[i] /= kept;
     }
-    for (int64_t e = 0; e < experts; e++) total += p[e] = expf(p[e] - top);
-    float kept = 0.0f;
-    for (int i = 0; i < k; i++) {
-        int64_t best = -1;
-        for (int64_t e = 0; e < experts; e++)
-            if (p[e] >= 0.0f && (best < 0 || p[e] > p[best])) best = e;
-        picks[i] = best;
-        weights[i] = p[best] / total;
-        kept += weights[i];
-        p[best] = -1.0f; /* taken */
-    }
-    if (normalise)
-        for (int i = 0; i < k; i++) weights[i] /= kept;
     free(p);
     return 0;
 }

@@ -214,7 +214,7 @@ class PlacedExperts(nn.Module):
         quiet = self.observer is None and self.tracer is None and self.deferred is None
         return g is not None and g.holds_all and not self.spread and quiet
 
-    def _tokens_at_once(self, tokens: int) -> bool:
+    def tokens_at_once(self, tokens: int) -> bool:
         """Whether a call of a few tokens (a batched decode step) runs as one C call over float experts, which
         reads each expert's weights once for all of its tokens: up to the tokens its C products were measured
         faster for (GroupedExperts.max_tokens); longer calls (prompts) get F.linear's matrix products."""
@@ -383,7 +383,7 @@ class PlacedExperts(nn.Module):
         decode step); small fine-grained experts token by token."""
         if hidden_states.shape[0] == 1:
             return self._forward_one_token(hidden_states, top_k_index, top_k_weights)
-        if self._tokens_at_once(hidden_states.shape[0]):
+        if self.tokens_at_once(hidden_states.shape[0]):
             out = self.grouped.tokens(hidden_states, top_k_index, top_k_weights, self.decode_counts)
             return out.to(hidden_states.dtype)
         if self._token_by_token(*top_k_index.shape):

@@ -49,8 +49,8 @@ class _Library:
         lib.fc_attention_decode_rows.argtypes = [i32, i64, p, i64, p, ctypes.c_float, p, p, i64, i64, i64, p, p, i64,
                                                  i64, p, ctypes.c_float, p, i32, i32]  # fmt: skip
         lib.fc_attention_decode_rows.restype = i32
-        # fiddlerc.runtime.routing.route_one: (kind, weight, experts, hidden, x, k, normalise, picks, weights, simd)
-        lib.fc_route_softmax_topk.argtypes = [i32, p, i64, i64, p, i32, i32, p, p, i32]
+        # fiddlerc.runtime.routing.route: (kind, weight, experts, hidden, x, tokens, k, normalise, picks, weights, simd)
+        lib.fc_route_softmax_topk.argtypes = [i32, p, i64, i64, p, i64, i32, i32, p, p, i32]
         lib.fc_route_softmax_topk.restype = i32
         self.lib = lib
         self.simd = bool(lib.fc_has_avx2())

@@ -6,7 +6,8 @@ Where the block is of a kind whose forward is exactly "router, then experts" (`P
 router computes `softmax(x W^T)` in fp32, then the top k, renormalised or not (`router_form`, checked
 on a probe to the bit), and the experts run as one grouped C call (fiddlerc.runtime.kernels.GroupedExperts,
 holding every expert), the loader puts a `OneTokenMoe` in the block's place: one token of one sequence
-takes `_matvec.c`'s fc_route_softmax_topk and the grouped call, and every other call the block itself.
+takes `_matvec.c`'s fc_route_softmax_topk and the grouped call, a few tokens (a batched decode step) the
+same router and the grouped call over all of them, and every other call the block itself.
 The router's logits are computed in fp32 and rounded to the weight's dtype, as `F.linear` returns them,
 so the picks are Hugging Face's up to the order of a sum.
 """
@@ -54,14 +55,16 @@ def router_form(gate: nn.Module, config, top_k: int) -> bool | None:
     return None
 
 
-def route_one(x: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(picks int64 [top_k], weights fp32 [top_k]) of one token x [1, H] through the router `weight` [E, H]."""
+def route(x: torch.Tensor, weight: torch.Tensor, top_k: int, normalise: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(picks int64 [T, top_k], weights fp32 [T, top_k]) of tokens x [T, H] through the router `weight` [E, H],
+    in one C call."""
     lib = quant.library()
     xf = quant.as_f32(x)
-    picks = torch.empty(top_k, dtype=torch.int64)
-    weights = torch.empty(top_k, dtype=torch.float32)
+    tokens = xf.shape[0]
+    picks = torch.empty(tokens, top_k, dtype=torch.int64)
+    weights = torch.empty(tokens, top_k, dtype=torch.float32)
     experts, hidden = weight.shape
-    code = lib.lib.fc_route_softmax_topk(_KINDS[weight.dtype], weight.data_ptr(), experts, hidden, xf.data_ptr(),
+    code = lib.lib.fc_route_softmax_topk(_KINDS[weight.dtype], weight.data_ptr(), experts, hidden, xf.data_ptr(), tokens,
                                          top_k, int(normalise), picks.data_ptr(), weights.data_ptr(), int(lib.simd))  # fmt: skip
     if code == -1:
         raise ValueError(f"top-{top_k} of {experts} experts: k must be between 1 and the number of experts")
@@ -90,13 +93,17 @@ class OneTokenMoe(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         placed = self._placed[0]
-        if hidden_states.numel() == hidden_states.shape[-1] and placed.one_call_ready() and not args and not kwargs:
-            picks, weights = route_one(hidden_states, self.router, self.top_k, self.normalise)
-            return (
-                placed.grouped(hidden_states, picks, weights, placed.decode_counts)
-                .view_as(hidden_states)
-                .to(hidden_states.dtype)
-            )
+        tokens = hidden_states.numel() // hidden_states.shape[-1]
+        if not args and not kwargs and placed.one_call_ready():
+            x = hidden_states.reshape(tokens, -1)
+            if tokens == 1:
+                picks, weights = route(x, self.router, self.top_k, self.normalise)
+                out = placed.grouped(x, picks[0], weights[0], placed.decode_counts)
+                return out.view_as(hidden_states).to(hidden_states.dtype)
+            if placed.tokens_at_once(tokens):  # a batched decode step: the experts read once for all its tokens
+                picks, weights = route(x, self.router, self.top_k, self.normalise)
+                out = placed.grouped.tokens(x, picks, weights, placed.decode_counts)
+                return out.view_as(hidden_states).to(hidden_states.dtype)
         return self.block(hidden_states, *args, **kwargs)
 
     def __getattr__(self, name: str):
@@ -110,4 +117,6 @@ class OneTokenMoe(nn.Module):
 
     def extra_repr(self) -> str:
         how = "renormalised" if self.normalise else "as they are"
-        return f"one token: router in C (softmax, top-{self.top_k} {how}) and one grouped experts call"
+        return (
+            f"one token or a batched step: router in C (softmax, top-{self.top_k} {how}) and one grouped experts call"
+        )

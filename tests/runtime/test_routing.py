@@ -42,16 +42,19 @@ def test_router_form_is_read_off_a_probe_of_the_routers_class(family, overrides,
 @needs_kernels
 @pytest.mark.parametrize("normalise", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_route_one_picks_what_softmax_and_topk_pick(normalise, dtype):
+def test_route_picks_what_softmax_and_topk_pick_for_each_token(normalise, dtype):
     g = torch.Generator().manual_seed(1)
-    w, x = torch.randn(128, 64, generator=g).to(dtype), torch.randn(1, 64, generator=g).to(dtype)
-    picks, weights = routing.route_one(x, w, 8, normalise)
-    probs = torch.softmax(torch.nn.functional.linear(x, w).float(), dim=-1)[0]
+    w, x = torch.randn(128, 64, generator=g).to(dtype), torch.randn(3, 64, generator=g).to(dtype)
+    picks, weights = routing.route(x, w, 8, normalise)
+    assert picks.shape == weights.shape == (3, 8)
+    probs = torch.softmax(torch.nn.functional.linear(x, w).float(), dim=-1)
     top_w, top_i = torch.topk(probs, 8)
     if normalise:
-        top_w = top_w / top_w.sum()
+        top_w = top_w / top_w.sum(dim=-1, keepdim=True)
     assert picks.tolist() == top_i.tolist()
     torch.testing.assert_close(weights, top_w, rtol=1e-5, atol=1e-6)
+    one = routing.route(x[1:2], w, 8, normalise)  # a token alone routes as it does among others
+    assert torch.equal(one[0][0], picks[1]) and torch.equal(one[1][0], weights[1])
 
 
 @needs_kernels
@@ -78,7 +81,7 @@ def test_one_token_blocks_route_in_c_and_equal_the_reference(family, dtype, mode
 
 
 @needs_kernels
-def test_route_one_refuses_a_top_k_beyond_the_experts():
+def test_route_refuses_a_top_k_beyond_the_experts():
     w, x = torch.randn(4, 16), torch.randn(1, 16)
     with pytest.raises(ValueError, match="k must be between 1 and the number of experts"):
-        routing.route_one(x, w, 5, True)
+        routing.route(x, w, 5, True)
