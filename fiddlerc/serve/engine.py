@@ -158,10 +158,11 @@ class Engine:
                     self._drop_finished()
             except Exception as e:  # a bug, or out of memory: every request in flight hears of it
                 log.exception("generation failed")
-                for j in [*self._running, *(j for j in jobs if j not in self._running)]:
+                failed = [*self._running, *(j for j in jobs if j not in self._running)]
+                for j in failed:
                     j.finish_reason = j.finish_reason or "error"
                     j.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
-                self._release_all()
+                self._release(failed)
 
     def _admit(self) -> list[Job]:
         """The waiting jobs this turn starts (under the lock): as many as free slots take, while their prompts
@@ -268,8 +269,9 @@ class Engine:
             if not job.cancelled.is_set():
                 job.emit(("end", job.finish_reason))
 
-    def _release_all(self) -> None:
-        for j in self._running:
-            if self.cache is not None:
+    def _release(self, jobs: list[Job]) -> None:
+        """Every slot these jobs hold (a packed prefill that failed may have filled some) freed; none runs."""
+        for j in jobs:
+            if self.cache is not None and j.cache is not None:
                 j.cache.clear()
         self._running = []

@@ -92,6 +92,33 @@ def test_requests_waiting_together_start_in_one_forward_within_the_token_budget(
     assert prefills == ([len(prompts)] if budget > 1 else [1] * len(prompts))
 
 
+def test_a_failed_prefill_tells_its_requests_and_frees_their_slots(model, monkeypatch):
+    real = model.next_logits
+
+    def fails_once(ids, cache, positions):
+        if isinstance(cache, PackedPrefill) and not failed:
+            failed.append(real(ids, cache, positions))  # the slots filled, then the failure
+            raise MemoryError("out of memory")
+        return real(ids, cache, positions)
+
+    failed: list = []
+    monkeypatch.setattr(model, "next_logits", fails_once)
+    engine = Engine(model)
+    jobs = [_job(model, p, 4) for p in PROMPTS[:3]]
+    for job, _ in jobs:
+        engine.submit(job)
+    engine.start()
+    try:
+        for _, out in jobs:
+            assert out.done.wait(60) and out.end == ("error", "generation failed: MemoryError: out of memory")
+        again, out = _job(model, PROMPTS[0], 4)  # the engine goes on, its slots free
+        engine.submit(again)
+        assert out.done.wait(60) and out.end[0] == "end" and again.completion_tokens == 4
+    finally:
+        engine.stop(timeout=30)
+    assert failed and engine.cache.lengths(engine.slots).tolist() == [0] * engine.slots
+
+
 def test_a_new_request_gets_its_first_token_while_a_long_one_runs(model, engine):
     long, long_out = _job(model, "a long answer", 200, sampling=Sampling(temperature=0))
     engine.eos = set()  # the long one runs its whole budget
