@@ -139,7 +139,7 @@ def attend_one(
     lib = quant.library()
     kind = _CACHE_KINDS.get(qkv.dtype)
     if isinstance(cache, SlotCache):
-        return attend_rows(cache, layer, qkv, cos, sin, heads, kv_heads, head_dim, scale, head_norm, eps)
+        return attend_rows(cache, layer, qkv, cos, sin, (heads, kv_heads, head_dim, scale), head_norm, eps)
     lay = cache.layers[layer]
     if lib is None or kind is None or qkv.shape[0] != 1 or not lay.is_initialized or qkv.device.type != "cpu":
         return None
@@ -171,17 +171,16 @@ def attend_rows(
     qkv: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
-    heads: int,
-    kv_heads: int,
-    head_dim: int,
-    scale: float,
+    shape: tuple[int, int, int, float],
     head_norm: torch.Tensor | None,
     eps: float,
 ) -> torch.Tensor | None:
-    """`attend_one` for a batched step of the slot cache (after `begin_step`): row r of qkv [rows, 1, ...] is
-    slot r's new token at its own position, written into its slot and attending over that slot's filled
-    prefix, in one C call (`fc_attention_decode_rows`) for the step; the output [rows, 1, heads * head_dim].
-    None where it does not apply (the torch ops then run, with the step's mask)."""
+    """`attend_one` for a batched step of the slot cache (after `begin_step`), `shape` its (heads, kv_heads,
+    head_dim, scale): row r of qkv [rows, 1, ...] is slot r's new token at its own position, written into its
+    slot and attending over that slot's filled prefix, in one C call (`fc_attention_decode_rows`) for the
+    step; the output [rows, 1, heads * head_dim]. None where it does not apply (the torch ops then run, with
+    the step's mask)."""
+    heads, kv_heads, head_dim, scale = shape
     lib = quant.library()
     kind = _CACHE_KINDS.get(qkv.dtype)
     keys, values = cache.keys[layer], cache.values[layer]
