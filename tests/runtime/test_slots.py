@@ -110,3 +110,22 @@ def test_a_batched_step_of_sequences_of_different_lengths_equals_hugging_face(
             full = torch.cat([ids[0], nxt[row], last[row]])[None]
             with torch.no_grad():
                 torch.testing.assert_close(got[row], ref(input_ids=full).logits[0, -1], rtol=1e-5, atol=1e-5)
+
+
+def test_in_bf16_a_packed_prefill_and_a_batched_step_compute_what_each_sequence_does_alone(model_dirs, tmp_path):
+    fiddlerc.compile(model_dirs("qwen3_moe"), tmp_path / "out", gpu_memory=0, context=32, batch=3, dtype="bfloat16")
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, VOCAB, (1, n), generator=g) for n in (5, 3, 7)]
+    nxt = torch.randint(3, VOCAB, (3, 1), generator=g)
+    with fiddlerc.load(tmp_path / "out", device="cpu") as model:
+        cache = model.slot_cache()
+        prefill = cache.prefill([0, 1, 2], [ids.shape[1] for ids in prompts])
+        firsts = model.next_logits(torch.cat(prompts, dim=1), prefill, prefill.position_ids())
+        got = model.next_logits(nxt, cache, cache.begin_step(3)[:, None])
+        for row, ids in enumerate(prompts):
+            full = torch.cat([ids, nxt[row : row + 1]], dim=1)
+            alone = model(full)[0].float()  # a forward of its own, every position
+            assert got.dtype == torch.bfloat16
+            # the bf16 rounding of the kernels' other sums: a unit in the last place of these logits
+            torch.testing.assert_close(firsts[row].float(), alone[-2], rtol=0, atol=8e-3)
+            torch.testing.assert_close(got[row].float(), alone[-1], rtol=0, atol=8e-3)
