@@ -11,8 +11,11 @@ from fiddlerc.cli.text import chat_template_text
 
 def _cmd_serve(args: argparse.Namespace) -> int:
     from fiddlerc.api import load
+    from fiddlerc.errors import OptionError
     from fiddlerc.serve import serve
 
+    if args.prefill_tokens < 1 or args.queue < 0:
+        raise OptionError("--prefill-tokens must be at least 1 and --queue at least 0")
     template = chat_template_text(args.chat_template)
     model = load(args.out, device=args.device, model_dir=args.model)
     name = args.served_model_name or model.artifact.folder.path.name
@@ -28,7 +31,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     try:
         serve(model, host=args.host, port=args.port, name=name, api_key=args.api_key, chat_template=template,
-              queue_size=args.queue, ready=ready)  # fmt: skip
+              queue_size=args.queue, prefill_tokens=args.prefill_tokens, ready=ready)  # fmt: skip
     finally:
         model.close()
     return 0
@@ -67,6 +70,8 @@ def add_commands(sub) -> None:
     s.add_argument("--served-model-name", default=None, help="the model's name in the API (default: its folder's)")
     s.add_argument("--chat-template", default=None, metavar="FILE", help="a Jinja chat template instead of the model's")
     s.add_argument("--queue", type=int, default=64, help="requests that may wait beyond the running batch (then 503)")
+    s.add_argument("--prefill-tokens", type=int, default=512, metavar="N",
+                   help="prompt tokens prefilled a turn between decode steps; longer prompts go in chunks of N")  # fmt: skip
     s.add_argument("--device", default=None, help="cpu or cuda:N (default: cuda:0 if present, else cpu)")
     s.add_argument("--model", default=None, help="model folder, if it moved since compiling")
     s.set_defaults(func=_cmd_serve)

@@ -218,11 +218,13 @@ def causal_mask(*args, **kwargs):
     key of the filled cache prefix), and building one for the whole static cache is a visible share of a
     decode step. Codegen calls this instead of transformers' only when every attention layer is generated.
     The server's caches (fiddlerc.runtime.slots) make their own: a batched step's from each sequence's
-    length, a packed prefill's from its prompts' bounds; none for one sequence's slot, whose prefill starts
-    from an empty slot."""
+    length, a packed prefill's from its prompts' bounds, a slot's next chunk of a long prompt from its length;
+    none for one sequence's slot otherwise."""
     cache = kwargs.get("cache", kwargs.get("past_key_values"))
     if isinstance(cache, (SlotCache, PackedPrefill)):
         return cache.mask()
+    if isinstance(cache, SlotView) and cache.length and kwargs["inputs_embeds"].shape[1] > 1:
+        return cache.chunk_mask(kwargs["inputs_embeds"].shape[1])  # the next chunk of a long prompt
     if kwargs.get("attention_mask") is None and (kwargs["inputs_embeds"].shape[1] == 1 or isinstance(cache, SlotView)):
         return None
     return create_causal_mask(*args, **kwargs)

@@ -53,6 +53,13 @@ class SlotView:
         for lay in self.layers:
             lay.fiddlerc_length = 0
 
+    def chunk_mask(self, t: int) -> torch.Tensor:
+        """[1, 1, t, length + t] bool: which keys each of `t` new tokens appended to the filled prefix sees (the
+        prefix, and the new ones up to itself): the next chunk of a prompt prefilled in chunks."""
+        n = self.length
+        visible = torch.arange(n + t)[None, :] <= n + torch.arange(t)[:, None]
+        return visible[None, None].to(self.layers[0].keys.device)
+
 
 class SlotCache:
     """`slots` sequences of up to `context` tokens each, for the attention layers of `config`."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 
 def serve(model, *, host: str = "127.0.0.1", port: int = 8000, name: str | None = None, api_key: str | None = None,
-          chat_template: str | None = None, queue_size: int = 64, ready=None) -> None:  # fmt: skip
+          chat_template: str | None = None, queue_size: int = 64, prefill_tokens: int = 512, ready=None) -> None:  # fmt: skip
     """Serve `model` (a CompiledModel) until SIGTERM or Ctrl-C, which let the requests in flight finish
     (a second Ctrl-C stops at once); `ready` (a callable) is called with the bound (host, port) once the
     server listens. The engine runs on this thread, which must be the main one (its kernels run faster
@@ -19,7 +19,7 @@ def serve(model, *, host: str = "127.0.0.1", port: int = 8000, name: str | None 
     from fiddlerc.serve.app import Server
     from fiddlerc.serve.engine import Engine
 
-    engine = Engine(model, queue_size=queue_size)
+    engine = Engine(model, queue_size=queue_size, prefill_tokens=prefill_tokens)
     app = Server(engine, name or model.artifact.folder.path.name, api_key, chat_template).app()
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=30)
     server = uvicorn.Server(config)

@@ -8,9 +8,11 @@ together: one forward of a [running, 1] batch, in which each expert's weights ar
 tokens routed to it. A request leaves the batch when it ends (an end-of-turn id, its token budget, a stop
 string, the context, or its client gone) and its slot goes to the next. So a new request's first token
 waits for at most one decode step of the others and the prefill of the prompts admitted with it, never for
-the others to finish; the token budget bounds how long one turn's prefill holds the running requests back.
-Requests that arrive together start together: eight prompts of ten tokens took 143 ms as one forward
-here against 316 ms as eight, and the batch runs whole from its first step.
+the others to finish. Requests that arrive together start together: eight prompts of ten tokens took
+143 ms as one forward here against 316 ms as eight, and the batch runs whole from its first step. A
+prompt longer than `prefill_tokens` is prefilled in chunks of that many tokens into its slot, a chunk a
+turn between the running requests' decode steps, so no prompt holds them back for more than one chunk's
+forward (the requests behind it wait until it runs); its first token follows its last chunk.
 
 The batch holds up to the sequences the plan reserved KV cache for (`--batch`); further requests wait in a
 bounded queue, and `submit` refuses one beyond it (the HTTP layer answers 503). Where a model's attention
@@ -67,6 +69,7 @@ class Job:
     position: int = 0
     last: int = 0
     held: str = ""
+    prefilled: int = 0  # prompt tokens in its slot (a long prompt goes in chunks)
     text: TextStream | None = None
     generator: torch.Generator | None = None
 
@@ -96,6 +99,7 @@ class Engine:
         self.eos = set(model.eos_token_ids)
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
+        self._prefilling: Job | None = None  # a long prompt going in chunks, in the slot after the running ones
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -122,9 +126,9 @@ class Engine:
             self._wake.notify()
 
     def load(self) -> tuple[int, int]:
-        """(running, waiting) requests."""
+        """(running, waiting) requests; a prompt being prefilled in chunks counts as running."""
         with self._wake:
-            return len(self._running), len(self._waiting)
+            return len(self._running) + (self._prefilling is not None), len(self._waiting)
 
     def stop(self, timeout: float | None = None) -> None:
         """Take no more jobs, finish those running and waiting, then end `run` (waiting for it up to
@@ -144,25 +148,30 @@ class Engine:
     def _loop(self) -> None:
         while True:
             with self._wake:
-                while not self._waiting and not self._running and not self._stopping:
+                while not self._waiting and not self._busy() and not self._stopping:
                     self._wake.wait()
-                if self._stopping and not self._waiting and not self._running:
+                if self._stopping and not self._waiting and not self._busy():
                     return
-                jobs = self._admit()
+                jobs = self._admit() if self._prefilling is None else []
             try:
                 if jobs:
                     self._start(jobs)
+                elif self._prefilling is not None:
+                    self._prefill_chunk()
                 self._drop_finished()
                 if self._running:
                     self._step()
                     self._drop_finished()
             except Exception as e:  # a bug, or out of memory: every request in flight hears of it
                 log.exception("generation failed")
-                failed = [*self._running, *(j for j in jobs if j not in self._running)]
+                failed = [*self._running, *(j for j in [*jobs, self._prefilling] if j and j not in self._running)]
                 for j in failed:
                     j.finish_reason = j.finish_reason or "error"
                     j.emit(("error", f"generation failed: {type(e).__name__}: {e}"))
                 self._release(failed)
+
+    def _busy(self) -> bool:
+        return bool(self._running) or self._prefilling is not None
 
     def _admit(self) -> list[Job]:
         """The waiting jobs this turn starts (under the lock): as many as free slots take, while their prompts
@@ -186,6 +195,10 @@ class Engine:
             seed = job.sampling.seed if job.sampling.seed is not None else int(torch.seed() % 2**63)
             job.generator = torch.Generator().manual_seed(seed)
             job.position = job.prompt_tokens
+        if self.cache is not None and len(jobs) == 1 and jobs[0].prompt_tokens > self.prefill_tokens:
+            self._prefilling = jobs[0]  # in chunks, this turn's first
+            self._prefill_chunk()
+            return
         if self.cache is not None and len(jobs) > 1:
             packed = self.cache.prefill(list(range(first, first + len(jobs))), [j.prompt_tokens for j in jobs])
             ids = torch.tensor([[t for j in jobs for t in j.prompt_ids]])
@@ -198,6 +211,23 @@ class Engine:
         for job, row in zip(jobs, logits, strict=True):
             self._running.append(job)
             self._advance(job, row)
+
+    def _prefill_chunk(self) -> None:
+        """The next `prefill_tokens` of the long prompt into its slot; after its last, its first token, and it
+        joins the running batch (its slot is the one after theirs)."""
+        job = self._prefilling
+        if job.cancelled.is_set():
+            job.cache.clear()
+            self._prefilling = None
+            return
+        start, end = job.prefilled, min(job.prefilled + self.prefill_tokens, job.prompt_tokens)
+        ids = torch.tensor([job.prompt_ids[start:end]])
+        logits = self.model.next_logits(ids, job.cache, torch.arange(start, end)[None])
+        job.prefilled = end
+        if end == job.prompt_tokens:
+            self._prefilling = None
+            self._running.append(job)
+            self._advance(job, logits[0])
 
     def _step(self) -> None:
         """One decode step of every running job."""
@@ -268,10 +298,15 @@ class Engine:
             self._running.pop()
             if not job.cancelled.is_set():
                 job.emit(("end", job.finish_reason))
+        slot = len(self._running)  # a prompt going in chunks keeps the slot after the running ones
+        if self._prefilling is not None and self._prefilling.cache is not self.cache.view(slot):
+            src = self.cache.views.index(self._prefilling.cache)
+            self.cache.move(src, slot)
+            self._prefilling.cache = self.cache.view(slot)
 
     def _release(self, jobs: list[Job]) -> None:
         """Every slot these jobs hold (a packed prefill that failed may have filled some) freed; none runs."""
         for j in jobs:
             if self.cache is not None and j.cache is not None:
                 j.cache.clear()
-        self._running = []
+        self._running, self._prefilling = [], None

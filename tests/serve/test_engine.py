@@ -64,10 +64,12 @@ def test_concurrent_requests_get_what_each_would_alone(model, engine):
     assert engine.load() == (0, 0)
 
 
-@pytest.mark.parametrize("budget", [512, 1])
-def test_requests_waiting_together_start_in_one_forward_within_the_token_budget(model, monkeypatch, budget):
+@pytest.mark.parametrize("fits", ["all", "one"])
+def test_requests_waiting_together_start_in_one_forward_within_the_token_budget(model, monkeypatch, fits):
     n = {p: safe_tokens(model, p, 12) for p in PROMPTS}
     prompts = [p for p in PROMPTS if n[p]][:4]
+    longest = max(len(prompt_ids(model.tokenizer, p)) for p in prompts)
+    budget = 512 if fits == "all" else longest  # the longest prompt fits whole, no two together
     alone = {p: model.stream(p, n[p]).text() for p in prompts}
     prefills = []
     real = model.next_logits
@@ -88,8 +90,55 @@ def test_requests_waiting_together_start_in_one_forward_within_the_token_budget(
             assert out.done.wait(120) and out.text == alone[p], p
     finally:
         engine.stop(timeout=30)
-    # within the budget, one forward for all four prompts; a budget of one token admits one a turn
-    assert prefills == ([len(prompts)] if budget > 1 else [1] * len(prompts))
+    # within the budget, one forward for all four prompts; else, in their order, as many as fit a turn
+    want, tokens = [], 0
+    for p in prompts:
+        k = len(prompt_ids(model.tokenizer, p))
+        if want and tokens + k <= budget:
+            want[-1], tokens = want[-1] + 1, tokens + k
+        else:
+            want, tokens = [*want, 1], k
+    assert prefills == want and (want == [len(prompts)]) == (fits == "all")
+
+
+def test_a_long_prompt_goes_in_chunks_between_the_running_decode_steps(model, monkeypatch):
+    long_prompt = "the quick brown fox jumps over the lazy dog"  # 43 byte tokens: 11 chunks of 4
+    n = safe_tokens(model, long_prompt, 8)
+    short_n = {p: safe_tokens(model, p, 6) for p in PROMPTS}
+    shorts = [p for p in PROMPTS if short_n[p]][:2]
+    assert n and len(shorts) == 2
+    alone = {p: model.stream(p, k).text() for p, k in [(long_prompt, n), *((p, short_n[p]) for p in shorts)]}
+    chunks = []
+    real = model.next_logits
+
+    def spy(ids, cache, positions):
+        if ids.shape[0] == 1 and ids.shape[1] > 1 and not isinstance(cache, PackedPrefill):
+            chunks.append(ids.shape[1])
+        return real(ids, cache, positions)
+
+    monkeypatch.setattr(model, "next_logits", spy)
+    engine = Engine(model, prefill_tokens=4).start()
+    try:
+        first, first_out = _job(model, shorts[0], short_n[shorts[0]])  # ends while the long prompt goes in
+        long, long_out = _job(model, long_prompt, n)
+        runner, runner_out = _job(model, "a long answer", 120)
+        engine.eos = set()
+        for job in (runner, first):
+            engine.submit(job)
+        while len(first_out.events) < 1:
+            time.sleep(0.005)
+        engine.submit(long)
+        assert long_out.done.wait(120) and first_out.done.wait(60)
+        assert long_out.text == alone[long_prompt] and first_out.text == alone[shorts[0]]
+        # the running request went on between the chunks: tokens of it came before the long one's first
+        assert sum(1 for e in runner_out.events if e[0] < long_out.events[0][0]) > 5
+        late, late_out = _job(model, shorts[1], short_n[shorts[1]])  # the slots still hold the right sequences
+        engine.submit(late)
+        assert late_out.done.wait(60) and late_out.text == alone[shorts[1]] and runner_out.done.wait(120)
+    finally:
+        engine.stop(timeout=30)
+    prompt_tokens = len(prompt_ids(model.tokenizer, long_prompt))
+    assert sorted(chunks)[-1] == 4 and sum(c for c in chunks if c <= 4) >= prompt_tokens - 1  # in chunks of 4
 
 
 def test_a_failed_prefill_tells_its_requests_and_frees_their_slots(model, monkeypatch):
