@@ -128,6 +128,14 @@ def round_of(url: str, streams: int, tokens: int, eos: int) -> tuple[float, floa
     return sum(got) / wall, (sum(got) - streams) / window, sum(got)
 
 
+def server_steps(url: str) -> dict[str, float]:
+    """fiddlerc's own timing of its decode steps, median ms by batch size (its /health)."""
+    u = urlsplit(url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=30)
+    conn.request("GET", "/health")
+    return json.loads(conn.getresponse().read())["decode_step_ms"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--dir", default="/tmp/fiddlerc-fullwidth")
@@ -182,6 +190,7 @@ def main() -> None:
                     assert done == n * args.tokens, f"{name}: {done} tokens of {n * args.tokens}"
                     results.setdefault((name, n), []).append(rate)
                     decoding.setdefault((name, n), []).append(dec)
+        steps = server_steps(servers["fiddlerc"][0])
     finally:
         for _, proc in servers.values():
             proc.terminate()
@@ -205,6 +214,14 @@ def main() -> None:
                 f"fiddlerc: {n} streams {statistics.median(ratios):.2f}x the aggregate of {streams[0]} "
                 f"(median of the rounds' ratios; {min(ratios):.2f}-{max(ratios):.2f})"
             )
+    base = steps.get(str(streams[0]))
+    parts = []
+    for n in streams:
+        ms = steps.get(str(n))
+        if ms is not None:  # a step of n sequences gives n tokens: its tokens/s against the first count's
+            gain = f" ({n * base / (streams[0] * ms):.2f}x the tokens/s)" if base and n != streams[0] else ""
+            parts.append(f"{n}: {ms} ms{gain}")
+    print("fiddlerc's decode steps as the server timed them (median by batch size): " + ", ".join(parts))
 
 
 if __name__ == "__main__":

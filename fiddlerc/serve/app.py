@@ -101,7 +101,8 @@ class Server:
 
     async def health(self, request: Request) -> Response:
         running, waiting = self.engine.load()
-        return JSONResponse({"status": "ok", "running": running, "waiting": waiting})
+        steps = {str(n): round(ms, 2) for n, (_, ms) in self.engine.step_times().items()}
+        return JSONResponse({"status": "ok", "running": running, "waiting": waiting, "decode_step_ms": steps})
 
     async def models(self, request: Request) -> Response:
         if (denied := self._denied(request)) is not None:

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import collections
 import logging
+import statistics
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -85,8 +87,10 @@ class Job:
 class Engine:
     """Runs `model` (a CompiledModel) for the jobs `submit` gives it: `run()` on the calling thread until
     `stop()`, or `start()` for a thread of its own. Run it on the main thread where speed matters: the same
-    decode step took 16-18 ms from another thread here against 10-12 ms from the main one (2 cores; both
-    OpenMP runtimes' teams, torch's and the C kernels', spin on their own)."""
+    decode step took 16-18 ms from another thread here against 10-12 ms from the main one (2 cores; measured,
+    its cause not pinned down: torch and the C kernels share one OpenMP runtime in the process, torch's)."""
+
+    STEPS_KEPT = 1000  # decode steps timed per batch size (step_times)
 
     def __init__(self, model, slots: int | None = None, queue_size: int = 64, prefill_tokens: int = 512) -> None:
         self.model = model
@@ -100,6 +104,7 @@ class Engine:
         self._waiting: collections.deque[Job] = collections.deque()
         self._running: list[Job] = []
         self._prefilling: Job | None = None  # a long prompt going in chunks, in the slot after the running ones
+        self._step_seconds: dict[int, collections.deque[float]] = {}  # by batch size, the latest STEPS_KEPT
         self._wake = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
@@ -140,8 +145,20 @@ class Engine:
             self._thread.join(timeout)
 
     def run(self) -> None:
-        """The loop, until `stop()` and every job has ended."""
-        self._loop()
+        """The loop, until `stop()` and every job has ended; logs `step_times()` at the end (INFO)."""
+        try:
+            self._loop()
+        finally:
+            if self._step_seconds:
+                times = ", ".join(f"{n}: {ms:.1f} ms ({k} steps)" for n, (k, ms) in self.step_times().items())
+                log.info("decode steps by batch size, median of the latest: %s", times)
+
+    def step_times(self) -> dict[int, tuple[int, float]]:
+        """{batch size: (steps counted, median ms)} of the latest decode steps: what a batch of n costs against
+        a batch of one, as the server runs them."""
+        with self._wake:
+            kept = {n: list(d) for n, d in sorted(self._step_seconds.items())}
+        return {n: (len(v), statistics.median(v) * 1e3) for n, v in kept.items()}
 
     # -- the loop
 
@@ -230,8 +247,9 @@ class Engine:
             self._advance(job, logits[0])
 
     def _step(self) -> None:
-        """One decode step of every running job."""
+        """One decode step of every running job, timed."""
         jobs = self._running
+        t0 = time.perf_counter()
         if self.cache is not None and len(jobs) > 1:
             positions = self.cache.begin_step(len(jobs))
             tokens = torch.tensor([[j.last] for j in jobs])
@@ -241,6 +259,9 @@ class Engine:
                 self.model.next_logits(torch.tensor([[j.last]]), j.cache, torch.tensor([[j.position]])) for j in jobs
             ]
             logits = torch.cat(rows)
+        seconds = time.perf_counter() - t0
+        with self._wake:
+            self._step_seconds.setdefault(len(jobs), collections.deque(maxlen=self.STEPS_KEPT)).append(seconds)
         for j, row in zip(jobs, logits, strict=True):
             j.position += 1
             self._advance(j, row)

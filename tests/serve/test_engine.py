@@ -62,6 +62,8 @@ def test_concurrent_requests_get_what_each_would_alone(model, engine):
         assert out.end[0] == "end" and job.finish_reason in ("stop", "length")
         assert job.completion_tokens <= n[p] and job.prompt_tokens == len(prompt_ids(model.tokenizer, p))
     assert engine.load() == (0, 0)
+    times = engine.step_times()  # steps of several sequences ran, each timed
+    assert max(times) > 1 and all(k >= 1 and ms > 0 for k, ms in times.values())
 
 
 @pytest.mark.parametrize("fits", ["all", "one"])
