@@ -13,6 +13,7 @@ from pathlib import Path
 
 from fiddlerc.cli.common import interrupted
 from fiddlerc.errors import OptionError
+from fiddlerc.model.tokenizer import has_chat_template
 
 
 def read_prompt(prompt: str | None, prompt_file: str | None) -> str:
@@ -138,7 +139,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
     start = [{"role": "system", "content": args.system}] if args.system else []
     model = load(args.out, device=args.device, model_dir=args.model)
     try:
-        if template is None and not getattr(model.tokenizer, "chat_template", None):
+        if not has_chat_template(model.tokenizer, template):
             raise OptionError(
                 "this model's tokenizer has no chat template: give one with --chat-template FILE, or use "
                 "`fiddlerc run` with plain prompts"

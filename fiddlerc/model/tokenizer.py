@@ -50,10 +50,15 @@ def check_conversation(messages: object) -> list[dict]:
     return messages
 
 
+def has_chat_template(tokenizer, template: str | None = None) -> bool:
+    """Whether conversations can be written: `template` given, or the tokenizer's own."""
+    return template is not None or bool(getattr(tokenizer, "chat_template", None))
+
+
 def chat_text(tokenizer, messages: list[dict], template: str | None = None) -> str:
     """The conversation as the chat template writes it, the assistant's turn opened for the answer."""
     check_conversation(messages)
-    if template is None and not getattr(tokenizer, "chat_template", None):
+    if not has_chat_template(tokenizer, template):
         raise OptionError(
             "this model's tokenizer has no chat template: give one (--chat-template FILE, a Jinja template as in "
             "tokenizer_config.json), or send plain text (without --chat)"

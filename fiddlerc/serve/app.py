@@ -24,7 +24,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from fiddlerc.errors import OptionError
-from fiddlerc.model.tokenizer import chat_ids, check_conversation, prompt_ids
+from fiddlerc.model.tokenizer import chat_ids, check_conversation, has_chat_template, prompt_ids
 from fiddlerc.serve.engine import Engine, Job, QueueFull, Sampling
 
 COMMON = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "n", "stream", "stream_options", "logit_bias"}
@@ -169,7 +169,7 @@ class Server:
         try:
             if kind == "chat":
                 messages = check_conversation(body.get("messages"))
-                if self.chat_template is None and not getattr(tok, "chat_template", None):
+                if not has_chat_template(tok, self.chat_template):
                     raise ApiError(
                         400,
                         "this model has no chat template: use /v1/completions, or start the server with --chat-template FILE",
@@ -239,10 +239,6 @@ class Server:
         return {"prompt_tokens": job.prompt_tokens, "completion_tokens": job.completion_tokens,
                 "total_tokens": job.prompt_tokens + job.completion_tokens}  # fmt: skip
 
-    async def _next(self, request: Request, job: Job, events: asyncio.Queue) -> tuple:
-        """The job's next event."""
-        return await events.get()
-
     async def _watch(self, request: Request, job: Job) -> None:
         """Cancel `job` when its client goes away (a request answered at the end: a streamed one is
         cancelled by Starlette, which stops its generator)."""
@@ -257,7 +253,7 @@ class Server:
         watcher = asyncio.create_task(self._watch(request, job))
         try:
             while True:
-                event = await self._next(request, job, events)
+                event = await events.get()
                 if event[0] == "text":
                     parts.append(event[1])
                 elif event[0] == "error":
@@ -299,7 +295,7 @@ class Server:
             if kind == "chat":
                 yield chunk([piece("", None, role=True)])
             while True:
-                event = await self._next(request, job, events)
+                event = await events.get()
                 if event[0] == "text":
                     yield chunk([piece(event[1], None)])
                 elif event[0] == "error":
